@@ -1,0 +1,104 @@
+"""Mistral decoder: RoPE, grouped-query attention, sliding window, RMSNorm.
+
+Last stage: token embeddings (image rows already replaced by perceiver latents) -> hidden states
+(B, T, D). Must match transformers' `MistralModel` (spec §4.5); names equal `model.text_model.*`.
+The decoder takes explicit positions and an optional `KVCache`; it never allocates a cache itself.
+Shape letters: B batch, T new tokens, S = cached + new tokens, D width, H/H_kv heads, hd head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from idefics2.config import TextConfig
+from idefics2.kv_cache import KVCache
+from idefics2.model.layers import GatedMLP, RMSNorm, apply_rotary, attention, rotary_cos_sin
+
+
+def decoder_attention_mask(attention_mask: Tensor | None, batch_size: int, past: int, num_new: int,
+                           sliding_window: int | None, device: torch.device) -> Tensor | None:
+    """Causal + sliding-window + padding mask (B, 1, T, S), True = visible; None when all visible.
+
+    Query i (a cache position) sees key j iff j <= i, j > i - W and key j is not padding. Each query
+    also sees itself, so a padding query never has an empty row (its output is unused, but a NaN
+    there would reach the real rows through later layers' values).
+    """
+    S = past + num_new
+    i = torch.arange(past, S, device=device)[:, None]  # (T, 1)
+    j = torch.arange(S, device=device)[None, :]  # (1, S)
+    visible = j <= i
+    if sliding_window is not None and S > sliding_window:
+        visible = visible & (j > i - sliding_window)
+    if attention_mask is None:
+        if num_new == 1 and bool(visible.all()):
+            return None
+        return visible[None, None].expand(batch_size, 1, num_new, S)
+    if attention_mask.shape != (batch_size, S):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({batch_size}, {S}): "
+                         "one entry per cached and new token")
+    visible = visible[None] & attention_mask.bool()[:, None, :]  # (B, T, S)
+    visible = visible | (j == i)[None]
+    return visible[:, None]
+
+
+class TextAttention(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.attention_head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
+        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: KVCache | None, layer_idx: int) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v)  # (B, H_kv, S, hd)
+        out = attention(q, k, v, mask, self.head_dim**-0.5)  # (B, H, T, hd)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.self_attn = TextAttention(cfg)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_size, cfg.hidden_act)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: KVCache | None, layer_idx: int) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_idx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MistralDecoder(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, inputs_embeds: Tensor, positions: Tensor, attention_mask: Tensor | None = None,
+                cache: KVCache | None = None) -> Tensor:
+        """inputs_embeds (B, T, D); positions (B, T) RoPE positions; attention_mask (B, S) 1 = real token,
+        covering the cached tokens and the new ones. Returns (B, T, D) after the final norm."""
+        B, T, _ = inputs_embeds.shape
+        past = cache.length if cache is not None else 0
+        mask = decoder_attention_mask(attention_mask, B, past, T, self.config.sliding_window, inputs_embeds.device)
+        cos, sin = rotary_cos_sin(positions, self.config.attention_head_dim, self.config.rope_theta,
+                                  inputs_embeds.dtype)
+        x = inputs_embeds
+        for idx, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, idx)
+        if cache is not None:
+            cache.advance(T)
+        return self.norm(x)

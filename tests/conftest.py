@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random configs, and the oracle (transformers) built from the same dict."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+def tiny_config_dict(*, vision_hidden: int = 32, vision_heads: int = 4, patch: int = 4, image_size: int = 32,
+                     text_hidden: int = 48, text_heads: int = 4, kv_heads: int = 2, layers: int = 2,
+                     vocab: int = 120, sliding_window: int | None = 64, latents: int = 3,
+                     perceiver_heads: int = 4, perceiver_kv_heads: int = 2, tie: bool = False,
+                     image_token_id: int = 100, perceiver_eps: float | None = 1e-6) -> dict[str, Any]:
+    """A config.json-shaped dict small enough for CPU tests; every size distinct to catch swaps."""
+    perceiver: dict[str, Any] = {
+        "hidden_size": text_hidden, "resampler_n_latents": latents, "resampler_depth": 2,
+        "resampler_n_heads": perceiver_heads, "resampler_head_dim": 8, "num_key_value_heads": perceiver_kv_heads,
+        "model_type": "idefics2",
+    }
+    if perceiver_eps is not None:
+        perceiver["rms_norm_eps"] = perceiver_eps
+    return {
+        "model_type": "idefics2",
+        "image_token_id": image_token_id,
+        "tie_word_embeddings": tie,
+        "vision_config": {"hidden_size": vision_hidden, "intermediate_size": 40, "num_hidden_layers": 2,
+                          "num_attention_heads": vision_heads, "image_size": image_size, "patch_size": patch,
+                          "model_type": "idefics2"},
+        "perceiver_config": perceiver,
+        "text_config": {"model_type": "mistral", "vocab_size": vocab, "hidden_size": text_hidden,
+                        "intermediate_size": 56, "num_hidden_layers": layers, "num_attention_heads": text_heads,
+                        "num_key_value_heads": kv_heads, "max_position_embeddings": 512, "rms_norm_eps": 1e-5,
+                        "sliding_window": sliding_window, "pad_token_id": 0, "bos_token_id": 1,
+                        "eos_token_id": 2, "tie_word_embeddings": tie},
+    }
+
+
+def oracle_model(config: dict[str, Any], seed: int = 0, attn: str = "eager") -> Any:
+    """transformers' Idefics2ForConditionalGeneration with every parameter random (norms and latents too)."""
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.Idefics2Config(**copy.deepcopy(config))
+    hf_config._attn_implementation = attn
+    for sub in (hf_config.vision_config, hf_config.perceiver_config, hf_config.text_config):
+        sub._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = transformers.Idefics2ForConditionalGeneration(hf_config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lm_head.weight") and config.get("tie_word_embeddings"):
+                continue
+            param.normal_(0, 0.5 if param.dim() == 1 else 0.2)
+    return model
+
