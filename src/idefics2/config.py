@@ -35,6 +35,9 @@ _V4_GENERIC_KEYS = {
 
 C = TypeVar("C", bound="_SubConfig")
 
+# What transformers' Idefics2Config passes to MistralConfig when config.json has no text_config.
+IDEFICS2_TEXT_DEFAULTS = {"max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "pad_token_id": 0}
+
 
 def _require_positive(obj: object, *names: str) -> None:
     for name in names:
@@ -127,7 +130,8 @@ class PerceiverConfig(_SubConfig):
 
 @dataclass(frozen=True)
 class TextConfig(_SubConfig):
-    """Mistral decoder (spec §2.4). Defaults are the ones transformers uses under Idefics2."""
+    """Mistral decoder (spec §2.4). Defaults are transformers' MistralConfig defaults; a config.json
+    without any text_config gets the Idefics2 overrides of `IDEFICS2_TEXT_DEFAULTS` instead."""
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -137,11 +141,11 @@ class TextConfig(_SubConfig):
     num_key_value_heads: int = 8
     head_dim: int | None = None  # None: hidden_size // num_attention_heads
     hidden_act: str = "silu"
-    max_position_embeddings: int = 32768
-    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 131072
+    rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     sliding_window: int | None = 4096
-    pad_token_id: int | None = 0
+    pad_token_id: int | None = None
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     attention_dropout: float = 0.0
@@ -190,7 +194,7 @@ class Idefics2Config:
 
     vision_config: VisionConfig = field(default_factory=VisionConfig)
     perceiver_config: PerceiverConfig = field(default_factory=PerceiverConfig)
-    text_config: TextConfig = field(default_factory=TextConfig)
+    text_config: TextConfig = field(default_factory=lambda: TextConfig(**IDEFICS2_TEXT_DEFAULTS))
     image_token_id: int = 32001
     tie_word_embeddings: bool = False
     use_cache: bool = True
@@ -214,7 +218,7 @@ class Idefics2Config:
         used `text_config.rms_norm_eps` (spec §2.6); the default follows 4.46+ and 5.x.
         """
         raw = dict(raw)
-        text = TextConfig.from_dict(raw.pop("text_config", None) or {"max_position_embeddings": 32768})
+        text = TextConfig.from_dict(raw.pop("text_config", None) or IDEFICS2_TEXT_DEFAULTS)
         vision = VisionConfig.from_dict(raw.pop("vision_config", None) or {})
         perceiver_raw = dict(raw.pop("perceiver_config", None) or {})
         if perceiver_eps_from_text:

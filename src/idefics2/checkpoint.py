@@ -1,0 +1,292 @@
+"""Checkpoint I/O: Hub-layout folders of safetensors shards <-> our models.
+
+Loading builds the model on the meta device and assigns tensors read from memory-mapped
+safetensors files, so peak memory stays near the weights' size; names are the Hub's, so the only
+transform is dropping the `model.` prefix for `Idefics2Model`. Saving writes into a temporary
+folder and swaps it into place, so a failed save never leaves a half-written checkpoint where a
+good one was. Pickle (`.bin`) checkpoints are refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, TypeVar
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from idefics2.config import Idefics2Config
+
+logger = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16, "fp16": torch.float16}
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """None or "auto" keep each tensor's stored dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)} or 'auto'")
+    return _DTYPES[dtype]
+
+
+def resolve_folder(folder_or_repo_id: str | os.PathLike[str]) -> Path:
+    """A local folder as is; a Hub repo id ("org/name") through huggingface_hub when installed and online."""
+    path = Path(folder_or_repo_id)
+    if path.is_dir():
+        return path
+    name = os.fspath(folder_or_repo_id)
+    if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        raise ValueError(f"{name!r} is not a checkpoint folder: pass a folder holding config.json and "
+                         "*.safetensors (the Hub layout)")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ValueError(f"{name!r} is not a local folder, and downloading a Hub repo needs huggingface_hub "
+                         "(pip install huggingface_hub). Or download it elsewhere "
+                         f"(`hf download {name} --local-dir DIR`) and pass DIR.") from None
+    try:
+        return Path(snapshot_download(name, allow_patterns=_HUB_PATTERNS))
+    except Exception as err:  # offline, unknown repo, gated: all end the same way for the user
+        reason = " ".join(str(err).split())
+        raise ValueError(f"could not download {name!r} from the Hub ({type(err).__name__}: {reason}). "
+                         f"Pass a local folder instead (e.g. one made with `hf download {name} --local-dir DIR`).") from err
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder, in index order."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise ValueError(f"{index} lists shards that are not in the folder: {missing}")
+        return [folder / n for n in names]
+    if (folder / SINGLE_FILE).is_file():
+        return [folder / SINGLE_FILE]
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
+    if pickles:
+        raise ValueError(f"{folder} holds only pickle weights ({', '.join(pickles)}). Pickle files can run "
+                         "arbitrary code when loaded, so idefics2 reads safetensors only: convert them once "
+                         "with a tool you trust, e.g. `safetensors.torch.save_file(torch.load(f, "
+                         "weights_only=True), 'model.safetensors')`.")
+    raise ValueError(f"no weights in {folder}: expected {SINGLE_FILE} or {INDEX_FILE} with its shards")
+
+
+@contextlib.contextmanager
+def _no_init() -> Iterator[None]:
+    """Skip torch's parameter initialisers while building on the meta device.
+
+    Every weight is about to be replaced by the checkpoint's; on meta the initialisers would do no
+    work, yet dispatching them there imports torch's Python decompositions (seconds at start-up).
+    """
+    skipped = {name: getattr(nn.init, name) for name in _INITIALISERS}
+    for name in _INITIALISERS:
+        setattr(nn.init, name, _keep)
+    try:
+        yield
+    finally:
+        for name, fn in skipped.items():
+            setattr(nn.init, name, fn)
+
+
+_INITIALISERS = ("uniform_", "normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                 "xavier_normal_", "trunc_normal_", "zeros_", "ones_", "constant_")
+
+
+def _keep(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return tensor
+
+
+def _checkpoint_key_map(cls: type[nn.Module], keys: list[str]) -> dict[str, str]:
+    """Checkpoint key -> our key. `Idefics2Model` drops the LM head and the `model.` prefix."""
+    from idefics2.model.idefics2 import Idefics2Model
+
+    if cls is Idefics2Model and any(k.startswith("model.") for k in keys):
+        return {k: k[len("model."):] for k in keys if k.startswith("model.")}
+    return {k: k for k in keys}
+
+
+def load_pretrained(cls: type[M], folder_or_repo_id: str | os.PathLike[str], *, dtype: Any = None,
+                    device: Any = None, perceiver_eps_from_text: bool = False,
+                    progress: bool | None = None) -> M:
+    """Build `cls` (Idefics2Model or Idefics2ForConditionalGeneration) from a checkpoint folder.
+
+    dtype: None/"auto" keeps the stored dtype; device: where the weights go (default CPU).
+    progress: a progress bar over the bytes read (default: on for checkpoints over 1 GB on a terminal).
+    """
+    folder = resolve_folder(folder_or_repo_id)
+    target_dtype = resolve_dtype(dtype)
+    config = Idefics2Config.from_pretrained(folder, perceiver_eps_from_text=perceiver_eps_from_text)
+    with _no_init(), torch.device("meta"):
+        model = cls(config)  # type: ignore[call-arg]
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    tied = getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in expected
+    if tied:
+        expected.pop("lm_head.weight")
+
+    files = weight_files(folder)
+    total = sum(f.stat().st_size for f in files)
+    if progress is None:
+        progress = total > 1e9
+    state: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    mis_shaped: list[str] = []
+    # disable=None: tqdm shows the bar only on a terminal.
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=None if progress else True) as bar:
+        for file in files:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                key_map = _checkpoint_key_map(cls, list(f.keys()))
+                for ckpt_key in f.keys():
+                    key = key_map.get(ckpt_key)
+                    if key is None:
+                        continue  # a head the headless model does not have
+                    if key not in expected:
+                        if not (tied and key == "lm_head.weight"):
+                            unexpected.append(ckpt_key)
+                        continue
+                    tensor = f.get_tensor(ckpt_key)
+                    if tensor.shape != expected[key]:
+                        mis_shaped.append(f"{ckpt_key}: checkpoint {tuple(tensor.shape)}, model "
+                                          f"{tuple(expected[key])}")
+                        continue
+                    if target_dtype is not None and tensor.is_floating_point():
+                        tensor = tensor.to(target_dtype)
+                    state[key] = tensor.to(device) if device is not None else tensor
+                    bar.update(tensor.numel() * tensor.element_size())
+    missing = sorted(k for k in set(expected) - set(state) if not any(m.startswith(f"{k}:") for m in mis_shaped))
+    if missing or unexpected or mis_shaped:
+        raise ValueError(f"checkpoint {folder} does not fit the model built from its config.json:"
+                         + (f"\n  missing keys ({len(missing)}): {missing[:20]}" if missing else "")
+                         + (f"\n  unexpected keys ({len(unexpected)}): {unexpected[:20]}" if unexpected else "")
+                         + (f"\n  mis-shaped keys ({len(mis_shaped)}): {mis_shaped[:20]}" if mis_shaped else ""))
+    model.load_state_dict(state, strict=False, assign=True)  # completeness was checked above; a tied head is absent
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    _attach_generation_config(model, folder)
+    return model.eval()
+
+
+def _attach_generation_config(model: nn.Module, folder: Path) -> None:
+    """Generation defaults travel with the checkpoint (generation_config.json), when it has one."""
+    if not hasattr(model, "generate"):
+        return
+    try:
+        from idefics2.generation import load_generation_config
+    except ImportError:
+        return
+    model.generation_config = load_generation_config(folder)
+
+
+def parse_size(size: int | str) -> int:
+    """"5GB" -> 5e9 bytes, "500MiB" -> 500 * 2**20; ints are bytes."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)\s*", size, flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size {size!r} is not a size; expected e.g. '5GB', '500MB' or bytes as int")
+    unit = m.group(2).upper()
+    base = 1024 if "I" in unit else 1000
+    return int(float(m.group(1)) * base ** "BKMGT".index(unit[0]))
+
+
+def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    return shards
+
+
+def save_pretrained(model: nn.Module, folder: str | os.PathLike[str], *, max_shard_size: int | str = "5GB") -> None:
+    """Write config.json and safetensors shards (+ index when more than one) to `folder`.
+
+    Files already in `folder` that are not model files (tokenizer, processor configs) are kept.
+    """
+    folder = Path(folder)
+    max_bytes = parse_size(max_shard_size)
+    config: Idefics2Config = model.config  # type: ignore[assignment]
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # the reference omits the tied head too
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        config.save_pretrained(tmp)
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None and hasattr(generation_config, "to_dict"):
+            (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(generation_config.to_dict(), indent=2) + "\n")
+        shards = _shards(state, max_bytes)
+        metadata = {"format": "pt"}
+        if len(shards) == 1:
+            save_file(shards[0], tmp / SINGLE_FILE, metadata=metadata)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, start=1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / name, metadata=metadata)
+                weight_map.update(dict.fromkeys(shard, name))
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        _swap_into_place(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _is_model_file(name: str) -> bool:
+    return name in (CONFIG_FILE, INDEX_FILE, GENERATION_CONFIG_FILE) or (
+        name.startswith("model") and name.endswith(".safetensors"))
+
+
+def _swap_into_place(new: Path, folder: Path) -> None:
+    """Replace `folder` by the complete `new` folder; the old one is removed only once the new one is in place."""
+    if not folder.exists():
+        os.replace(new, folder)
+        return
+    if not folder.is_dir():
+        raise ValueError(f"{folder} exists and is not a folder")
+    for entry in folder.iterdir():  # keep the processor/tokenizer files saved beside the model
+        if not _is_model_file(entry.name) and not (new / entry.name).exists():
+            if entry.is_dir():
+                shutil.copytree(entry, new / entry.name)
+            else:
+                shutil.copy2(entry, new / entry.name)
+    backup = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+    os.replace(folder, backup / folder.name)
+    try:
+        os.replace(new, folder)
+    except BaseException:
+        os.replace(backup / folder.name, folder)  # put the good checkpoint back
+        raise
+    finally:
+        shutil.rmtree(backup, ignore_errors=True)

@@ -1,0 +1,150 @@
+"""Checkpoints cross both ways with transformers; bad folders and failed saves give clear outcomes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import oracle_model, tiny_config_dict
+from test_model import make_batch
+
+from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2Model
+from idefics2 import checkpoint
+
+CONFIG = tiny_config_dict(sliding_window=8)
+TIED = tiny_config_dict(tie=True)
+
+
+def real_logits(model, batch):  # noqa: ANN001, ANN201
+    with torch.no_grad():
+        return model(**batch).logits[batch["attention_mask"].bool()]
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("config", [CONFIG, TIED], ids=["untied", "tied"])
+def test_sharded_checkpoint_written_by_transformers_loads_with_the_same_logits(tmp_path: Path, config) -> None:  # noqa: ANN001
+    reference = oracle_model(config)
+    reference.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    ours = Idefics2ForConditionalGeneration.from_pretrained(tmp_path)
+    batch = make_batch(config)
+    torch.testing.assert_close(real_logits(ours, batch), real_logits(reference, batch), rtol=0, atol=1e-4)
+    if config["tie_word_embeddings"]:
+        assert ours.lm_head.weight is ours.model.text_model.embed_tokens.weight
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("config", [CONFIG, TIED], ids=["untied", "tied"])
+def test_checkpoint_we_write_loads_in_transformers_with_the_same_logits(tmp_path: Path, config) -> None:  # noqa: ANN001
+    transformers = pytest.importorskip("transformers")
+    ours = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(config))
+    ours.load_state_dict(oracle_model(config, seed=5).state_dict())
+    ours.save_pretrained(tmp_path, max_shard_size="50KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert ("lm_head.weight" in index["weight_map"]) != config["tie_word_embeddings"]
+    theirs = transformers.Idefics2ForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager")
+    batch = make_batch(config)
+    torch.testing.assert_close(real_logits(theirs.eval(), batch), real_logits(ours.eval(), batch), rtol=0, atol=1e-4)
+
+
+@pytest.mark.oracle
+def test_headless_model_loads_a_conditional_generation_checkpoint(tmp_path: Path) -> None:
+    reference = oracle_model(CONFIG)
+    reference.save_pretrained(tmp_path)
+    ours = Idefics2Model.from_pretrained(tmp_path)
+    batch = make_batch(CONFIG)
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        expected = reference.model(**batch).last_hidden_state[real]
+        torch.testing.assert_close(ours(**batch).last_hidden_state[real], expected, rtol=0, atol=1e-4)
+
+
+def test_dtype_and_torch_dtype_alias_convert_on_load(tmp_path: Path) -> None:
+    Idefics2ForConditionalGeneration(Idefics2Config.from_dict(CONFIG)).save_pretrained(tmp_path)
+    for kwargs in ({"dtype": torch.bfloat16}, {"torch_dtype": "bfloat16"}):
+        model = Idefics2ForConditionalGeneration.from_pretrained(tmp_path, **kwargs)
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        assert not model.training
+
+
+def _saved(tmp_path: Path, config: dict = CONFIG) -> Path:  # noqa: FA100
+    folder = tmp_path / "ckpt"
+    Idefics2ForConditionalGeneration(Idefics2Config.from_dict(config)).save_pretrained(folder)
+    return folder
+
+
+def test_missing_unexpected_and_mis_shaped_keys_are_listed(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = _saved(tmp_path)
+    state = load_file(folder / "model.safetensors")
+    state.pop("model.connector.perceiver_resampler.latents")
+    state["model.vision_model.head.probe"] = torch.zeros(2)
+    state["lm_head.weight"] = torch.zeros(7, 48)
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(ValueError) as err:
+        Idefics2ForConditionalGeneration.from_pretrained(folder)
+    message = str(err.value)
+    assert "missing keys (1): ['model.connector.perceiver_resampler.latents']" in message
+    assert "unexpected keys (1): ['model.vision_model.head.probe']" in message
+    assert "lm_head.weight: checkpoint (7, 48), model (120, 48)" in message
+
+
+def test_pickle_checkpoints_are_refused_with_an_explanation(tmp_path: Path) -> None:
+    folder = _saved(tmp_path)
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ValueError, match=r"only pickle weights \(pytorch_model.bin\).*safetensors only"):
+        Idefics2ForConditionalGeneration.from_pretrained(folder)
+
+
+def test_a_repo_id_without_network_says_how_to_pass_a_local_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+
+    def offline(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - no test may reach the network
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(ValueError, match=r"HuggingFaceM4/idefics2-8b.*local folder"):
+        Idefics2ForConditionalGeneration.from_pretrained("HuggingFaceM4/idefics2-8b")
+    with pytest.raises(ValueError, match=r"is not a checkpoint folder"):
+        Idefics2ForConditionalGeneration.from_pretrained("./no/such/folder/here")
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_and_other_files_intact(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = _saved(tmp_path)
+    (folder / "tokenizer.json").write_text("{}")
+    before = (folder / "model.safetensors").read_bytes()
+    other = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(CONFIG))
+    calls = []
+
+    def failing_save_file(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return original(*args, **kwargs)
+
+    original = checkpoint.save_file
+    monkeypatch.setattr(checkpoint, "save_file", failing_save_file)
+    with pytest.raises(OSError, match="disk full"):
+        other.save_pretrained(folder, max_shard_size="50KB")
+    assert (folder / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary folder left behind
+    monkeypatch.undo()
+    other.save_pretrained(folder, max_shard_size="50KB")  # a successful save replaces the weights...
+    assert not (folder / "model.safetensors").exists() and (folder / "model.safetensors.index.json").exists()
+    assert (folder / "tokenizer.json").read_text() == "{}"  # ...and keeps the tokenizer saved beside them
+
+
+@pytest.mark.parametrize("size, expected", [("5GB", 5 * 10**9), ("500MiB", 500 * 2**20), ("40KB", 40_000), (123, 123)])
+def test_shard_sizes_parse_like_transformers(size, expected: int) -> None:  # noqa: ANN001
+    assert checkpoint.parse_size(size) == expected
+
+
+def test_an_unparseable_shard_size_is_rejected() -> None:
+    with pytest.raises(ValueError, match="max_shard_size '5 gigs' is not a size"):
+        checkpoint.parse_size("5 gigs")
