@@ -97,7 +97,7 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def _no_init() -> Iterator[None]:
+def skip_init() -> Iterator[None]:
     """Skip torch's parameter initialisers while building on the meta device.
 
     Every weight is about to be replaced by the checkpoint's; on meta the initialisers would do no
@@ -141,7 +141,7 @@ def load_pretrained(cls: type[M], folder_or_repo_id: str | os.PathLike[str], *, 
     folder = resolve_folder(folder_or_repo_id)
     target_dtype = resolve_dtype(dtype)
     config = Idefics2Config.from_pretrained(folder, perceiver_eps_from_text=perceiver_eps_from_text)
-    with _no_init(), torch.device("meta"):
+    with skip_init(), torch.device("meta"):
         model = cls(config)  # type: ignore[call-arg]
     expected = {k: v.shape for k, v in model.state_dict().items()}
     tied = getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in expected

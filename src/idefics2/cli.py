@@ -1,0 +1,246 @@
+"""The `idefics2` command: generate, chat, info (and train, from `idefics2.training`).
+
+Thin: each subcommand parses flags, calls library code and prints. Without `--model` it uses the
+small Idefics2 shipped inside the package, so it works offline on a fresh machine. User mistakes
+(missing files, unreadable images, bad flags or values) end with one line on stderr and a
+non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+SHIPPED_MODEL = "shapes-vqa"
+EXIT_USER_ERROR = 1
+
+
+class UserError(Exception):
+    """A mistake in what the user gave: reported as one line, exit code 1."""
+
+
+def shipped_model_path() -> Path:
+    return Path(str(resources.files("idefics2") / "assets" / SHIPPED_MODEL))
+
+
+def load(model: str | None, dtype: str, device: str) -> tuple[Any, Any]:
+    """(model, processor) from a Hub-layout folder or repo id; the shipped model by default."""
+    import torch
+
+    from idefics2.checkpoint import resolve_folder
+    from idefics2.model.idefics2 import Idefics2ForConditionalGeneration
+    from idefics2.processing.processor import Idefics2Processor
+
+    if model is None and not (shipped_model_path() / "config.json").is_file():
+        raise UserError(f"the shipped model is missing from {shipped_model_path()}; reinstall idefics2 or pass --model")
+    folder = resolve_folder(model or shipped_model_path())
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for, but torch sees no CUDA device")
+    lm = Idefics2ForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=device, progress=True)
+    return lm, Idefics2Processor.from_pretrained(folder)
+
+
+def open_images(paths: Sequence[str]) -> list[Any]:
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                images.append(image.copy())
+        except FileNotFoundError:
+            raise UserError(f"image not found: {path}") from None
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as err:
+            raise UserError(f"cannot read image {path}: {err}") from None
+    return images
+
+
+def user_turn(text: str, num_images: int) -> dict[str, Any]:
+    """A chat message with the images first, then the question (the layout Idefics2 was tuned on)."""
+    return {"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": text}]}
+
+
+def answer(model: Any, processor: Any, messages: list[dict[str, Any]], images: list[Any],
+           args: argparse.Namespace, stream: bool) -> dict[str, Any]:
+    """Run one assistant turn; streams pieces to stdout when `stream`. Returns the answer and timings."""
+    from idefics2.streaming import TextIteratorStreamer
+
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=images or None, text=prompt).to(device=model.device)
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    eos = [processor.end_of_utterance_id, processor.tokenizer.eos_token_id]
+    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_token_id=[i for i in eos if i is not None],
+                  streamer=streamer)
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["ids"] = model.generate(**inputs, **kwargs)
+        except BaseException as err:  # reported in the main thread
+            result["error"] = err
+
+    start = time.perf_counter()
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    pieces = []
+    for piece in streamer:
+        if not pieces:
+            piece = piece.lstrip()
+        pieces.append(piece)
+        if stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    worker.join()
+    if "error" in result:
+        raise result["error"]
+    new_tokens = result["ids"].shape[1] - inputs["input_ids"].shape[1]
+    return {"answer": "".join(pieces).strip(), "new_tokens": int(new_tokens),
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    images = open_images(args.image)
+    model, processor = load(args.model, args.dtype, args.device)
+    messages = ([{"role": "system", "content": [{"type": "text", "text": args.system}]}] if args.system else [])
+    messages.append(user_turn(args.prompt, len(images)))
+    out = answer(model, processor, messages, images, args, stream=not args.json)
+    if args.json:
+        print(json.dumps({"model": str(args.model or SHIPPED_MODEL), "prompt": args.prompt, **out}))
+    else:
+        print()
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    """Multi-turn chat on stdin: `/image PATH` attaches an image to the next question, `/reset`, `/quit`."""
+    model, processor = load(args.model, args.dtype, args.device)
+    messages: list[dict[str, Any]] = []
+    all_images: list[Any] = []
+    pending = open_images(args.image)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("idefics2 chat: /image PATH attaches an image, /reset starts over, /quit ends.", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/quit":
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/image "):
+            try:
+                pending += open_images([line[len("/image "):].strip()])
+            except UserError as err:
+                print(f"idefics2: error: {err}", file=sys.stderr)
+            continue
+        if line == "/reset":
+            messages, all_images, pending = [], [], []
+            continue
+        messages.append(user_turn(line, len(pending)))
+        all_images += pending
+        pending = []
+        out = answer(model, processor, messages, all_images, args, stream=True)
+        print()
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": " " + out["answer"]}]})
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    """Config summary, parameter counts per part and file sizes, without reading the weights."""
+    import torch
+
+    from idefics2.checkpoint import resolve_folder, skip_init, weight_files
+    from idefics2.config import Idefics2Config
+    from idefics2.model.idefics2 import Idefics2ForConditionalGeneration
+
+    folder = resolve_folder(args.model or shipped_model_path())
+    config = Idefics2Config.from_pretrained(folder)
+    with skip_init(), torch.device("meta"):
+        model = Idefics2ForConditionalGeneration(config)
+    parts = {"vision tower": model.model.vision_model, "connector": model.model.connector,
+             "text decoder": model.model.text_model, "lm_head": model.lm_head}
+    v, p, t = config.vision_config, config.perceiver_config, config.text_config
+    print(f"model: {folder}")
+    print(f"vision: {v.hidden_size} wide x {v.num_hidden_layers} layers, patch {v.patch_size}, image_size {v.image_size}")
+    print(f"perceiver: {p.resampler_n_latents} latents x {p.resampler_depth} layers, {p.resampler_n_heads} heads "
+          f"({p.num_key_value_heads} kv)")
+    print(f"text: {t.hidden_size} wide x {t.num_hidden_layers} layers, {t.num_attention_heads} heads "
+          f"({t.num_key_value_heads} kv), vocab {t.vocab_size}, window {t.sliding_window}")
+    for name, module in parts.items():
+        print(f"  {name:<13}{sum(q.numel() for q in module.parameters()):>15,} parameters")
+    print(f"  {'total':<13}{model.num_parameters():>15,} parameters (tied head counted once)")
+    for file in [folder / "config.json", *weight_files(folder)]:
+        print(f"  {file.name:<40}{file.stat().st_size / 1e6:>10.2f} MB")
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="Hub-layout checkpoint folder or repo id (default: the shipped model)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+
+
+def add_generation_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeatable)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="idefics2", description="Ask Idefics2 about images.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="answer one prompt about images")
+    generate.add_argument("prompt")
+    add_generation_flags(generate)
+    add_model_flags(generate)
+    generate.add_argument("--system", help="a system message before the question")
+    generate.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    generate.set_defaults(func=cmd_generate)
+
+    chat = commands.add_parser("chat", help="a multi-turn conversation on stdin")
+    add_generation_flags(chat)
+    add_model_flags(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    info = commands.add_parser("info", help="config summary, parameter count, file sizes")
+    info.add_argument("--model", help="checkpoint folder or repo id (default: the shipped model)")
+    info.set_defaults(func=cmd_info)
+
+    try:
+        from idefics2.training.train import register_train_command
+    except ImportError:
+        pass
+    else:
+        register_train_command(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (UserError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+        message = " ".join(str(err).split())
+        print(f"idefics2: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
