@@ -1,0 +1,310 @@
+"""Idefics2Processor: prompts + images -> input_ids, attention_mask, pixel_values, pixel_attention_mask.
+
+Entry point of the data flow: each `<image>` becomes `F I*image_seq_len F` (5 blocks with splitting,
+adjacent fakes shared; F/I = fake/image token), images are matched to their samples, then tokenizer and
+image processor run. Must match transformers 4.x token for token (spec §6.3, no space inserted after a
+closing fake), with a ValueError for every §6.4 mismatch and for truncation that would cut an image.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from itertools import accumulate, pairwise
+from pathlib import Path
+from typing import Any
+
+from idefics2.processing.batch import BatchFeature
+from idefics2.processing.chat_template import DEFAULT_CHAT_TEMPLATE, Message, render_chat
+from idefics2.processing.image_inputs import make_nested_images
+from idefics2.processing.image_processor import Idefics2ImageProcessor
+from idefics2.processing.tokenizer import Tokenizer, as_tensor
+
+FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
+IMAGE_TOKEN = "<image>"
+END_OF_UTTERANCE_TOKEN = "<end_of_utterance>"
+PROCESSOR_CONFIG_FILE = "processor_config.json"
+# Each image becomes 4 crops + the full image when splitting (spec §5.5).
+SPLIT_IMAGES_PER_IMAGE = 5
+
+
+def expand_image_tokens(sample: str, *, image_seq_len: int, do_image_splitting: bool) -> str:
+    """The 4.x text rule (spec §6.3 step 4): replace each `<image>` and merge the fakes of adjacent images."""
+    block = FAKE_IMAGE_TOKEN + IMAGE_TOKEN * image_seq_len + FAKE_IMAGE_TOKEN
+    if do_image_splitting:
+        block *= SPLIT_IMAGES_PER_IMAGE
+    return sample.replace(IMAGE_TOKEN, block).replace(FAKE_IMAGE_TOKEN * 2, FAKE_IMAGE_TOKEN)
+
+
+def _nest_images(images: Any, n_images_in_text: list[int] | None) -> list[list[Any]]:
+    """One list of images per sample (spec §6.4).
+
+    The image processor's `make_nested_images` decides what an image is and validates the structure;
+    the only text-aware rule added here is that a flat list given with text is split in order by the
+    number of `<image>` in each prompt (PR #34222 behaviour).
+    """
+    try:
+        nested = make_nested_images(images)
+    except ValueError as error:
+        raise ValueError(f"Invalid input images: {error}") from error
+    is_flat = isinstance(images, (list, tuple)) and not any(
+        isinstance(item, (list, tuple)) for item in images
+    )
+    if n_images_in_text is None or not is_flat or len(nested) != 1:
+        return nested
+    flat = nested[0]
+    if sum(n_images_in_text) != len(flat):
+        raise ValueError(
+            f"The total number of {IMAGE_TOKEN} tokens in the prompts should be the same as the number of "
+            f"images passed. Found {sum(n_images_in_text)} {IMAGE_TOKEN} tokens and {len(flat)} images."
+        )
+    bounds = [0, *accumulate(n_images_in_text)]
+    return [flat[start:stop] for start, stop in pairwise(bounds)]
+
+
+def _validate_seq_len(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"image_seq_len must be a positive int, got {value!r}")
+    return value
+
+
+class Idefics2Processor:
+    """Tokenizer + image processor + the Idefics2 image-token expansion and chat template.
+
+    Args:
+        image_processor: its `do_image_splitting` attribute (or the per-call override) decides both how
+            many sub-images are made and how many image blocks the text gets.
+        tokenizer: `<fake_token_around_image>`, `<image>` and `<end_of_utterance>` are added as special
+            tokens if it lacks them (spec §6.1); it is modified in place, as in transformers.
+        image_seq_len: `<image>` tokens per (sub-)image; must equal the perceiver's latent count.
+        chat_template: Jinja source; None means the Idefics2 template of spec §6.6.
+    """
+
+    def __init__(
+        self,
+        image_processor: Idefics2ImageProcessor,
+        tokenizer: Tokenizer,
+        image_seq_len: int = 64,
+        chat_template: str | None = None,
+    ) -> None:
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.image_seq_len = _validate_seq_len(image_seq_len)
+        self.chat_template = DEFAULT_CHAT_TEMPLATE if chat_template is None else chat_template
+        missing = [t for t in (FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE_TOKEN) if t not in tokenizer]
+        tokenizer.add_special_tokens(missing)
+
+    # ------------------------------------------------------------------ token ids
+    @property
+    def image_token_id(self) -> int:
+        return self.tokenizer.token_to_id(IMAGE_TOKEN)
+
+    @property
+    def fake_image_token_id(self) -> int:
+        return self.tokenizer.token_to_id(FAKE_IMAGE_TOKEN)
+
+    @property
+    def end_of_utterance_id(self) -> int:
+        return self.tokenizer.token_to_id(END_OF_UTTERANCE_TOKEN)
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> Idefics2Processor:
+        """Load the 4.x Hub layout (preprocessor_config.json, chat_template.json) or the 5.x one
+        (image settings inside processor_config.json, chat_template.jinja)."""
+        folder = Path(folder)
+        config: dict[str, Any] = {}
+        if (folder / PROCESSOR_CONFIG_FILE).is_file():
+            config = json.loads((folder / PROCESSOR_CONFIG_FILE).read_text(encoding="utf-8"))
+        tokenizer = Tokenizer.from_pretrained(folder)
+        return cls(
+            Idefics2ImageProcessor.from_pretrained(folder),
+            tokenizer,
+            image_seq_len=config.get("image_seq_len", 64),
+            chat_template=cls._find_chat_template(folder, config, tokenizer),
+        )
+
+    @staticmethod
+    def _find_chat_template(folder: Path, config: dict[str, Any], tokenizer: Tokenizer) -> str | None:
+        """chat_template.json, chat_template.jinja, processor config, tokenizer config: first one wins."""
+        if (folder / "chat_template.json").is_file():
+            template = json.loads((folder / "chat_template.json").read_text(encoding="utf-8")).get(
+                "chat_template"
+            )
+            if template is not None:
+                return str(template)
+        if (folder / "chat_template.jinja").is_file():
+            return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        return config.get("chat_template") or tokenizer.chat_template
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write the 4.x Hub layout, which transformers 4.44+ and 5.x both load."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.image_processor.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        files = {
+            PROCESSOR_CONFIG_FILE: {
+                "image_seq_len": self.image_seq_len,
+                "processor_class": "Idefics2Processor",
+            },
+            "chat_template.json": {"chat_template": self.chat_template},
+        }
+        for name, payload in files.items():
+            (folder / name).write_text(
+                json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+            )
+
+    # ------------------------------------------------------------------ main call
+    def __call__(
+        self,
+        images: Any = None,
+        text: str | Sequence[str] | None = None,
+        *,
+        image_seq_len: int | None = None,
+        padding: bool | str = False,
+        truncation: bool | str = False,
+        max_length: int | None = None,
+        add_special_tokens: bool = True,
+        return_tensors: str | None = None,
+        **image_kwargs: Any,
+    ) -> BatchFeature:
+        """Expand, tokenize and match images to prompts.
+
+        `image_kwargs` go to the image processor; `do_image_splitting` among them also drives the text
+        expansion, so pixels and tokens always agree. `return_tensors=None` returns torch tensors and
+        left-pads a ragged batch (so `model.generate(**processor(images=..., text=...))` works); with an
+        explicit "pt"/"np" a ragged, unpadded batch is an error instead. Raises ValueError on any
+        images/text mismatch and when truncation would cut into an image's tokens.
+        """
+        if text is None and images is None:
+            raise ValueError("You must provide either `text` or `images`.")
+        if return_tensors not in (None, "pt", "np"):
+            raise ValueError(f"return_tensors must be None, 'pt' or 'np', got {return_tensors!r}")
+        tensor_kind = return_tensors or "pt"
+        unknown = set(image_kwargs) - set(self.image_processor.to_dict()) - {"input_data_format"}
+        if unknown:  # checked even without images, so a typo is never silently ignored
+            raise ValueError(
+                f"unknown image processor option(s) {sorted(unknown)}; valid: "
+                f"{sorted(self.image_processor.to_dict())} and input_data_format"
+            )
+        do_split = image_kwargs.get("do_image_splitting", self.image_processor.do_image_splitting)
+        if not isinstance(do_split, bool):
+            raise ValueError(f"do_image_splitting must be a bool, got {do_split!r}")
+        seq_len = self.image_seq_len if image_seq_len is None else _validate_seq_len(image_seq_len)
+        outputs: dict[str, Any] = {}
+        n_images_in_text: list[int] | None = None
+        if text is not None:
+            prompts = [text] if isinstance(text, str) else text
+            if (
+                not isinstance(prompts, (list, tuple))
+                or not prompts
+                or not all(isinstance(p, str) for p in prompts)
+            ):
+                raise ValueError(
+                    "Invalid input text. Please provide a string, or a non-empty list of strings; "
+                    f"got {type(text).__name__}."
+                )
+            n_images_in_text = [p.count(IMAGE_TOKEN) for p in prompts]
+            expanded = [
+                expand_image_tokens(p, image_seq_len=seq_len, do_image_splitting=do_split) for p in prompts
+            ]
+            if return_tensors is None and padding in (False, None, "do_not_pad"):
+                padding = True  # documented: the default output is a padded tensor batch
+            encoded = self.tokenizer(
+                expanded,
+                add_special_tokens=add_special_tokens,
+                padding=padding,
+                truncation=truncation,
+                max_length=max_length,
+            )
+            self._check_image_tokens_survived(expanded, encoded["input_ids"])
+            lengths = {len(row) for row in encoded["input_ids"]}
+            if len(lengths) > 1:
+                raise ValueError(
+                    f"The prompts have different token lengths {sorted(lengths)}; pass padding=True "
+                    f"(left padding) to get {return_tensors!r} tensors."
+                )
+            outputs = {key: as_tensor(rows, tensor_kind) for key, rows in encoded.items()}
+        if images is not None:
+            nested = _nest_images(images, n_images_in_text)
+            outputs.update(self._process_images(nested, n_images_in_text, tensor_kind, image_kwargs))
+        return BatchFeature(outputs)
+
+    def _process_images(
+        self,
+        nested: list[list[Any]],
+        n_images_in_text: list[int] | None,
+        tensor_kind: str,
+        image_kwargs: dict[str, Any],
+    ) -> dict[str, Any]:
+        n_images = [len(sample) for sample in nested]
+        if n_images_in_text is not None:
+            if sum(n_images) and not sum(n_images_in_text):
+                raise ValueError(
+                    f"{sum(n_images)} images were passed but the text contains no {IMAGE_TOKEN} "
+                    "token; put one <image> where each image belongs."
+                )
+            if n_images != n_images_in_text:
+                raise ValueError(
+                    f"The number of images in the text {n_images_in_text} and images {n_images} "
+                    "should be the same."
+                )
+        if not sum(n_images):
+            return {}  # a text-only batch (e.g. [[], []]): no pixels, which the model accepts
+        return dict(self.image_processor(nested, return_tensors=tensor_kind, **image_kwargs))
+
+    def _check_image_tokens_survived(self, expanded: list[str], input_ids: list[list[int]]) -> None:
+        """Truncation must not drop or split an image: the model needs every block whole (pitfall §8.6)."""
+        for index, (prompt, ids) in enumerate(zip(expanded, input_ids, strict=True)):
+            for token, token_id in (
+                (IMAGE_TOKEN, self.image_token_id),
+                (FAKE_IMAGE_TOKEN, self.fake_image_token_id),
+            ):
+                if ids.count(token_id) != prompt.count(token):
+                    raise ValueError(
+                        f"Truncation would cut through the image tokens of sample {index}: the text has "
+                        f"{prompt.count(token)} {token} but only {ids.count(token_id)} survive. Disable "
+                        "truncation or raise max_length."
+                    )
+
+    # ------------------------------------------------------------------ chat and decoding
+    def apply_chat_template(
+        self,
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
+        add_generation_prompt: bool = False,
+        tokenize: bool = False,
+        *,
+        chat_template: str | None = None,
+        **template_kwargs: Any,
+    ) -> Any:
+        """Render one conversation (-> str) or a batch (-> list[str]).
+
+        `tokenize=True` returns, like transformers, a list with one id list per conversation: the
+        rendered text with images expanded, BOS added unless the template already wrote it.
+        """
+        is_batched = bool(messages) and all(isinstance(m, (list, tuple)) for m in messages)
+        conversations = list(messages) if is_batched else [messages]
+        template = chat_template or self.chat_template
+        variables = {**self.tokenizer.special_tokens_map, **template_kwargs}
+        rendered = [
+            render_chat(c, template, add_generation_prompt=add_generation_prompt, **variables)
+            for c in conversations
+        ]
+        if not tokenize:
+            return rendered if is_batched else rendered[0]
+        split = self.image_processor.do_image_splitting
+        bos = self.tokenizer.bos_token
+        return [
+            self.tokenizer(
+                expand_image_tokens(prompt, image_seq_len=self.image_seq_len, do_image_splitting=split),
+                add_special_tokens=not (bos is not None and prompt.startswith(bos)),
+            )["input_ids"]
+            for prompt in rendered
+        ]
+
+    def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False) -> list[str]:
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens)

@@ -1,0 +1,442 @@
+"""Text tokenizer: a strict wrapper around a `tokenizers.Tokenizer` pipeline plus its Hub config files.
+
+First step of the text path (expanded prompts -> input_ids, attention_mask; ids -> text on the way out).
+Must match transformers 4.x fast tokenizers on the same files (spec §6.2): tokenizer.json defines the
+segmentation (the Hub normaliser prefixes `▁` to every segment), BOS/EOS follow `add_bos_token` and
+`add_eos_token`, padding is on the left. Nothing here is specific to the Mistral vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tokenizers
+import torch
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+
+# transformers treats a `model_max_length` above this as "no limit"; the Hub value is 1e30.
+_NO_LIMIT = int(1e20)
+_UNLIMITED = int(1e30)
+_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+# Keys this class owns; every other key of tokenizer_config.json is kept verbatim for save_pretrained.
+_OWNED_KEYS = (
+    *_SPECIAL_KEYS,
+    "additional_special_tokens",
+    "added_tokens_decoder",
+    "add_bos_token",
+    "add_eos_token",
+    "padding_side",
+    "truncation_side",
+    "model_max_length",
+    "clean_up_tokenization_spaces",
+    "chat_template",
+)
+_TRUNCATE = {True, "longest_first", "only_first"}
+_NO_TRUNCATE = {False, None, "do_not_truncate"}
+_PAD_LONGEST = {True, "longest"}
+_NO_PAD = {False, None, "do_not_pad"}
+
+
+def _token_content(value: Any) -> str | None:
+    """Special tokens appear in configs either as plain strings or as serialised AddedToken dicts."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise ValueError(f"Cannot read a special token from {value!r}")
+
+
+def _clean_up_tokenization(text: str) -> str:
+    """transformers' `clean_up_tokenization`: glue punctuation and English contractions back on."""
+    for spaced in (" .", " ?", " !", " ,", " ' ", " n't", " 'm", " 's", " 've", " 're"):
+        text = text.replace(spaced, spaced.strip())
+    return text
+
+
+def _as_id_list(ids: Any) -> list[int]:
+    """Accept a list/tuple of ints, a 1-D tensor or array, or a single int."""
+    if isinstance(ids, (torch.Tensor, np.ndarray)):
+        if ids.ndim > 1:
+            raise ValueError(
+                f"decode expects one sequence, got an array of shape {tuple(ids.shape)}; use batch_decode"
+            )
+        return [int(i) for i in ids.tolist()] if ids.ndim == 1 else [int(ids.item())]
+    if isinstance(ids, int):
+        return [ids]
+    return [int(i) for i in ids]
+
+
+class Tokenizer:
+    """`tokenizers` pipeline + the special-token, padding and truncation settings of `tokenizer_config.json`.
+
+    Args:
+        backend: the `tokenizers.Tokenizer`; it owns normalisation, added tokens and the post-processor.
+        add_bos_token / add_eos_token: when either is not None the post-processor is rebuilt from them,
+            as 4.x `LlamaTokenizerFast` does; when both are None the file's post-processor is kept.
+        padding_side: "left" by default, since generation needs left padding.
+        extra_config: other `tokenizer_config.json` keys, written back unchanged by `save_pretrained`.
+    """
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        unk_token: str | None = None,
+        pad_token: str | None = None,
+        additional_special_tokens: Sequence[str] = (),
+        add_bos_token: bool | None = None,
+        add_eos_token: bool | None = None,
+        padding_side: str = "left",
+        truncation_side: str = "right",
+        model_max_length: int = _UNLIMITED,
+        clean_up_tokenization_spaces: bool = False,
+        chat_template: str | None = None,
+        extra_config: dict[str, Any] | None = None,
+    ) -> None:
+        for name, side in (("padding_side", padding_side), ("truncation_side", truncation_side)):
+            if side not in ("left", "right"):
+                raise ValueError(f"{name} must be 'left' or 'right', got {side!r}")
+        self.backend = backend
+        # Per-call settings replace whatever padding/truncation the file enables, as in transformers.
+        backend.no_padding()
+        backend.no_truncation()
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.unk_token, self.pad_token = unk_token, pad_token
+        self.additional_special_tokens = list(additional_special_tokens)
+        missing = [
+            t
+            for t in (bos_token, eos_token, unk_token, pad_token, *self.additional_special_tokens)
+            if t is not None and backend.token_to_id(t) is None
+        ]
+        self.add_special_tokens(missing)  # transformers adds declared special tokens the vocabulary lacks
+        self.add_bos_token, self.add_eos_token = add_bos_token, add_eos_token
+        if add_bos_token is not None or add_eos_token is not None:
+            self._rebuild_post_processor()
+        self.padding_side, self.truncation_side = padding_side, truncation_side
+        self.model_max_length = model_max_length
+        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
+        self.chat_template = chat_template
+        self.extra_config = dict(extra_config or {})
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> Tokenizer:
+        """Load `tokenizer.json` + `tokenizer_config.json` (+ `special_tokens_map.json` if present)."""
+        folder = Path(folder)
+        if not (folder / TOKENIZER_FILE).is_file():
+            raise ValueError(f"No {TOKENIZER_FILE} in {folder}")
+        backend = tokenizers.Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+        config: dict[str, Any] = {}
+        if (folder / TOKENIZER_CONFIG_FILE).is_file():
+            config = json.loads((folder / TOKENIZER_CONFIG_FILE).read_text(encoding="utf-8"))
+        if (folder / SPECIAL_TOKENS_MAP_FILE).is_file():
+            special_map = json.loads((folder / SPECIAL_TOKENS_MAP_FILE).read_text(encoding="utf-8"))
+            for key, value in special_map.items():  # tokenizer_config.json wins, as in transformers
+                config.setdefault(key, value)
+        cls._check_added_tokens(backend, config.get("added_tokens_decoder", {}))
+        additional = config.get("additional_special_tokens") or []
+        chat_template = config.get("chat_template")
+        if isinstance(chat_template, list):  # 4.x allowed several named templates
+            named = {item["name"]: item["template"] for item in chat_template}
+            chat_template = named.get("default")
+        max_len = config.get("model_max_length")
+        return cls(
+            backend,
+            **{key: _token_content(config.get(key)) for key in _SPECIAL_KEYS},
+            additional_special_tokens=[t for t in map(_token_content, additional) if t is not None],
+            add_bos_token=config.get("add_bos_token"),
+            add_eos_token=config.get("add_eos_token"),
+            padding_side=config.get("padding_side") or "left",
+            truncation_side=config.get("truncation_side") or "right",
+            model_max_length=int(max_len) if max_len is not None else _UNLIMITED,
+            clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+            chat_template=chat_template,
+            extra_config={k: v for k, v in config.items() if k not in _OWNED_KEYS},
+        )
+
+    @staticmethod
+    def _check_added_tokens(backend: tokenizers.Tokenizer, declared: dict[str, Any]) -> None:
+        """Add tokens the config declares but tokenizer.json lacks; refuse files that disagree on ids."""
+        for index, spec in sorted(declared.items(), key=lambda item: int(item[0])):
+            content = spec["content"]
+            existing = backend.token_to_id(content)
+            if existing is None:
+                token = tokenizers.AddedToken(
+                    content,
+                    single_word=spec.get("single_word", False),
+                    lstrip=spec.get("lstrip", False),
+                    rstrip=spec.get("rstrip", False),
+                    normalized=spec.get("normalized", False),
+                    special=spec.get("special", False),
+                )
+                backend.add_tokens([token])
+                existing = backend.token_to_id(content)
+            if existing != int(index):
+                raise ValueError(
+                    f"tokenizer_config.json declares {content!r} as id {index} but "
+                    f"tokenizer.json gives it id {existing}"
+                )
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json (loadable by transformers).
+
+        `legacy: true` is added when the config does not say otherwise: it was the 4.x default, and it
+        makes transformers 5 keep the `▁` prefix on every segment as tokenizer.json does (spec §6.2).
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(folder / TOKENIZER_FILE))
+        decoder = self.backend.get_added_tokens_decoder()
+        config: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "legacy": True,
+            **self.extra_config,
+        }
+        for key, flag in (("add_bos_token", self.add_bos_token), ("add_eos_token", self.add_eos_token)):
+            if flag is not None:
+                config[key] = flag
+        config["added_tokens_decoder"] = {str(i): tok.__getstate__() for i, tok in sorted(decoder.items())}
+        config["additional_special_tokens"] = list(self.additional_special_tokens)
+        config.update({key: getattr(self, key) for key in _SPECIAL_KEYS if getattr(self, key) is not None})
+        config.update(
+            padding_side=self.padding_side,
+            truncation_side=self.truncation_side,
+            model_max_length=self.model_max_length,
+            clean_up_tokenization_spaces=self.clean_up_tokenization_spaces,
+        )
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        by_content = {tok.content: tok.__getstate__() for tok in decoder.values()}
+
+        def as_dict(content: str) -> dict[str, Any]:  # special_tokens_map.json has no "special" field
+            entry = by_content.get(content) or tokenizers.AddedToken(content).__getstate__()
+            return {key: value for key, value in entry.items() if key != "special"}
+
+        names = [key for key in _SPECIAL_KEYS if getattr(self, key) is not None]
+        special_map = {key: as_dict(getattr(self, key)) for key in names}
+        special_map["additional_special_tokens"] = [as_dict(t) for t in self.additional_special_tokens]
+        for name, payload in ((TOKENIZER_CONFIG_FILE, config), (SPECIAL_TOKENS_MAP_FILE, special_map)):
+            (folder / name).write_text(
+                json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+            )
+
+    # ------------------------------------------------------------------ vocabulary
+    def _rebuild_post_processor(self) -> None:
+        """4.x `update_post_processor`: `[BOS] $A [EOS]` from the two flags, replacing the file's template."""
+        wanted = [(self.add_bos_token, self.bos_token, "bos"), (self.add_eos_token, self.eos_token, "eos")]
+        for flag, token, name in wanted:
+            if flag and token is None:
+                raise ValueError(f"add_{name}_token is true but {name}_token is not set")
+        bos, eos = ([token] if flag else [] for flag, token, _ in wanted)
+
+        def template(part: str, type_id: int) -> str:
+            return " ".join(f"{t}:{type_id}" for t in [*bos, f"${part}", *eos])
+
+        self.backend.post_processor = tokenizers.processors.TemplateProcessing(
+            single=template("A", 0),
+            pair=f"{template('A', 0)} {template('B', 1)}",
+            special_tokens=[(t, self.token_to_id(t)) for t in dict.fromkeys([*bos, *eos])],
+        )
+
+    def __contains__(self, token: object) -> bool:
+        return isinstance(token, str) and self.backend.token_to_id(token) is not None
+
+    def token_to_id(self, token: str) -> int:
+        """Strict lookup: a missing token is an error, not the unk id (see `convert_tokens_to_ids`)."""
+        index = self.backend.token_to_id(token)
+        if index is None:
+            raise ValueError(f"Token {token!r} is not in the vocabulary")
+        return index
+
+    def add_special_tokens(self, tokens: Sequence[str]) -> int:
+        """Register special (never split, never normalised) tokens; returns how many ids were created."""
+        added = self.backend.add_special_tokens(
+            [tokenizers.AddedToken(t, normalized=False, special=True) for t in tokens]
+        )
+        named = {self.bos_token, self.eos_token, self.unk_token, self.pad_token}
+        for token in tokens:
+            if token not in self.additional_special_tokens and token not in named:
+                self.additional_special_tokens.append(token)
+        return added
+
+    def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | list[int]:
+        """Unknown tokens map to the unk id (transformers' rule); without an unk token they are an error."""
+
+        def one(token: str) -> int:
+            index = self.backend.token_to_id(token)
+            if index is None:
+                if self.unk_token_id is None:
+                    raise ValueError(f"Token {token!r} is not in the vocabulary and there is no unk token")
+                return self.unk_token_id
+            return index
+
+        return one(tokens) if isinstance(tokens, str) else [one(t) for t in tokens]
+
+    def convert_ids_to_tokens(
+        self, ids: int | Sequence[int], skip_special_tokens: bool = False
+    ) -> str | list[str]:
+        special = set(self.all_special_ids) if skip_special_tokens else set()
+
+        def one(index: int) -> str:
+            token = self.backend.id_to_token(int(index))
+            if token is None:
+                raise ValueError(f"Token id {index} is outside the vocabulary (size {len(self)})")
+            return token
+
+        if isinstance(ids, int):
+            return one(ids)
+        return [one(i) for i in ids if int(i) not in special]
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.backend.get_vocab(with_added_tokens=True)
+
+    @property
+    def vocab_size(self) -> int:
+        """Base vocabulary without added tokens (transformers' meaning); `len(tokenizer)` counts them."""
+        return self.backend.get_vocab_size(with_added_tokens=False)
+
+    def __len__(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def _optional_id(self, token: str | None) -> int | None:
+        return None if token is None else self.token_to_id(token)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._optional_id(self.bos_token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._optional_id(self.eos_token)
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self._optional_id(self.unk_token)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._optional_id(self.pad_token)
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return sorted(index for index, tok in self.backend.get_added_tokens_decoder().items() if tok.special)
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """The named special tokens, as chat templates expect them (`bos_token`, ...)."""
+        return {key: getattr(self, key) for key in _SPECIAL_KEYS if getattr(self, key) is not None}
+
+    # ------------------------------------------------------------------ encoding
+    def _limit(self, max_length: int | None) -> int | None:
+        if max_length is not None:
+            return max_length
+        return self.model_max_length if self.model_max_length <= _NO_LIMIT else None
+
+    def __call__(
+        self,
+        text: str | Sequence[str],
+        *,
+        add_special_tokens: bool = True,
+        padding: bool | str = False,
+        truncation: bool | str = False,
+        max_length: int | None = None,
+        return_tensors: str | None = None,
+    ) -> dict[str, Any]:
+        """Encode one string or a batch.
+
+        Returns a dict with `input_ids` and `attention_mask`: lists (flat for a single string) when
+        `return_tensors` is None, else int64 "pt"/"np" arrays of shape (B, T). Truncation keeps the
+        special tokens (it trims the text part), as transformers does.
+        """
+        is_batched = not isinstance(text, str)
+        texts = [text] if isinstance(text, str) else list(text)
+        if not all(isinstance(t, str) for t in texts):
+            raise ValueError(
+                f"text must be a string or a list of strings, got {[type(t).__name__ for t in texts]}"
+            )
+        if return_tensors not in (None, "pt", "np"):
+            raise ValueError(f"return_tensors must be None, 'pt' or 'np', got {return_tensors!r}")
+        if truncation not in _TRUNCATE | _NO_TRUNCATE:
+            raise ValueError(f"Unsupported truncation={truncation!r}")
+        if padding not in _PAD_LONGEST | _NO_PAD | {"max_length"}:
+            raise ValueError(f"Unsupported padding={padding!r}")
+        encodings = self.backend.encode_batch(texts, add_special_tokens=False)
+        if truncation in _TRUNCATE and (limit := self._limit(max_length)) is not None:
+            n_special = self.backend.num_special_tokens_to_add(False) if add_special_tokens else 0
+            if limit < n_special:
+                raise ValueError(f"max_length={limit} leaves no room for the {n_special} special tokens")
+            for encoding in encodings:
+                encoding.truncate(limit - n_special, direction=self.truncation_side)
+        if add_special_tokens:
+            encodings = [self.backend.post_process(e, None, True) for e in encodings]
+        rows = [list(e.ids) for e in encodings]
+        masks = [[1] * len(r) for r in rows]
+        if padding == "max_length":
+            target = self._limit(max_length)
+            if target is None:
+                raise ValueError("padding='max_length' needs max_length")
+            self._pad(rows, masks, target)
+        elif padding in _PAD_LONGEST:
+            self._pad(rows, masks, max((len(r) for r in rows), default=0))
+        if return_tensors is None:
+            if is_batched:
+                return {"input_ids": rows, "attention_mask": masks}
+            return {"input_ids": rows[0], "attention_mask": masks[0]}
+        if len({len(r) for r in rows}) > 1:
+            raise ValueError(
+                "Sequences have different lengths "
+                f"{[len(r) for r in rows]}; pass padding=True to return tensors"
+            )
+        return {
+            "input_ids": as_tensor(rows, return_tensors),
+            "attention_mask": as_tensor(masks, return_tensors),
+        }
+
+    def _pad(self, rows: list[list[int]], masks: list[list[int]], target: int) -> None:
+        """Pad in place to `target` on `padding_side`; rows already longer stay as they are."""
+        if any(len(r) < target for r in rows) and self.pad_token_id is None:
+            raise ValueError("Padding was requested but the tokenizer has no pad token")
+        for row, mask in zip(rows, masks, strict=True):
+            n = target - len(row)
+            if n <= 0:
+                continue
+            if self.padding_side == "left":
+                row[:0], mask[:0] = [self.pad_token_id] * n, [0] * n
+            else:
+                row.extend([self.pad_token_id] * n)
+                mask.extend([0] * n)
+
+    # ------------------------------------------------------------------ decoding
+    def decode(
+        self, ids: Any, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None
+    ) -> str:
+        """ids (list, 1-D tensor/array or int) -> text, through tokenizer.json's decoder."""
+        text = self.backend.decode(_as_id_list(ids), skip_special_tokens=skip_special_tokens)
+        clean = clean_up_tokenization_spaces
+        if clean is None:
+            clean = self.clean_up_tokenization_spaces
+        return _clean_up_tokenization(text) if clean else text
+
+    def batch_decode(
+        self,
+        sequences: Any,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+    ) -> list[str]:
+        """A list of sequences or a (B, T) tensor/array -> one string per row."""
+        return [self.decode(seq, skip_special_tokens, clean_up_tokenization_spaces) for seq in sequences]
+
+
+def as_tensor(rows: list[list[int]], kind: str) -> Any:
+    """Equal-length id rows -> an int64 (B, T) torch tensor ("pt") or numpy array ("np")."""
+    array = np.asarray(rows, dtype=np.int64).reshape(len(rows), -1)
+    return torch.from_numpy(array) if kind == "pt" else array
