@@ -1,0 +1,351 @@
+"""Synthetic "shapes" visual question answering data, deterministic by seed.
+
+Scenes hold 1-5 flat shapes (circle, square, triangle) in six named colours on light, sometimes noisy
+backgrounds, optionally with a printed word or number. Every (shape, colour) pair occurs at most once
+per scene, so every question we ask has exactly one correct, short answer derived from the scene
+description rather than from the pixels. Conversations use the Idefics2 chat message format (spec §6.6).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+SHAPES = ("circle", "square", "triangle")
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 225),
+    "yellow": (240, 210, 20),
+    "purple": (140, 40, 175),
+    "orange": (250, 135, 10),
+}
+WORDS = ("CAT", "DOG", "SUN", "STOP", "GO", "HI", "BOX", "TREE", "MOON", "STAR", "FISH", "BIRD", "CAKE",
+         "HOME", "OK", "ZOO", *(str(n) for n in range(1, 21)))
+BACKGROUNDS = ((255, 255, 255), (255, 255, 255), (245, 245, 245), (235, 240, 250), (250, 245, 230),
+               (235, 250, 235), (250, 235, 240))
+TEXT_COLORS = ((0, 0, 0), (60, 60, 60), (20, 20, 90))
+CANVASES = ((224, 224), (224, 224), (224, 224), (160, 160), (192, 192), (256, 256), (224, 176), (176, 224))
+NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
+
+# Question types; evaluation reports accuracy per type and per group.
+SINGLE_IMAGE_TYPES = ("color", "shape", "count", "count_kind", "position", "text", "describe")
+TWO_IMAGE_TYPES = ("difference", "more")
+QUESTION_TYPES = SINGLE_IMAGE_TYPES + TWO_IMAGE_TYPES
+GROUPS = {"color": "colour", "shape": "shape", "count": "counting", "count_kind": "counting",
+          "position": "position", "text": "printed text", "describe": "describe",
+          "difference": "two-image", "more": "two-image"}
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str
+    color: str
+    cx: int
+    cy: int
+    r: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.color} {self.kind}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Everything needed to draw an image and to answer questions about it."""
+
+    width: int
+    height: int
+    background: tuple[int, int, int]
+    noise_std: float
+    noise_seed: int
+    shapes: tuple[Shape, ...]
+    text: str | None = None
+    text_xy: tuple[int, int] = (0, 0)
+    text_size: int = 0
+    text_color: tuple[int, int, int] = (0, 0, 0)
+
+
+@dataclass
+class Sample:
+    """One conversation: images in order of their `<image>` placeholders, chat messages, question types."""
+
+    images: list[Image.Image]
+    messages: list[dict[str, Any]]
+    question_types: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """A single-turn held-out question; `messages` holds only the user turn."""
+
+    images: tuple[Image.Image, ...]
+    messages: tuple[dict[str, Any], ...]
+    question: str
+    answer: str
+    question_type: str
+
+
+@lru_cache(maxsize=64)
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def _text_box(text: str, size: int) -> tuple[int, int]:
+    left, top, right, bottom = _font(size).getbbox(text)
+    return right - left, bottom - top
+
+
+def _fits(cx: int, cy: int, r: int, placed: list[tuple[int, int, int]], box: tuple[int, int, int, int] | None,
+          width: int, height: int) -> bool:
+    if cx - r < 2 or cy - r < 2 or cx + r > width - 2 or cy + r > height - 2:
+        return False
+    if any(math.hypot(cx - x, cy - y) < r + pr + 6 for x, y, pr in placed):
+        return False
+    if box is not None:
+        x0, y0, x1, y1 = box
+        if cx + r > x0 - 4 and cx - r < x1 + 4 and cy + r > y0 - 4 and cy - r < y1 + 4:
+            return False
+    return True
+
+
+def _place(rng: random.Random, kind: str, color: str, placed: list[tuple[int, int, int]],
+           box: tuple[int, int, int, int] | None, width: int, height: int) -> Shape | None:
+    """Rejection-sample a non-overlapping position; shrink the radius when the canvas is crowded."""
+    scale = min(width, height) / 224
+    for attempt in range(60):
+        r_max = 40 if attempt < 30 else 24
+        r = max(8, round(rng.uniform(12, r_max) * scale))
+        cx, cy = rng.randint(r, width - r), rng.randint(r, height - r)
+        if _fits(cx, cy, r, placed, box, width, height):
+            return Shape(kind, color, cx, cy, r)
+    return None
+
+
+def sample_scene(rng: random.Random, n_shapes: int | None = None, with_text: bool | None = None) -> Scene:
+    """A random scene; the requested count may come out lower only if placement fails (never seen)."""
+    width, height = rng.choice(CANVASES)
+    n = n_shapes if n_shapes is not None else rng.randint(1, 5)
+    has_text = with_text if with_text is not None else rng.random() < 0.3
+    text, text_xy, text_size, box = None, (0, 0), 0, None
+    if has_text:
+        text = rng.choice(WORDS)
+        text_size = rng.randint(round(0.11 * min(width, height)), round(0.15 * min(width, height)))
+        tw, th = _text_box(text, text_size)
+        x, y = rng.randint(4, width - tw - 4), rng.randint(4, height - th - 8)
+        text_xy = (x, y)
+        left, top, _, _ = _font(text_size).getbbox(text)
+        box = (x + left, y + top, x + left + tw, y + top + th)
+    pairs = rng.sample([(k, c) for k in SHAPES for c in COLORS], n)
+    placed: list[tuple[int, int, int]] = []
+    shapes: list[Shape] = []
+    for kind, color in pairs:
+        shape = _place(rng, kind, color, placed, box, width, height)
+        if shape is not None:
+            shapes.append(shape)
+            placed.append((shape.cx, shape.cy, shape.r))
+    noisy = rng.random() < 0.3
+    return Scene(width=width, height=height, background=rng.choice(BACKGROUNDS),
+                 noise_std=rng.uniform(3, 10) if noisy else 0.0, noise_seed=rng.randrange(2**31),
+                 shapes=tuple(shapes), text=text, text_xy=text_xy, text_size=text_size,
+                 text_color=rng.choice(TEXT_COLORS))
+
+
+def render(scene: Scene) -> Image.Image:
+    """Draw the scene as an RGB image (pure function of the scene, so answers always match pixels)."""
+    image = Image.new("RGB", (scene.width, scene.height), scene.background)
+    draw = ImageDraw.Draw(image)
+    for s in scene.shapes:
+        rgb = COLORS[s.color]
+        if s.kind == "circle":
+            draw.ellipse((s.cx - s.r, s.cy - s.r, s.cx + s.r, s.cy + s.r), fill=rgb)
+        elif s.kind == "square":
+            half = round(s.r * 0.85)
+            draw.rectangle((s.cx - half, s.cy - half, s.cx + half, s.cy + half), fill=rgb)
+        else:
+            h = s.r * math.sqrt(3) / 2
+            draw.polygon([(s.cx, s.cy - s.r), (s.cx - h, s.cy + s.r / 2), (s.cx + h, s.cy + s.r / 2)], fill=rgb)
+    if scene.text is not None:
+        draw.text(scene.text_xy, scene.text, fill=scene.text_color, font=_font(scene.text_size))
+    if scene.noise_std > 0:
+        noise = np.random.default_rng(scene.noise_seed).normal(0, scene.noise_std, (scene.height, scene.width, 1))
+        pixels = np.asarray(image, dtype=np.float32) + noise
+        image = Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), "RGB")
+    return image
+
+
+def _article(shape: Shape) -> str:
+    return f"{'an' if shape.color[0] in 'aeiou' else 'a'} {shape.name}"
+
+
+def describe(scene: Scene) -> str:
+    """Left-to-right list of shapes: "A red circle, a blue square and a green triangle." """
+    names = [_article(s) for s in sorted(scene.shapes, key=lambda s: s.cx)]
+    text = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return text[0].upper() + text[1:] + "."
+
+
+def single_image_question(rng: random.Random, scene: Scene, qtype: str) -> tuple[str, str] | None:
+    """(question, answer) of the given type, or None when that question would be ambiguous here."""
+    shapes = scene.shapes
+    if qtype == "color":
+        kinds = [k for k in SHAPES if sum(s.kind == k for s in shapes) == 1]
+        if not kinds:
+            return None
+        kind = rng.choice(kinds)
+        color = next(s.color for s in shapes if s.kind == kind)
+        return f"What color is the {kind}?", f"{color.capitalize()}."
+    if qtype == "shape":
+        colors = [c for c in COLORS if sum(s.color == c for s in shapes) == 1]
+        if not colors:
+            return None
+        color = rng.choice(colors)
+        kind = next(s.kind for s in shapes if s.color == color)
+        return f"What shape is {color}?", f"{kind.capitalize()}."
+    if qtype == "count":
+        return "How many shapes are there?", f"{len(shapes)}."
+    if qtype == "count_kind":
+        kind = rng.choice(SHAPES)
+        return f"How many {kind}s are there?", f"{sum(s.kind == kind for s in shapes)}."
+    if qtype == "position":
+        side = rng.choice(("left", "right"))
+        ordered = sorted(shapes, key=lambda s: s.cx, reverse=side == "right")
+        if len(ordered) > 1 and abs(ordered[0].cx - ordered[1].cx) < 0.08 * scene.width:
+            return None  # too close to call: the answer must be visible at a glance
+        return f"Which shape is on the {side}?", f"The {ordered[0].name}."
+    if qtype == "text":
+        if scene.text is None:
+            return None
+        return "What is written in the image?", f"{scene.text}."
+    if qtype == "describe":
+        return "Describe the image.", describe(scene)
+    raise ValueError(f"not a single-image question type: {qtype!r}")
+
+
+def _modified_scene(rng: random.Random, scene: Scene) -> tuple[Scene, str]:
+    """The second image of a "difference" pair: one shape recoloured, added or removed."""
+    shapes = list(scene.shapes)
+    used = {(s.kind, s.color) for s in shapes}
+    options = ["recolor", "add"] + (["remove"] if len(shapes) > 1 else [])
+    change = rng.choice(options)
+    if change == "add" and len(shapes) < 5:
+        box = None
+        if scene.text is not None:
+            left, top, right, bottom = _font(scene.text_size).getbbox(scene.text)
+            box = (scene.text_xy[0] + left, scene.text_xy[1] + top, scene.text_xy[0] + right,
+                   scene.text_xy[1] + bottom)
+        kind, color = rng.choice([(k, c) for k in SHAPES for c in COLORS if (k, c) not in used])
+        new = _place(rng, kind, color, [(s.cx, s.cy, s.r) for s in shapes], box, scene.width, scene.height)
+        if new is not None:
+            return replace(scene, shapes=(*shapes, new)), f"The second image has an extra {new.name}."
+    if change == "remove":
+        index = rng.randrange(len(shapes))
+        gone = shapes.pop(index)
+        return replace(scene, shapes=tuple(shapes)), f"The second image has no {gone.name}."
+    index = rng.randrange(len(shapes))
+    old = shapes[index]
+    colors = [c for c in COLORS if c != old.color and (old.kind, c) not in used]
+    new_color = rng.choice(colors)
+    shapes[index] = replace(old, color=new_color)
+    return replace(scene, shapes=tuple(shapes)), f"The {old.name} is {new_color} in the second image."
+
+
+def two_image_question(rng: random.Random, qtype: str) -> tuple[Scene, Scene, str, str]:
+    """(first scene, second scene, question, answer) for "difference" or "more"."""
+    if qtype == "difference":
+        first = sample_scene(rng)
+        second, answer = _modified_scene(rng, first)
+        return first, second, "What's the difference between these two images?", answer
+    if qtype == "more":
+        first = sample_scene(rng)
+        second = sample_scene(rng)
+        while len(second.shapes) == len(first.shapes):
+            second = sample_scene(rng)
+        which = "first" if len(first.shapes) > len(second.shapes) else "second"
+        return first, second, "Which image has more shapes?", f"The {which} image."
+    raise ValueError(f"not a two-image question type: {qtype!r}")
+
+
+def _user(text: str, n_images: int) -> dict[str, Any]:
+    return {"role": "user", "content": [*({"type": "image"} for _ in range(n_images)),
+                                        {"type": "text", "text": text}]}
+
+
+def _assistant(text: str) -> dict[str, Any]:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+def _answerable(rng: random.Random, scene: Scene, qtype: str) -> tuple[str, str, str]:
+    """(question, answer, type) of `qtype`, or of counting when the scene cannot support `qtype`."""
+    qa = single_image_question(rng, scene, qtype)
+    if qa is None:
+        qtype, qa = "count", single_image_question(rng, scene, "count")
+    assert qa is not None
+    return qa[0], qa[1], qtype
+
+
+def sample_conversation(rng: random.Random, max_turns: int = 3, two_images: bool | None = None) -> Sample:
+    """A training conversation: 1-`max_turns` questions about one image, or 1-2 about an image pair
+    (`two_images`; None draws it, 20% pairs).
+
+    Several answers per image give more supervised tokens per (expensive) image encoding.
+    """
+    if two_images if two_images is not None else rng.random() < 0.2:
+        types = rng.sample(TWO_IMAGE_TYPES, rng.randint(1, 2))
+        first, second, question, answer = two_image_question(rng, types[0])
+        messages = [_user(question, 2), _assistant(answer)]
+        if len(types) > 1:
+            n1, n2 = len(first.shapes), len(second.shapes)
+            if n1 != n2:
+                messages += [_user("Which image has more shapes?", 0),
+                             _assistant(f"The {'first' if n1 > n2 else 'second'} image.")]
+            else:
+                types = types[:1]
+        return Sample([render(first), render(second)], messages, list(types))
+    scene = sample_scene(rng)
+    wanted = ["text"] if scene.text is not None and rng.random() < 0.5 else []
+    wanted += [rng.choice(SINGLE_IMAGE_TYPES) for _ in range(rng.randint(1, max_turns) - len(wanted))]
+    messages: list[dict[str, Any]] = []
+    types: list[str] = []
+    for turn, qtype in enumerate(wanted):
+        question, answer, qtype = _answerable(rng, scene, qtype)
+        messages += [_user(question, 1 if turn == 0 else 0), _assistant(answer)]
+        types.append(qtype)
+    return Sample([render(scene)], messages, types)
+
+
+def make_eval_items(seed: int, n: int) -> list[EvalItem]:
+    """`n` single-turn questions cycling through every question type (text scenes forced for "text")."""
+    rng = random.Random(seed)
+    items: list[EvalItem] = []
+    for index in range(n):
+        qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)]
+        if qtype in TWO_IMAGE_TYPES:
+            first, second, question, answer = two_image_question(rng, qtype)
+            images: tuple[Image.Image, ...] = (render(first), render(second))
+        else:
+            qa = None
+            while qa is None:
+                scene = sample_scene(rng, with_text=True if qtype == "text" else None)
+                qa = single_image_question(rng, scene, qtype)
+            question, answer = qa
+            images = (render(scene),)
+        items.append(EvalItem(images, (_user(question, len(images)),), question, answer, qtype))
+    return items
+
+
+def corpus(seed: int, n: int) -> list[str]:
+    """Question and answer texts for tokenizer training (every word the model will ever need)."""
+    rng = random.Random(seed)
+    texts: list[str] = []
+    for _ in range(n):
+        sample = sample_conversation(rng)
+        for message in sample.messages:
+            texts += [part["text"] for part in message["content"] if part["type"] == "text"]
+    return texts

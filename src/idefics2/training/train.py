@@ -1,0 +1,374 @@
+"""Train a small Idefics2 from scratch on the synthetic shapes data and write a Hub-layout folder.
+
+Loop: synthetic conversations -> our processor (chat template, image expansion, pixels) -> labels
+that supervise only assistant answers and their `<end_of_utterance>` -> AdamW with warm-up + cosine
+decay, gradient clipping, periodic exact-match evaluation, resumable checkpoints and a wall-clock cap.
+The learning-rate schedule runs on max(step progress, time progress), so a capped run still decays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from idefics2.config import Idefics2Config
+from idefics2.model.idefics2 import Idefics2ForConditionalGeneration
+from idefics2.processing.image_processor import Idefics2ImageProcessor
+from idefics2.processing.processor import END_OF_UTTERANCE_TOKEN, Idefics2Processor
+from idefics2.processing.tokenizer import Tokenizer
+from idefics2.training.evaluate import answer_items, score
+from idefics2.training.synthetic import make_eval_items, sample_conversation
+from idefics2.training.tokenizer_training import train_tokenizer
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+HISTORY_FILE = "history.jsonl"
+IGNORE_INDEX = -100
+# Validation questions come from their own seed offset, never from the training stream.
+VALIDATION_SEED_OFFSET = 1_000_003
+TWO_IMAGE_BATCH_FRACTION = 0.2
+
+# name -> (vision width, vision layers, patch, image size, latents, perceiver depth, text width, text layers)
+PRESETS: dict[str, tuple[int, int, int, int, int, int, int, int]] = {
+    "tiny": (32, 1, 8, 32, 4, 1, 32, 1),  # tests only
+    "cpu": (128, 3, 16, 128, 16, 1, 128, 3),  # what two CPU cores can train in under an hour
+    "small": (192, 4, 8, 128, 32, 1, 160, 3),  # the shipped model (trained on a GPU), < 16 MB in float32
+}
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run; saved next to the checkpoint so `--resume` continues the same run."""
+
+    out_dir: str = "runs/shapes"
+    preset: str = "small"
+    seed: int = 0
+    steps: int = 4000
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.02
+    warmup_steps: int = 150
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    max_turns: int = 3
+    eval_every: int = 250
+    eval_questions: int = 180
+    checkpoint_every: int = 250
+    max_minutes: float | None = None
+    device: str = "cpu"
+    num_workers: int = 0
+    threads: int = 2
+    bf16: bool = False
+    tokenizer_dir: str | None = None
+    resume: bool = False
+
+
+# ---------------------------------------------------------------------------------------------- model
+def model_config_dict(preset: str, vocab_size: int, image_token_id: int) -> dict[str, Any]:
+    """config.json for a preset; pad/BOS/EOS are the ids 0/1/2 our tokenizer gives them."""
+    v_width, v_layers, patch, image_size, latents, depth, t_width, t_layers = PRESETS[preset]
+    v_heads = max(1, v_width // 32)
+    t_heads = max(1, t_width // 64) if t_width >= 128 else 2
+    return {
+        "model_type": "idefics2",
+        "image_token_id": image_token_id,
+        "tie_word_embeddings": True,
+        "vision_config": {"hidden_size": v_width, "intermediate_size": 4 * v_width,
+                          "num_hidden_layers": v_layers, "num_attention_heads": v_heads,
+                          "image_size": image_size, "patch_size": patch, "model_type": "idefics2_vision"},
+        "perceiver_config": {"hidden_size": t_width, "resampler_n_latents": latents, "resampler_depth": depth,
+                             "resampler_n_heads": t_heads, "resampler_head_dim": t_width // t_heads,
+                             "num_key_value_heads": 1 if t_heads == 1 else t_heads // 2,
+                             "rms_norm_eps": 1e-6, "model_type": "idefics2_perceiver"},
+        "text_config": {"model_type": "mistral", "vocab_size": vocab_size, "hidden_size": t_width,
+                        "intermediate_size": 3 * t_width, "num_hidden_layers": t_layers,
+                        "num_attention_heads": t_heads, "num_key_value_heads": 1 if t_heads == 1 else t_heads // 2,
+                        "max_position_embeddings": 1024, "rms_norm_eps": 1e-5, "sliding_window": None,
+                        "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+                        "tie_word_embeddings": True},
+    }
+
+
+def init_weights(model: nn.Module, std: float = 0.02) -> None:
+    """Reference init (spec §3.2) except the perceiver latents, which get N(0, 1): latents that all
+    start at ones are a symmetry gradient descent cannot break (the team's runs learned nothing)."""
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, 0.0, std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        if hasattr(module, "latents") and isinstance(module.latents, nn.Parameter):
+            nn.init.normal_(module.latents, 0.0, 1.0)
+
+
+def build_processor(preset: str, tokenizer: Tokenizer) -> Idefics2Processor:
+    """Every image is resized to the preset's square size (no splitting), one block of latents each."""
+    image_size, latents = PRESETS[preset][3:5]
+    image_processor = Idefics2ImageProcessor(size={"longest_edge": image_size, "shortest_edge": image_size},
+                                             do_image_splitting=False)
+    return Idefics2Processor(image_processor, tokenizer, image_seq_len=latents)
+
+
+# ---------------------------------------------------------------------------------------------- data
+def assistant_labels(input_ids: Tensor, prefix_ids: Sequence[int], end_id: int) -> Tensor:
+    """-100 everywhere except the assistant answers: the tokens after each "Assistant:" up to and
+    including the `<end_of_utterance>` that closes the turn. Prompts, images and padding never are."""
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    n = len(prefix_ids)
+    for row, ids in enumerate(input_ids.tolist()):
+        t = 0
+        while t + n <= len(ids):
+            if ids[t:t + n] != list(prefix_ids):
+                t += 1
+                continue
+            t += n
+            while t < len(ids):
+                labels[row, t] = ids[t]
+                t += 1
+                if ids[t - 1] == end_id:
+                    break
+    return labels
+
+
+class ConversationBatches(Dataset[dict[str, Tensor]]):
+    """Batch `index` is a pure function of (seed, index): workers need no shared state, resumes are exact."""
+
+    def __init__(self, processor: Idefics2Processor, seed: int, batch_size: int, start: int, stop: int,
+                 max_turns: int) -> None:
+        self.processor, self.seed, self.batch_size = processor, seed, batch_size
+        self.start, self.stop, self.max_turns = start, stop, max_turns
+        self.prefix_ids = processor.tokenizer("Assistant:", add_special_tokens=False)["input_ids"]
+        self.end_id = processor.tokenizer.token_to_id(END_OF_UTTERANCE_TOKEN)
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        rng = random.Random(self.seed * 1_000_000_007 + self.start + index)
+        # One image count per batch: no all-zero padding images to ship between processes.
+        two_images = rng.random() < TWO_IMAGE_BATCH_FRACTION
+        samples = [sample_conversation(rng, self.max_turns, two_images) for _ in range(self.batch_size)]
+        texts = [self.processor.apply_chat_template(s.messages) for s in samples]
+        batch = dict(self.processor(images=[s.images for s in samples], text=texts, padding=True,
+                                    return_tensors="pt"))
+        # Half the bytes through shared memory; values k/127.5 - 1 lose < 1e-3 in float16.
+        batch["pixel_values"] = batch["pixel_values"].half()
+        batch["labels"] = assistant_labels(batch["input_ids"], self.prefix_ids, self.end_id)
+        return batch
+
+
+def position_ids_for(attention_mask: Tensor) -> Tensor:
+    """Left-padding-aware positions (spec §4.8), the same ones `generate` uses at inference."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# ---------------------------------------------------------------------------------------------- loop
+def lr_factor(progress: float, step: int, warmup_steps: int, min_ratio: float) -> float:
+    """Linear warm-up over steps, then cosine from 1 to `min_ratio` over overall progress in [0, 1]."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on norms, biases and latents (1-D or learned-query tensors)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.dim() < 2 or name.endswith("latents") else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _load_tokenizer(cfg: TrainConfig) -> Tokenizer:
+    if cfg.tokenizer_dir is not None:
+        return Tokenizer.from_pretrained(cfg.tokenizer_dir)
+    return train_tokenizer(seed=cfg.seed)
+
+
+def export(model: Idefics2ForConditionalGeneration, processor: Idefics2Processor, folder: Path) -> None:
+    """Hub layout: config + safetensors, processor files, tokenizer, chat template, generation config."""
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    eou = processor.tokenizer.token_to_id(END_OF_UTTERANCE_TOKEN)
+    generation = {"eos_token_id": [model.config.text_config.eos_token_id, eou], "pad_token_id": 0,
+                  "bos_token_id": 1, "max_new_tokens": 32, "do_sample": False}
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+
+
+def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) training; returns the summary also written to `<out_dir>/summary.json`.
+
+    The exported model (`<out_dir>/model`) is the evaluation-best one, so a late regression or a
+    cap that hits mid-decay never ships a worse model than one already seen.
+    """
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    torch.set_float32_matmul_precision("high")  # TF32 on GPUs; no effect on CPU
+    tokenizer_dir = out / "tokenizer"
+    if cfg.resume and (out / CHECKPOINT_FILE).is_file():
+        cfg.tokenizer_dir = str(tokenizer_dir)
+    tokenizer = _load_tokenizer(cfg)
+    tokenizer.save_pretrained(tokenizer_dir)
+    processor = build_processor(cfg.preset, tokenizer)
+    config = Idefics2Config.from_dict(model_config_dict(cfg.preset, len(tokenizer), processor.image_token_id))
+    torch.manual_seed(cfg.seed)
+    model = Idefics2ForConditionalGeneration(config)
+    init_weights(model)
+    model.to(device)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
+                                  fused=device.type == "cuda")
+    step, elapsed, best = 0, 0.0, {"accuracy": -1.0, "step": 0}
+    best_state: dict[str, Tensor] | None = None
+    if cfg.resume and (out / CHECKPOINT_FILE).is_file():
+        state = torch.load(out / CHECKPOINT_FILE, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed, best, best_state = state["step"], state["elapsed"], state["best"], state["best_state"]
+        logger.info("resumed from step %d (%.1f min trained)", step, elapsed / 60)
+    else:
+        (out / HISTORY_FILE).unlink(missing_ok=True)  # a fresh run never mixes in an old run's curve
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("model: %s preset, %.2f M parameters", cfg.preset, n_params / 1e6)
+
+    validation = make_eval_items(cfg.seed + VALIDATION_SEED_OFFSET, cfg.eval_questions)
+    data = ConversationBatches(processor, cfg.seed, cfg.batch_size, step, cfg.steps, cfg.max_turns)
+    loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.num_workers else None)
+    budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+
+    def save_checkpoint() -> None:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                 "elapsed": elapsed, "best": best, "best_state": best_state}
+        torch.save(state, out / (CHECKPOINT_FILE + ".tmp"))
+        (out / (CHECKPOINT_FILE + ".tmp")).replace(out / CHECKPOINT_FILE)
+
+    def evaluate_now() -> None:
+        nonlocal best, best_state
+        scores = score(validation, answer_items(model, processor, validation, batch_size=90))
+        record = {"step": step, "eval": scores, "elapsed": round(elapsed, 1)}
+        with open(out / HISTORY_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        logger.info("step %d: validation exact match %.3f", step, scores["all"])
+        if scores["all"] >= best["accuracy"]:
+            best = {"accuracy": scores["all"], "step": step}
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+    model.train()
+    clock = time.monotonic()
+    bar = tqdm(loader, initial=step, total=cfg.steps, desc="train", dynamic_ncols=True)
+    for batch in bar:
+        now = time.monotonic()
+        elapsed += now - clock
+        clock = now
+        progress = max(step / cfg.steps, elapsed / budget)
+        lr = cfg.lr * lr_factor(progress, step, cfg.warmup_steps, cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         position_ids=position_ids_for(batch["attention_mask"]),
+                         pixel_values=batch["pixel_values"], pixel_attention_mask=batch["pixel_attention_mask"],
+                         labels=batch["labels"], use_cache=False).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        optimizer.step()
+        step += 1
+        loss_value = loss.item()
+        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
+        with open(out / HISTORY_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "loss": round(loss_value, 5), "lr": lr,
+                                "grad_norm": round(grad_norm, 4), "elapsed": round(elapsed, 2)}) + "\n")
+        if on_step is not None:
+            on_step(step, loss_value)
+        out_of_time = elapsed + (time.monotonic() - clock) >= budget
+        if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
+            evaluate_now()
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time:
+            save_checkpoint()
+        if out_of_time:
+            logger.info("wall-clock cap reached at step %d", step)
+            break
+    bar.close()
+    elapsed += time.monotonic() - clock
+    if best_state is not None:
+        final = copy.deepcopy(model).cpu()
+        final.load_state_dict(best_state)
+    else:
+        final = model.cpu()
+    export(final.eval(), processor, out / "model")
+    summary = {"steps": step, "minutes": round(elapsed / 60, 2), "best": best, "parameters": n_params,
+               "config": asdict(cfg)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _add_flags(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    helps = {"out_dir": "run folder: checkpoint, history.jsonl, model/ (the Hub-layout export)",
+             "preset": f"model size, one of {sorted(PRESETS)}", "steps": "optimizer steps (the schedule length)",
+             "max_minutes": "wall-clock cap; the cosine schedule is stretched to end by then",
+             "device": "cpu or cuda", "num_workers": "data-loader processes rendering batches",
+             "tokenizer_dir": "use these tokenizer files instead of training a new tokenizer",
+             "bf16": "bfloat16 autocast (GPU)", "resume": "continue from <out-dir>/checkpoint.pt"}
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", help=helps.get(f.name))
+        elif f.name == "preset":
+            parser.add_argument(flag, choices=sorted(PRESETS), default=default, help=helps[f.name])
+        else:
+            kind = float if f.name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "max_minutes") else (
+                int if isinstance(default, int) else str)
+            parser.add_argument(flag, type=kind, default=default,
+                                help=(helps.get(f.name, "") + f" (default {default})").strip())
+
+
+def run_from_args(args: argparse.Namespace) -> None:
+    """The `train` command: build a TrainConfig from the parsed flags and train."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    summary = train(cfg)
+    logger.info("done: %s", json.dumps({k: summary[k] for k in ("steps", "minutes", "best")}))
+
+
+def register_train_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `train` to the CLI's subparsers; `args.func(args)` runs it."""
+    parser = subparsers.add_parser("train", help="train the small shapes model from scratch",
+                                   description=__doc__.splitlines()[0])
+    _add_flags(parser)
+    parser.set_defaults(func=run_from_args)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m idefics2.training.train")
+    subparsers = parser.add_subparsers(required=True)
+    register_train_command(subparsers)
+    args = parser.parse_args(["train", *(argv if argv is not None else sys.argv[1:])])
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
