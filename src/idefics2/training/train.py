@@ -248,7 +248,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %s preset, %.2f M parameters", cfg.preset, n_params / 1e6)
 
-    validation = make_eval_items(cfg.seed + VALIDATION_SEED_OFFSET, cfg.eval_questions)
+    validation = make_eval_items(cfg.seed + VALIDATION_SEED_OFFSET, cfg.eval_questions)  # [] = no evaluation
     data = ConversationBatches(processor, cfg.seed, cfg.batch_size, step, cfg.steps, cfg.max_turns)
     loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.num_workers else None)
@@ -301,7 +301,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
         if on_step is not None:
             on_step(step, loss_value)
         out_of_time = elapsed + (time.monotonic() - clock) >= budget
-        if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
+        if validation and (step % cfg.eval_every == 0 or step == cfg.steps or out_of_time):
             evaluate_now()
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time:
             save_checkpoint()
@@ -330,7 +330,7 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
              "max_minutes": "wall-clock cap; the cosine schedule is stretched to end by then",
              "device": "cpu or cuda", "num_workers": "data-loader processes rendering batches",
              "tokenizer_dir": "use these tokenizer files instead of training a new tokenizer",
-             "bf16": "bfloat16 autocast (GPU)", "resume": "continue from <out-dir>/checkpoint.pt"}
+             "bf16": "bfloat16 autocast (GPU)", "eval_questions": "validation questions per evaluation; 0 = none", "resume": "continue from <out-dir>/checkpoint.pt"}
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)

@@ -1,0 +1,170 @@
+"""Training pieces: label masking, synthetic data (determinism, answers match pixels), loop, resume.
+
+The loop tests train the "tiny" preset for a handful of steps with the shipped tokenizer (training a
+tokenizer takes ~10 s), so the whole file runs in well under a minute on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from idefics2.processing.processor import END_OF_UTTERANCE_TOKEN
+from idefics2.processing.tokenizer import Tokenizer
+from idefics2.training import synthetic
+from idefics2.training.evaluate import normalise, score
+from idefics2.training.synthetic import COLORS, SHAPES, make_eval_items, sample_conversation, sample_scene
+from idefics2.training.tokenizer_training import SPECIAL_TOKENS, train_tokenizer
+from idefics2.training.train import (CHECKPOINT_FILE, IGNORE_INDEX, ConversationBatches, TrainConfig,
+                                     assistant_labels, build_processor, lr_factor, train)
+
+SHIPPED = Path(__file__).resolve().parents[1] / "src" / "idefics2" / "assets" / "shapes-vqa"
+
+
+@pytest.fixture(scope="module")
+def processor():  # type: ignore[no-untyped-def]
+    return build_processor("tiny", Tokenizer.from_pretrained(SHIPPED))
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():  # type: ignore[no-untyped-def]
+    """`train` sets torch's thread count (1 here: tiny matrices on a shared CPU); give it back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _conversation() -> list[dict]:
+    return [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the circle?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
+        {"role": "user", "content": [{"type": "text", "text": "How many shapes are there?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "3."}]},
+    ]
+
+
+def test_labels_supervise_only_assistant_answers(processor) -> None:  # type: ignore[no-untyped-def]
+    image = synthetic.render(sample_scene(random.Random(0)))
+    short = [_conversation()[0], {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]}]
+    texts = [processor.apply_chat_template(_conversation()), processor.apply_chat_template(short)]
+    batch = processor(images=[[image], [image]], text=texts, padding=True, return_tensors="pt")
+    data = ConversationBatches(processor, 0, 1, 0, 1, 1)
+    labels = assistant_labels(batch["input_ids"], data.prefix_ids, data.end_id)
+    eou = END_OF_UTTERANCE_TOKEN
+    supervised = [processor.decode(ids[lab != IGNORE_INDEX]) for ids, lab in zip(batch["input_ids"], labels)]
+    assert supervised == [f" Red.{eou} 3.{eou}", f" Blue.{eou}"]
+    # Supervised positions carry their own token as the label; everything else is ignored.
+    keep = labels != IGNORE_INDEX
+    assert torch.equal(labels[keep], batch["input_ids"][keep])
+    special = {processor.image_token_id, processor.fake_image_token_id, processor.tokenizer.pad_token_id}
+    assert not any(int(t) in special for t in batch["input_ids"][keep])
+    assert not keep[batch["attention_mask"] == 0].any()  # left padding of the shorter row
+
+
+def test_tokenizer_layout() -> None:
+    tokenizer = train_tokenizer(seed=1, vocab_size=400, n_conversations=150)
+    assert [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    ids = tokenizer("What color is the circle?")["input_ids"]
+    assert ids[0] == tokenizer.token_to_id("<s>") and tokenizer.padding_side == "left"
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "What color is the circle?"
+
+
+def test_synthetic_data_is_deterministic_by_seed() -> None:
+    a, b = sample_conversation(random.Random(7)), sample_conversation(random.Random(7))
+    assert a.messages == b.messages and a.question_types == b.question_types
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a.images, b.images, strict=True))
+    first, again = make_eval_items(3, 18), make_eval_items(3, 18)
+    assert [(i.question, i.answer) for i in first] == [(i.question, i.answer) for i in again]
+    assert [(i.question, i.answer) for i in first] != [(i.question, i.answer) for i in make_eval_items(4, 18)]
+
+
+def test_answers_match_the_drawn_scene() -> None:
+    rng = random.Random(11)
+    for _ in range(60):
+        scene = sample_scene(rng)
+        pixels = np.asarray(synthetic.render(scene), dtype=np.int32)
+        assert 1 <= len(scene.shapes) <= 5
+        assert len({(s.kind, s.color) for s in scene.shapes}) == len(scene.shapes)
+        for shape in scene.shapes:  # the centre pixel has the named colour (noise is at most mild)
+            assert np.abs(pixels[shape.cy, shape.cx] - np.array(COLORS[shape.color])).max() <= 45
+        for qtype in synthetic.SINGLE_IMAGE_TYPES:
+            qa = synthetic.single_image_question(rng, scene, qtype)
+            if qa is None:
+                continue
+            question, answer = qa
+            if qtype == "color":
+                kind = question.removeprefix("What color is the ").removesuffix("?")
+                assert [s.color.capitalize() + "." for s in scene.shapes if s.kind == kind] == [answer]
+            elif qtype == "shape":
+                color = question.removeprefix("What shape is ").removesuffix("?")
+                assert [s.kind.capitalize() + "." for s in scene.shapes if s.color == color] == [answer]
+            elif qtype == "count":
+                assert answer == f"{len(scene.shapes)}."
+            elif qtype == "count_kind":
+                kind = next(k for k in SHAPES if f" {k}s " in question)
+                assert answer == f"{sum(s.kind == kind for s in scene.shapes)}."
+            elif qtype == "position":
+                xs = sorted(s.cx for s in scene.shapes)
+                target = xs[0] if question.endswith("left?") else xs[-1]
+                assert answer == f"The {next(s.name for s in scene.shapes if s.cx == target)}."
+            elif qtype == "text":
+                assert answer == f"{scene.text}."
+    for qtype in synthetic.TWO_IMAGE_TYPES:
+        first, second, _, answer = synthetic.two_image_question(rng, qtype)
+        if qtype == "more":
+            assert (len(first.shapes) > len(second.shapes)) == (answer == "The first image.")
+        else:
+            assert set(first.shapes) != set(second.shapes)
+
+
+def test_scoring_normalises_case_and_punctuation() -> None:
+    items = make_eval_items(5, 2)
+    assert normalise("The RED circle!") == normalise("the red circle.")
+    assert score(items, [items[0].answer.upper().rstrip("."), "wrong"])["all"] == 0.5
+
+
+def test_lr_schedule_warms_up_then_decays() -> None:
+    assert lr_factor(0.0, 0, 10, 0.1) == pytest.approx(0.1)
+    assert lr_factor(0.5, 50, 10, 0.1) == pytest.approx(0.55)
+    assert lr_factor(1.0, 100, 10, 0.1) == pytest.approx(0.1)
+
+
+def _tiny(tmp_path: Path, **overrides: object) -> TrainConfig:
+    settings = dict(out_dir=str(tmp_path), preset="tiny", steps=8, batch_size=4, lr=3e-3, warmup_steps=0,
+                    min_lr_ratio=1.0, eval_every=1000, eval_questions=0, checkpoint_every=4,
+                    tokenizer_dir=str(SHIPPED), max_turns=2, threads=1)
+    settings.update(overrides)
+    return TrainConfig(**settings)  # type: ignore[arg-type]
+
+
+def test_training_lowers_the_loss_and_exports_a_loadable_model(tmp_path: Path) -> None:
+    losses: list[float] = []
+    summary = train(_tiny(tmp_path, steps=24, batch_size=6), on_step=lambda step, loss: losses.append(loss))
+    assert summary["steps"] == 24 and len(losses) == 24
+    assert sum(losses[-4:]) / 4 < losses[0] - 1.0
+    from idefics2 import Idefics2ForConditionalGeneration, Idefics2Processor
+
+    model = Idefics2ForConditionalGeneration.from_pretrained(tmp_path / "model")
+    processor = Idefics2Processor.from_pretrained(tmp_path / "model")
+    assert processor.image_seq_len == model.config.perceiver_config.resampler_n_latents
+    assert (tmp_path / "model" / "generation_config.json").is_file()
+
+
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    """4 steps + resume to 8 == 8 straight steps (constant lr, data indexed by step)."""
+    train(_tiny(tmp_path / "straight"))
+    train(_tiny(tmp_path / "split", steps=4))
+    train(_tiny(tmp_path / "split", resume=True))
+    straight = torch.load(tmp_path / "straight" / CHECKPOINT_FILE, weights_only=False)
+    split = torch.load(tmp_path / "split" / CHECKPOINT_FILE, weights_only=False)
+    assert straight["step"] == split["step"] == 8
+    for name, value in straight["model"].items():
+        torch.testing.assert_close(split["model"][name], value, msg=name)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "history.jsonl").read_text().splitlines()
+             if "loss" in line]
+    assert steps == list(range(1, 9))
