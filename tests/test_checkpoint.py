@@ -148,3 +148,15 @@ def test_shard_sizes_parse_like_transformers(size, expected: int) -> None:  # no
 def test_an_unparseable_shard_size_is_rejected() -> None:
     with pytest.raises(ValueError, match="max_shard_size '5 gigs' is not a size"):
         checkpoint.parse_size("5 gigs")
+
+
+def test_saved_checkpoints_get_ordinary_permissions_not_private_temp_ones(tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        folder = _saved(tmp_path)
+    finally:
+        os.umask(old)
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert {f.stat().st_mode & 0o777 for f in folder.iterdir()} == {0o644}

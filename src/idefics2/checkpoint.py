@@ -257,10 +257,21 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike[str], *, max_sha
             total = sum(t.numel() * t.element_size() for t in state.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        _set_default_permissions(tmp)
         _swap_into_place(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _set_default_permissions(folder: Path) -> None:
+    """mkdtemp (and safetensors' own temporary files) are private (0700/0600); a checkpoint should get
+    the permissions any new file gets, so that it can be shared or shipped inside a package."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for file in folder.iterdir():
+        file.chmod(0o666 & ~umask)
 
 
 def _is_model_file(name: str) -> bool:
