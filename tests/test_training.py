@@ -156,9 +156,12 @@ def test_training_lowers_the_loss_and_exports_a_loadable_model(tmp_path: Path) -
 
 
 def test_resume_continues_exactly(tmp_path: Path) -> None:
-    """4 steps + resume to 8 == 8 straight steps (constant lr, data indexed by step)."""
+    """4 steps + resume to 8 == 8 straight steps (constant lr, data indexed by step); records written
+    after the last checkpoint are dropped, so the history has each step once."""
     train(_tiny(tmp_path / "straight"))
     train(_tiny(tmp_path / "split", steps=4))
+    with open(tmp_path / "split" / "history.jsonl", "a") as f:  # as if killed after the checkpoint
+        f.write(json.dumps({"step": 5, "loss": 9.9}) + "\n")
     train(_tiny(tmp_path / "split", resume=True))
     straight = torch.load(tmp_path / "straight" / CHECKPOINT_FILE, weights_only=False)
     split = torch.load(tmp_path / "split" / CHECKPOINT_FILE, weights_only=False)

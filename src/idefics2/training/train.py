@@ -47,29 +47,33 @@ TWO_IMAGE_BATCH_FRACTION = 0.2
 # name -> (vision width, vision layers, patch, image size, latents, perceiver depth, text width, text layers)
 PRESETS: dict[str, tuple[int, int, int, int, int, int, int, int]] = {
     "tiny": (32, 1, 8, 32, 4, 1, 32, 1),  # tests only
-    "cpu": (128, 3, 16, 128, 16, 1, 128, 3),  # what two CPU cores can train in under an hour
+    "cpu": (128, 3, 16, 128, 16, 1, 128, 3),  # near the team's 2-core CPU experiment; 64 patches per image
     "small": (192, 4, 8, 128, 32, 1, 160, 3),  # the shipped model (trained on a GPU), < 16 MB in float32
 }
 
 
 @dataclass
 class TrainConfig:
-    """Every knob of a run; saved next to the checkpoint so `--resume` continues the same run."""
+    """Every knob of a run (defaults: the shipped model's recipe, docs/training.md, minus the GPU flags).
+
+    Written to train_config.json for the record; `--resume` takes the flags again, so a larger
+    `--steps` or `--max-minutes` extends a finished run.
+    """
 
     out_dir: str = "runs/shapes"
     preset: str = "small"
     seed: int = 0
-    steps: int = 4000
-    batch_size: int = 64
+    steps: int = 10000
+    batch_size: int = 256
     lr: float = 1e-3
     min_lr_ratio: float = 0.02
-    warmup_steps: int = 150
+    warmup_steps: int = 200
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     max_turns: int = 3
-    eval_every: int = 250
+    eval_every: int = 400
     eval_questions: int = 180
-    checkpoint_every: int = 250
+    checkpoint_every: int = 400
     max_minutes: float | None = None
     device: str = "cpu"
     num_workers: int = 0
@@ -194,6 +198,14 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _truncate_history(path: Path, step: int) -> None:
+    """Drop records written after the checkpoint (a run killed between two checkpoints)."""
+    if path.is_file():
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines()
+                 if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
 def _load_tokenizer(cfg: TrainConfig) -> Tokenizer:
     if cfg.tokenizer_dir is not None:
         return Tokenizer.from_pretrained(cfg.tokenizer_dir)
@@ -242,6 +254,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed, best, best_state = state["step"], state["elapsed"], state["best"], state["best_state"]
         logger.info("resumed from step %d (%.1f min trained)", step, elapsed / 60)
+        _truncate_history(out / HISTORY_FILE, step)
     else:
         (out / HISTORY_FILE).unlink(missing_ok=True)  # a fresh run never mixes in an old run's curve
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
