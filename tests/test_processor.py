@@ -18,6 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from test_chat_template import SPEC_MESSAGES, SPEC_RENDERED
+
 from idefics2.processing.batch import BatchFeature
 from idefics2.processing.image_processor import Idefics2ImageProcessor
 from idefics2.processing.processor import Idefics2Processor
@@ -35,22 +37,8 @@ GOLDEN_CHAT_IDS = [
     32001, 32000, 1015, 456, 624, 28804, 32002, 28705, 13, 7226, 11143, 28747,
 ]
 # fmt: on
-CHAT = [
-    {
-        "role": "user",
-        "content": [
-            {"type": "text", "text": "What do these images show?"},
-            {"type": "image"},
-            {"type": "image"},
-        ],
-    },
-    {"role": "assistant", "content": [{"type": "text", "text": "Two cats."}]},
-    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this one?"}]},
-]
-CHAT_TEXT = (
-    "User: What do these images show?<image><image><end_of_utterance>\nAssistant: Two cats."
-    "<end_of_utterance>\nUser:<image>And this one?<end_of_utterance>\nAssistant:"
-)
+CHAT = SPEC_MESSAGES  # the multi-turn, multi-image chat of spec §6.6
+CHAT_TEXT = SPEC_RENDERED + "Assistant:"
 
 
 @pytest.fixture(scope="module")
