@@ -87,6 +87,7 @@ def answer(model: Any, processor: Any, messages: list[dict[str, Any]], images: l
             result["ids"] = model.generate(**inputs, **kwargs)
         except BaseException as err:  # reported in the main thread
             result["error"] = err
+            streamer.end()  # a failure before the first token must not leave the reader waiting
 
     start = time.perf_counter()
     worker = threading.Thread(target=run, daemon=True)
