@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,9 @@ from idefics2.kv_cache import KVCache
 from idefics2.model.connector import Connector
 from idefics2.model.text import MistralDecoder
 from idefics2.model.vision import VisionTransformer
+
+if TYPE_CHECKING:
+    from idefics2.generation import GenerationConfig
 
 
 @dataclass
@@ -167,6 +170,9 @@ class Idefics2ForConditionalGeneration(_PretrainedMixin, nn.Module):
         self.config = config
         self.model = Idefics2Model(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        # Decoding defaults from the checkpoint's generation_config.json (set by the loader); None:
+        # `generate` derives them from the config (EOS, pad) and its built-in defaults.
+        self.generation_config: GenerationConfig | None = None
         self.tie_weights()
 
     def tie_weights(self) -> None:

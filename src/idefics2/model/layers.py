@@ -38,9 +38,69 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32 == self.weight.dtype:  # fused op, bit-identical to the lines below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+# Row counts for which `linear` streams the weight as W @ x.T (decode steps of a small batch).
+FEW_ROWS = range(2, 33)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear`, with faster forms of the decode-step products for float32 on the CPU.
+
+    For 2-32 rows MKL runs x @ W.T on a small-matrix path that reads the weight at only 2-5 GB/s
+    (reference-performance.md); the same product as W @ x.T streams it several times faster.
+    For one row, with several threads allowed, the weight is split into one row block per thread
+    (`_split_matvec`). Inference only (grad mode keeps F.linear). Results can differ from
+    F.linear in the last bits (another summation order), never more. Called ~85 times per decode
+    step, so it is kept to a few cheap checks.
+    """
+    if (x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu"
+            or torch.is_grad_enabled() or x.stride(-1) != 1
+            or torch.compiler.is_compiling()):  # compiled graphs: no thread query, no shape-dependent branch
+        return F.linear(x, weight, bias)
+    in_features = x.shape[-1]
+    rows = x.numel() // in_features
+    if rows == 1:
+        threads = torch.get_num_threads()
+        if threads == 1 or bias is not None or not weight.is_contiguous():
+            return F.linear(x, weight, bias)
+        return _split_matvec(x, weight, threads)
+    if rows not in FEW_ROWS:
+        return F.linear(x, weight, bias)
+    out = (weight @ x.reshape(rows, in_features).t()).t()  # (rows, out), a transposed view
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _split_matvec(x: Tensor, weight: Tensor, parts: int) -> Tensor:
+    """One row x (..., in) @ weight.T as `parts` row blocks of a batched product, one per thread.
+
+    MKL runs a lone matrix-vector product on one thread. x goes in as a transposed (in, 1)
+    column (strides (1, in)): that pattern takes MKL's fast batched path, while a contiguous
+    column runs at half the speed (measured). Rows left over by the split are done separately.
+    Returns (..., out).
+    """
+    out_features, in_features = weight.shape
+    column = x.as_strided((parts, in_features, 1), (0, 1, in_features))  # (parts, in, 1), no copy
+    rows = out_features - out_features % parts
+    if rows == out_features:
+        return torch.bmm(weight.view(parts, rows // parts, in_features), column).view(*x.shape[:-1], rows)
+    blocks = weight[:rows].view(parts, rows // parts, in_features)
+    rest = F.linear(x.reshape(1, in_features), weight[rows:])  # (1, out - rows)
+    return torch.cat([torch.bmm(blocks, column).view(1, rows), rest], dim=1).view(*x.shape[:-1], out_features)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters and state-dict names) whose forward is `linear` above."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class GatedMLP(nn.Module):
@@ -48,9 +108,9 @@ class GatedMLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, output_size: int, act: str) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, output_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, output_size, bias=False)
         self.act = activation(act)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -69,11 +129,19 @@ def rotary_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate-half RoPE on x (B, H, T, hd)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def signed_sin(sin: Tensor) -> Tensor:
+    """sin with its first half negated, the form `apply_rotary` takes."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """Rotate-half RoPE on x (B, H, T, hd): x*cos + [-x2, x1]*sin, written x*cos + [x2, x1]*[-s1, s2].
+
+    (-x2)*s1 and x2*(-s1) are the same float, so this is bit-identical to the reference's form,
+    in 4 ops instead of 7 (it runs twice per layer per decode step).
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:

@@ -13,7 +13,15 @@ from torch import Tensor, nn
 
 from idefics2.config import TextConfig
 from idefics2.kv_cache import KVCache
-from idefics2.model.layers import GatedMLP, RMSNorm, apply_rotary, attention, rotary_cos_sin
+from idefics2.model.layers import (
+    GatedMLP,
+    Linear,
+    RMSNorm,
+    apply_rotary,
+    attention,
+    rotary_cos_sin,
+    signed_sin,
+)
 
 
 def decoder_attention_mask(attention_mask: Tensor | None, batch_size: int, past: int, num_new: int,
@@ -25,14 +33,14 @@ def decoder_attention_mask(attention_mask: Tensor | None, batch_size: int, past:
     there would reach the real rows through later layers' values).
     """
     S = past + num_new
+    if attention_mask is None and num_new == 1 and (sliding_window is None or S <= sliding_window):
+        return None  # one new token, no padding, window not reached: it sees every key
     i = torch.arange(past, S, device=device)[:, None]  # (T, 1)
     j = torch.arange(S, device=device)[None, :]  # (1, S)
     visible = j <= i
     if sliding_window is not None and S > sliding_window:
         visible = visible & (j > i - sliding_window)
     if attention_mask is None:
-        if num_new == 1 and bool(visible.all()):
-            return None
         return visible[None, None].expand(batch_size, 1, num_new, S)
     if attention_mask.shape != (batch_size, S):
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({batch_size}, {S}): "
@@ -47,13 +55,14 @@ class TextAttention(nn.Module):
         super().__init__()
         d, hd = cfg.hidden_size, cfg.attention_head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
-        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=False)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
+        self.q_proj = Linear(d, self.num_heads * hd, bias=False)
+        self.k_proj = Linear(d, self.num_kv_heads * hd, bias=False)
+        self.v_proj = Linear(d, self.num_kv_heads * hd, bias=False)
+        self.o_proj = Linear(self.num_heads * hd, d, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: KVCache | None, layer_idx: int) -> Tensor:
+        """x (B, T, D); cos and signed sin (B, 1, T, hd) from `MistralDecoder.rotary`."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
@@ -86,6 +95,37 @@ class MistralDecoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self._rope_table: tuple[Tensor, Tensor] | None = None  # float32 (S_table, hd) cos, signed sin
+
+    def reserve_rotary(self, length: int, device: torch.device) -> None:
+        """Make the RoPE table cover positions [0, length) on `device` (generation calls it up front)."""
+        table = self._rope_table
+        if table is None or table[0].shape[0] < length or table[0].device != device:
+            size = max(length, 2 * table[0].shape[0] if table is not None else 256)
+            rows = torch.arange(size, device=device)[None]  # (1, S_table)
+            cos, sin = rotary_cos_sin(rows, self.config.attention_head_dim, self.config.rope_theta,
+                                      torch.float32)
+            self._rope_table = (cos[0, 0], signed_sin(sin[0, 0]))  # each (S_table, hd)
+
+    def rotary(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos and signed sin (`layers.signed_sin`), each (B, 1, T, hd), at `positions` (B, T).
+
+        Read from a table built once and grown on demand: decoding asks for one position per step,
+        and recomputing the frequencies each time costs more than the lookup. Table rows are the
+        same float32 products as `rotary_cos_sin`, so the result is bit-identical to computing it
+        directly. Under `torch.compile` the table must already be large enough (`reserve_rotary`):
+        the size check reads a tensor value.
+        """
+        if not torch.compiler.is_compiling() and positions.numel():
+            lowest, highest = (int(v) for v in positions.aminmax())
+            if lowest < 0:  # a caller's own position scheme; the table only holds non-negative rows
+                cos, sin = rotary_cos_sin(positions, self.config.attention_head_dim, self.config.rope_theta,
+                                          dtype)
+                return cos, signed_sin(sin)
+            self.reserve_rotary(highest + 1, positions.device)
+        assert self._rope_table is not None
+        cos, sin = self._rope_table
+        return cos[positions][:, None].to(dtype), sin[positions][:, None].to(dtype)
 
     def forward(self, inputs_embeds: Tensor, positions: Tensor, attention_mask: Tensor | None = None,
                 cache: KVCache | None = None) -> Tensor:
@@ -94,8 +134,7 @@ class MistralDecoder(nn.Module):
         B, T, _ = inputs_embeds.shape
         past = cache.length if cache is not None else 0
         mask = decoder_attention_mask(attention_mask, B, past, T, self.config.sliding_window, inputs_embeds.device)
-        cos, sin = rotary_cos_sin(positions, self.config.attention_head_dim, self.config.rope_theta,
-                                  inputs_embeds.dtype)
+        cos, sin = self.rotary(positions, inputs_embeds.dtype)
         x = inputs_embeds
         for idx, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, idx)

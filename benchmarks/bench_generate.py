@@ -1,0 +1,296 @@
+"""Generation speed: ours vs transformers' `Idefics2ForConditionalGeneration.generate`, same weights.
+
+Each (side, batch size) runs in its own subprocess, so peak RSS / GPU memory is that side's alone
+and only one model is ever loaded. Both sides fill every parameter from a per-name seed, so the
+weights are identical. Reports time to first token (vision + connector + prefill + 1 token),
+decode tokens/s over --new-tokens steps (timed by a streamer that stamps each token, the same
+on both sides; best of --repeats calls, since other processes share the machine), peak memory,
+and the decode's weight traffic next to the machine's measured bandwidth. Prints a table, then
+one JSON line.
+
+    .venv/bin/python benchmarks/bench_generate.py                      # CPU, small config, float32
+    python benchmarks/bench_generate.py --device cuda --dtype bfloat16 --preset idefics2-8b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "small": {  # spec reference-performance.md: ~166M parameters
+        "image_token_id": 32001,
+        "vision_config": {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 6,
+                          "num_attention_heads": 6, "image_size": 980, "patch_size": 14},
+        "perceiver_config": {"hidden_size": 768, "resampler_n_latents": 64, "resampler_depth": 3,
+                             "resampler_n_heads": 12, "resampler_head_dim": 64, "num_key_value_heads": 4},
+        "text_config": {"model_type": "mistral", "vocab_size": 32003, "hidden_size": 768,
+                        "intermediate_size": 2048,
+                        "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4,
+                        "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "sliding_window": 4096,
+                        "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    },
+    "idefics2-8b": {  # spec §2: the real shapes
+        "image_token_id": 32001,
+        "vision_config": {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
+                          "num_attention_heads": 16, "image_size": 980, "patch_size": 14},
+        "perceiver_config": {"hidden_size": 4096, "resampler_n_latents": 64, "resampler_depth": 3,
+                             "resampler_n_heads": 16, "resampler_head_dim": 96, "num_key_value_heads": 4},
+        "text_config": {"model_type": "mistral", "vocab_size": 32003, "hidden_size": 4096,
+                        "intermediate_size": 14336,
+                        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                        "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "sliding_window": 4096,
+                        "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    },
+}
+PHOTOS = (("astronaut", (640, 480)), ("coffee", (600, 400)), ("chelsea", (451, 300)), ("rocket", (640, 427)))
+FAKE, TEXT_LENGTHS = 32000, (20, 17, 23, 19)
+
+
+def fill_weights(model: torch.nn.Module) -> None:
+    """Deterministic per-name values, so both sides (different classes, same names) get equal weights."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            g = torch.Generator(device=p.device).manual_seed(zlib.crc32(name.encode()))
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.dim() == 1:  # norm weights
+                p.normal_(1.0, 0.1, generator=g)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+
+
+def make_inputs(batch: int, image_token_id: int, latents: int) -> dict[str, torch.Tensor]:
+    """`batch` photos of different sizes (our image processor) and left-padded ~20-token prompts."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    from idefics2.processing.image_processor import Idefics2ImageProcessor
+
+    images = []
+    for name, size in PHOTOS[:batch]:
+        photo = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+        images.append([photo.resize(size, Image.Resampling.BILINEAR)])  # one image per sample
+    pixels = Idefics2ImageProcessor()(images)
+    rng = np.random.default_rng(0)
+    rows = []
+    for b in range(batch):
+        text = rng.integers(3, 31999, TEXT_LENGTHS[b]).tolist()
+        rows.append([1] + text[:4] + [FAKE] + [image_token_id] * latents + [FAKE] + text[4:])
+    T = max(len(r) for r in rows)
+    input_ids = torch.zeros(batch, T, dtype=torch.long)
+    attention_mask = torch.zeros(batch, T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        input_ids[b, T - len(r):] = torch.tensor(r)
+        attention_mask[b, T - len(r):] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixels["pixel_values"],
+            "pixel_attention_mask": pixels["pixel_attention_mask"]}
+
+
+def build(side: str, preset: dict[str, Any], device: str, dtype: torch.dtype) -> Any:
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype: no float32 copy of an 8B model
+    try:
+        with torch.device(device):
+            if side == "oracle":
+                import transformers
+
+                config = transformers.Idefics2Config(**json.loads(json.dumps(preset)))
+                model = transformers.Idefics2ForConditionalGeneration(config)  # default attention: sdpa
+            else:
+                from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration
+
+                model = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(preset))
+    finally:
+        torch.set_default_dtype(default)
+    fill_weights(model)
+    return model.eval()
+
+
+class Stamps:
+    """A streamer that only records when each put arrives: the prompt, then every step's tokens.
+
+    Both generate implementations call `put` right after choosing each token, so the gaps time the
+    same work on both sides: first token = first token's put - call start; decode = the rest.
+    """
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def peak_rss_gib() -> float:
+    """VmHWM of this process (ru_maxrss would include the parent's size at fork)."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kib / 2**20
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    """One side, one batch size: timings (best of --repeats) and peak memory, as a dict."""
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    preset = PRESETS[args.preset]
+    model = build(args.worker, preset, args.device, dtype)
+    inputs = {k: v.to(args.device) for k, v in make_inputs(args.batch, preset["image_token_id"], 64).items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+
+    def run(n: int, **extra: Any) -> tuple[float, float, torch.Tensor]:
+        """(first-token seconds, seconds per decode step, new tokens) of one generate call."""
+        stamps = Stamps()
+        kw: dict[str, Any] = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False,
+                              "streamer": stamps, **extra}
+        if args.worker == "ours":
+            kw.setdefault("vision_cache", False)
+            kw["compile"] = args.compile
+        sync()
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(**inputs, **kw)
+        sync()
+        t = stamps.times  # [prompt, token 1, ..., token n]
+        return t[1] - start, (t[-1] - t[1]) / max(n - 1, 1), out[:, inputs["input_ids"].shape[1]:]
+
+    warmup_start = time.perf_counter()
+    run(3)  # warm-up: lazy init, allocator, kernels (and compilation with --compile)
+    warmup = time.perf_counter() - warmup_start
+    runs = [run(args.new_tokens + 1) for _ in range(args.repeats)]
+    first, step = min(r[0] for r in runs), min(r[1] for r in runs)
+    result = {"first_token_s": first, "decode_step_ms": 1e3 * step, "decode_tokens_per_s": args.batch / step,
+              "first_token_median_s": statistics.median(r[0] for r in runs), "tokens": runs[0][2].tolist(),
+              "warmup_call_s": warmup}
+    if args.worker == "ours":
+        run(1, vision_cache=True)
+        result["first_token_cached_s"] = min(run(1, vision_cache=True)[0] for _ in range(2))
+    text = model.model.text_model
+    per_step = sum(p.numel() * p.element_size() for p in text.parameters()) - text.embed_tokens.weight.nbytes
+    result["weight_bytes_per_step"] = per_step + model.lm_head.weight.nbytes
+    if args.device.startswith("cuda"):
+        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        result["peak_gib"] = peak_rss_gib()
+    return result
+
+
+def bandwidth(device: str) -> dict[str, float]:
+    """Copy (read + write counted) and one-row matrix-vector bandwidth over 512 MiB, best of 5.
+
+    The matrix-vector product is timed as `F.linear` and, on the CPU, as our decode runs it
+    (`layers.linear`: one row block per thread); the better of the two bounds the decode.
+    """
+    from idefics2.model.layers import linear
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    src = torch.ones(2**27, device=device)
+    dst = torch.empty_like(src)
+    weight = src.view(2**15, 2**12)
+    x = torch.ones(1, 2**12, device=device)
+
+    def best(fn: Callable[[], Any]) -> float:
+        times = []
+        for _ in range(6):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+        return min(times[1:])
+
+    with torch.no_grad():
+        return {"copy_gb_s": 2 * src.nbytes / best(lambda: dst.copy_(src)) / 1e9,
+                "matvec_gb_s": max(src.nbytes / best(lambda: torch.nn.functional.linear(x, weight)) / 1e9,
+                                   src.nbytes / best(lambda: linear(x, weight)) / 1e9)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--new-tokens", type=int, default=48, help="decode steps timed after the first token")
+    parser.add_argument("--repeats", type=int, default=3, help="generate calls per case (best reported)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="ours with generate(compile=True)")
+    parser.add_argument("--worker", choices=["ours", "oracle"], help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    on_gpu = args.device.startswith("cuda")
+    device_name = torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu"
+    print(f"python {platform.python_version()}, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, device {args.device} ({device_name}), "
+          f"dtype {args.dtype}, preset {args.preset}, threads {args.threads}, ours compiled: {args.compile}")
+    del_keys = {"tokens"}
+    results: dict[str, dict[str, Any]] = {}
+    for batch in args.batch_sizes:
+        for side in ("oracle", "ours"):
+            cmd = [sys.executable, __file__, "--worker", side, "--batch", str(batch), "--device", args.device,
+                   "--dtype", args.dtype, "--preset", args.preset, "--new-tokens", str(args.new_tokens),
+                   "--repeats", str(args.repeats), "--threads", str(args.threads)]
+            if args.compile:
+                cmd.append("--compile")
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            results[f"{side}_b{batch}"] = json.loads(out.strip().splitlines()[-1])
+
+    bw = bandwidth(args.device)  # after the workers: its buffers must not inflate their memory
+    memory = "peak GPU GiB" if args.device.startswith("cuda") else "peak RSS GiB"
+    print(f"bandwidth: copy {bw['copy_gb_s']:.1f} GB/s, one-row matvec {bw['matvec_gb_s']:.1f} GB/s")
+    print(f"{'batch':>5} {'measure':<28}{'oracle':>12}{'ours':>12}{'ratio':>9}")
+    summary: dict[str, Any] = {"device": device_name, "dtype": args.dtype, "preset": args.preset,
+                               "threads": args.threads, "compile": args.compile, **bw}
+    for batch in args.batch_sizes:
+        ref, ours = results[f"oracle_b{batch}"], results[f"ours_b{batch}"]
+        ceiling = bw["matvec_gb_s"] * 1e9 / ours["weight_bytes_per_step"]
+        rows = [("first token s", ref["first_token_s"], ours["first_token_s"],
+                 ref["first_token_s"] / ours["first_token_s"]),
+                ("decode tokens/s", ref["decode_tokens_per_s"], ours["decode_tokens_per_s"],
+                 ours["decode_tokens_per_s"] / ref["decode_tokens_per_s"]),
+                ("decode step ms", ref["decode_step_ms"], ours["decode_step_ms"],
+                 ref["decode_step_ms"] / ours["decode_step_ms"]),
+                ("weight traffic GB/s", ref["weight_bytes_per_step"] / ref["decode_step_ms"] / 1e6,
+                 ours["weight_bytes_per_step"] / ours["decode_step_ms"] / 1e6, None),
+                ("steps/s bound (matvec)", ceiling, ceiling, None),
+                (memory, ref["peak_gib"], ours["peak_gib"], None),
+                ("first (warm-up) call s", ref["warmup_call_s"], ours["warmup_call_s"], None)]
+        if "first_token_cached_s" in ours:
+            rows.insert(1, ("first token s, cached image", None, ours["first_token_cached_s"], None))
+        for name, a, b, ratio in rows:
+            cells = [f"{v:12.3f}" if v is not None else f"{'':>12}" for v in (a, b)]
+            print(f"{batch:>5} {name:<28}{''.join(cells)}{f'{ratio:8.2f}x' if ratio else ''}")
+        same = ref["tokens"] == ours["tokens"]
+        print(f"{batch:>5} greedy tokens identical: {same}")
+        summary[f"b{batch}"] = {"oracle": {k: v for k, v in ref.items() if k not in del_keys},
+                                "ours": {k: v for k, v in ours.items() if k not in del_keys},
+                                "first_token_speedup": ref["first_token_s"] / ours["first_token_s"],
+                                "decode_speedup": ours["decode_tokens_per_s"] / ref["decode_tokens_per_s"],
+                                "tokens_identical": same}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,333 @@
+"""Autoregressive generation: image features once, one prefill, then cached one-token steps.
+
+Data flow: (input_ids, pixels) -> `encode_images` (once per request, cached per image) -> prefill
+forward with `image_hidden_states`, filling a `KVCache` sized prompt + max_new_tokens -> decode
+steps with mask-aware positions (spec §4.8-4.9) -> `sampling` -> ids. Must give the tokens of
+transformers 5.24's `generate` (greedy; same processors and order when sampling). Rows that finish
+leave the batch; the output pads them with `pad_token_id`, like the reference.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from idefics2.generation_config import (
+    BUILTIN_DEFAULTS,
+    GenerationConfig,
+    as_id_list,
+    check_inputs,
+    load_generation_config,
+    resolve,
+    validate,
+)
+from idefics2.kv_cache import KVCache
+from idefics2.model.layers import linear
+from idefics2.sampling import BadWords, apply_repetition_penalty, choose_tokens, filter_logits, seen_tokens
+from idefics2.streaming import Decoder, TextIteratorStreamer
+from idefics2.vision_cache import VisionFeatureCache, encode_images
+
+__all__ = ["BUILTIN_DEFAULTS", "GenerateOutput", "GenerationConfig", "TextIteratorStreamer", "ThreadTuner",
+           "decode_step", "generate", "load_generation_config"]
+
+
+@dataclass
+class GenerateOutput:
+    """`generate(..., return_dict_in_generate=True)`. `scores`: per step, the processed (B, V)
+    scores the token was chosen from (as transformers' `output_scores`); `log_probs` (B, N_new):
+    log-softmax of those scores at the chosen token (0 for padding after a row finished)."""
+
+    sequences: Tensor
+    scores: tuple[Tensor, ...] | None = None
+    log_probs: Tensor | None = None
+
+
+class Streamer(Protocol):
+    """What `generate` feeds: the prompt ids, then each step's new ids; `end()` once, even on errors."""
+
+    def put(self, value: Tensor) -> None: ...
+    def end(self) -> None: ...
+
+
+def decode_step(model: nn.Module, tokens: Tensor, positions: Tensor, attention_mask: Tensor | None,
+                cache: KVCache) -> Tensor:
+    """One new token per row: tokens, positions (B, 1); attention_mask (B, S) or None when no row
+    is padded -> next-token logits (B, V) in float32. Skips the top-level forward's checks and
+    merging, and runs the LM head on the one position only."""
+    text_model = model.model.text_model
+    hidden = text_model(text_model.embed_tokens(tokens), positions, attention_mask, cache)  # (B, 1, D)
+    return linear(hidden[:, -1], model.lm_head.weight).float()  # (B, V)
+
+
+def _step_function(model: nn.Module, compile: bool) -> Callable[..., Tensor]:
+    """`decode_step`, or its `torch.compile`d form kept on the model so it compiles once."""
+    if not compile:
+        return decode_step
+    compiled = model.__dict__.get("_compiled_decode_step")
+    if compiled is None:
+        compiled = torch.compile(decode_step, dynamic=True)
+        model.__dict__["_compiled_decode_step"] = compiled
+    return compiled
+
+
+def _vision_cache(model: nn.Module, choice: bool | VisionFeatureCache | None) -> VisionFeatureCache | None:
+    """True: the model's own cache (`model.vision_feature_cache`, set it to None to switch caching
+    off for every call); False/None: no cache for this call; or a cache object to use."""
+    if isinstance(choice, VisionFeatureCache):
+        return choice
+    if not choice:
+        return None
+    if "vision_feature_cache" not in model.__dict__:
+        model.__dict__["vision_feature_cache"] = VisionFeatureCache()
+    return model.__dict__["vision_feature_cache"]
+
+
+def _hits_stop_string(tokenizer: Decoder, ids: list[int], stop_strings: list[str]) -> bool:
+    """A stop string anywhere in the new text; checked after every token, so it ends with the last one."""
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    return any(s in text for s in stop_strings)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
+             pixel_values: Tensor | None = None, pixel_attention_mask: Tensor | None = None, *,
+             max_new_tokens: int | None = None, min_new_tokens: int | None = None,
+             do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
+             top_p: float | None = None, repetition_penalty: float | None = None,
+             eos_token_id: int | Sequence[int] | None = None, extra_eos_token_ids: Sequence[int] = (),
+             stop_strings: str | Sequence[str] | None = None,
+             bad_words_ids: Sequence[Sequence[int]] | None = None, pad_token_id: int | None = None,
+             generator: torch.Generator | None = None, seed: int | None = None,
+             tokenizer: Decoder | None = None, streamer: Streamer | None = None,
+             output_scores: bool | None = None, return_dict_in_generate: bool | None = None,
+             compile: bool = False, vision_cache: bool | VisionFeatureCache | None = True,
+             decode_threads: int | None | str = "auto") -> Tensor | GenerateOutput:
+    """Prompt + new tokens (B, T + N) for left-padded `input_ids` (B, T) and optional images.
+
+    Unset arguments come from `model.generation_config`, then from the built-in defaults
+    (`BUILTIN_DEFAULTS`: 20 new tokens, greedy) and the model config (EOS, pad). `eos_token_id`
+    may be a list; `extra_eos_token_ids` adds to it (e.g. `<end_of_utterance>` for chat).
+    `temperature=0` means greedy. `stop_strings` need `tokenizer` (anything with `decode`).
+    Randomness comes from `generator`, or a new one seeded with `seed`, else torch's global RNG.
+    `streamer` receives the prompt ids, then each step's new ids (B,) (`TextIteratorStreamer`:
+    batch 1).
+    `compile=True` runs the decode step through `torch.compile`. Off by default: on the 2-core
+    CPU (small config) the compiled step was slower than eager (47 vs 38 ms: compiled graphs use
+    plain F.linear, not the threaded split) after a first call that spent ~65 s compiling.
+    `vision_cache`: see `_vision_cache`.
+    `decode_threads`: torch intra-op threads for the CPU decode steps: "auto" times 1 and
+    torch's setting and keeps the faster (`ThreadTuner`), an int fixes it, None leaves torch's
+    setting; torch's setting is restored afterwards.
+    """
+    cfg = resolve(model, {
+        "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "do_sample": do_sample,
+        "temperature": temperature, "top_k": top_k, "top_p": top_p, "repetition_penalty": repetition_penalty,
+        "eos_token_id": eos_token_id, "pad_token_id": pad_token_id, "output_scores": output_scores,
+        "bad_words_ids": bad_words_ids, "return_dict_in_generate": return_dict_in_generate,
+        "stop_strings": [stop_strings] if isinstance(stop_strings, str) else stop_strings,
+    })
+    text_config = model.config.text_config
+    V = text_config.vocab_size
+    eos_ids = list(dict.fromkeys(as_id_list(cfg.eos_token_id) + as_id_list(list(extra_eos_token_ids))))
+    device = model.device
+    input_ids = input_ids.to(device)
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+    check_inputs(input_ids, attention_mask, pixel_values, pixel_attention_mask)
+    B, T = input_ids.shape
+    validate(cfg, eos_ids, V, text_config.max_position_embeddings, T)
+    stops = list(cfg.stop_strings or [])
+    if stops and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer to decode the new tokens: pass tokenizer=")
+    if generator is not None and seed is not None:
+        raise ValueError("pass either generator or seed, not both")
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    N = cfg.max_new_tokens
+    assert N is not None
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    sampling = bool(cfg.do_sample) and cfg.temperature != 0
+    if isinstance(streamer, TextIteratorStreamer):
+        streamer.add_stop_strings(stops)
+
+    plan = _Plan(cfg, eos_ids, pad, sampling, stops, generator, tokenizer, streamer,
+                 _step_function(model, compile), _vision_cache(model, vision_cache),
+                 _decode_threads(decode_threads, device))
+    try:
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        return _run(model, input_ids, attention_mask.long(), pixel_values, pixel_attention_mask, plan)
+    finally:
+        if streamer is not None:
+            streamer.end()
+
+
+@dataclass
+class _Plan:
+    """Everything `generate` resolved and validated, handed to `_run`."""
+
+    cfg: GenerationConfig
+    eos_ids: list[int]
+    pad: int
+    sampling: bool
+    stops: list[str]
+    generator: torch.Generator | None
+    tokenizer: Decoder | None
+    streamer: Streamer | None
+    step_fn: Callable[..., Tensor]
+    vision_cache: VisionFeatureCache | None
+    decode_threads: int | None | str
+
+
+def _decode_threads(choice: int | None | str, device: torch.device) -> int | None | str:
+    """The validated `decode_threads`; None on GPUs, where it means nothing."""
+    valid_int = isinstance(choice, int) and not isinstance(choice, bool) and choice >= 1
+    if not (choice is None or choice == "auto" or valid_int):
+        raise ValueError(f"decode_threads must be a positive integer, None or 'auto', got {choice!r}")
+    return choice if device.type == "cpu" else None
+
+
+class ThreadTuner:
+    """Chooses torch's intra-op thread count for CPU decode steps by timing them.
+
+    A decode step is ~300 small ops plus one-row matrix products. With 2 threads the products
+    use both cores (`layers.linear` splits them: ~1.3x faster steps on an idle machine), but
+    every op that forks the thread pool (the split products, SDPA) then waits for the second
+    core: microseconds when it is idle, a scheduler time slice (~8 ms, measured) when another
+    process holds it, which on a shared 2-core machine is common and makes steps 10-20x slower.
+    So each candidate (1 and torch's setting) is timed on two steps, the faster is kept, and the
+    other is re-timed every `recheck` steps, since the load changes while generating.
+    """
+
+    def __init__(self, candidates: Sequence[int], recheck: int = 32) -> None:
+        self.candidates = sorted(set(candidates))
+        self.recheck = recheck
+        self.recent: dict[int, list[float]] = {c: [] for c in self.candidates}
+        self.chosen = self.candidates[0]
+
+    def pick(self, step: int) -> int:
+        warmup = 2 * len(self.candidates)
+        if step < warmup:
+            return self.candidates[step % len(self.candidates)]
+        if step % self.recheck == 0:
+            others = [c for c in self.candidates if c != self.chosen]
+            return others[(step // self.recheck) % len(others)] if others else self.chosen
+        return self.chosen
+
+    def record(self, threads: int, seconds: float) -> None:
+        self.recent[threads] = (self.recent[threads] + [seconds])[-2:]
+        timed = {c: min(t) for c, t in self.recent.items() if t}
+        self.chosen = min(timed, key=timed.__getitem__)
+
+
+def _run(model: nn.Module, input_ids: Tensor, mask: Tensor, pixel_values: Tensor | None,
+         pixel_attention_mask: Tensor | None, plan: _Plan) -> Tensor | GenerateOutput:
+    """The validated request: encode images, prefill, then decode until every row stops."""
+    device = input_ids.device
+    T = input_ids.shape[1]
+    N = plan.cfg.max_new_tokens
+    assert N is not None
+    features = None
+    if pixel_values is not None:
+        # (R, L, D), computed once per request, before the prefill, never while decoding
+        features = encode_images(model, pixel_values.to(device), pixel_attention_mask, plan.vision_cache)
+    text_model = model.model.text_model
+    text_model.reserve_rotary(T + N, device)
+    cache = KVCache(len(text_model.layers), T + N)
+    positions = (mask.cumsum(dim=1) - 1).masked_fill(mask == 0, 0)  # (B, T): pads at 0 (spec §4.8)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                image_hidden_states=features, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1].float()  # (B, V)
+    del out, features
+    threads = torch.get_num_threads()
+    tuner = None
+    if isinstance(plan.decode_threads, int):
+        torch.set_num_threads(plan.decode_threads)
+    elif plan.decode_threads == "auto" and threads > 1:
+        tuner = ThreadTuner([1, threads])
+    try:
+        sequences, scores = _decode(model, input_ids, mask, positions[:, -1:] + 1, logits, cache, plan, tuner)
+    finally:
+        torch.set_num_threads(threads)
+    if not plan.cfg.return_dict_in_generate:
+        return sequences
+    if not scores:
+        return GenerateOutput(sequences=sequences)
+    stacked = torch.stack(scores, dim=1)  # (B, N_new, V)
+    log_probs = stacked.log_softmax(dim=-1).gather(2, sequences[:, T:, None]).squeeze(2)  # (B, N_new)
+    return GenerateOutput(sequences=sequences, scores=tuple(scores), log_probs=log_probs)
+
+
+def _decode(model: nn.Module, input_ids: Tensor, mask: Tensor, next_positions: Tensor, logits: Tensor,
+            cache: KVCache, plan: _Plan, tuner: ThreadTuner | None) -> tuple[Tensor, list[Tensor]]:
+    """Choose a token from `logits` (B, V), feed it, repeat. Returns (B, T + N_new) ids and, with
+    output_scores, the per-step scores (B, V). Rows that finish leave the batch (and the cache)."""
+    cfg, device = plan.cfg, input_ids.device
+    B, T = input_ids.shape
+    N, V = cfg.max_new_tokens, logits.shape[-1]
+    assert N is not None and cfg.min_new_tokens is not None
+    sequences = torch.full((B, T + N), plan.pad, dtype=torch.long, device=device)
+    sequences[:, :T] = input_ids
+    full_mask = torch.ones(B, T + N, dtype=torch.long, device=device)
+    full_mask[:, :T] = mask
+    rows = torch.arange(B, device=device)  # original row of each row still in the batch
+    padded = not bool(mask.all())
+    eos = torch.tensor(plan.eos_ids, dtype=torch.long, device=device)
+    eos_mask = torch.zeros(V, dtype=torch.bool, device=device)
+    eos_mask[eos] = True
+    penalty = float(cfg.repetition_penalty)  # type: ignore[arg-type]
+    seen = seen_tokens(input_ids, mask, V) if penalty != 1.0 else None
+    bans = BadWords.build(cfg.bad_words_ids or [], plan.eos_ids, V, device)
+    all_scores: list[Tensor] = []
+    for step in range(N):
+        scores = logits
+        if seen is not None:
+            scores = apply_repetition_penalty(scores, seen, penalty)
+        if bans is not None:
+            scores = bans.apply(scores, sequences[rows, : T + step])
+        if step < cfg.min_new_tokens and plan.eos_ids:
+            scores = scores.masked_fill(eos_mask, float("-inf"))
+        if plan.sampling:
+            scores = filter_logits(scores, float(cfg.temperature), int(cfg.top_k), float(cfg.top_p))  # type: ignore[arg-type]
+        tokens = choose_tokens(scores, plan.sampling, plan.generator)  # (B_active,)
+        sequences[rows, T + step] = tokens
+        if cfg.output_scores:
+            step_scores = scores.new_full((B, V), float("-inf"))
+            step_scores[:, plan.pad] = 0.0  # a finished row emits its pad with certainty
+            step_scores[rows] = scores
+            all_scores.append(step_scores)
+        if plan.streamer is not None:
+            plan.streamer.put(tokens.cpu())
+        done = torch.isin(tokens, eos)
+        if plan.stops:
+            assert plan.tokenizer is not None
+            for i, row in enumerate(rows.tolist()):
+                new_ids = sequences[row, T:T + step + 1].tolist()
+                if not done[i] and _hits_stop_string(plan.tokenizer, new_ids, plan.stops):
+                    done[i] = True
+        if seen is not None:
+            seen[torch.arange(tokens.shape[0], device=device), tokens] = True
+        if step == N - 1 or bool(done.all()):
+            return sequences[:, : T + step + 1], all_scores
+        if bool(done.any()):  # finished rows stop costing compute
+            keep = (~done).nonzero().squeeze(1)
+            rows, tokens, next_positions = rows[keep], tokens[keep], next_positions[keep]
+            full_mask = full_mask[keep]
+            seen = seen[keep] if seen is not None else None
+            cache.select_rows(keep)
+            padded = not bool(full_mask[:, :T].all())
+        step_mask = full_mask[:, : T + step + 1] if padded else None
+        if tuner is not None:
+            threads = tuner.pick(step)
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
+            start = time.perf_counter()
+        logits = plan.step_fn(model, tokens[:, None], next_positions, step_mask, cache)
+        if tuner is not None:
+            tuner.record(threads, time.perf_counter() - start)
+        next_positions = next_positions + 1
+    raise AssertionError("unreachable: the last step returns")

@@ -1,0 +1,173 @@
+"""Generation settings: `GenerationConfig` (generation_config.json), defaults and argument checks.
+
+Read by `generation.generate` before any compute: call arguments > `model.generation_config` (set
+by the checkpoint loader from generation_config.json) > `BUILTIN_DEFAULTS` and the model config
+(EOS, pad; spec §2.7). Field names and meanings follow transformers' GenerationConfig; every
+invalid value raises a ValueError naming the argument and its allowed range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+# What a field falls back to when neither the call nor model.generation_config sets it.
+# 20 new tokens is what transformers users get by default (its max_length=20).
+BUILTIN_DEFAULTS: dict[str, Any] = {
+    "max_new_tokens": 20, "min_new_tokens": 0, "do_sample": False, "temperature": 1.0, "top_k": 50,
+    "top_p": 1.0, "repetition_penalty": 1.0, "bad_words_ids": [], "stop_strings": [],
+    "output_scores": False, "return_dict_in_generate": False,
+}
+_BOOKKEEPING_KEYS = {"_from_model_config", "transformers_version"}
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding defaults, named as in a checkpoint's generation_config.json; None = not set here.
+
+    Instruction-tuned Idefics2 checkpoints end a turn with `<end_of_utterance>` (id 32002) as well
+    as `</s>`: set `eos_token_id=[2, 32002]` here, or pass `eos_token_id=[2, 32002]` (the CLI
+    does, from the processor's ids) or `extra_eos_token_ids=[32002]` (added to the defaults) to
+    `generate`.
+    """
+
+    max_new_tokens: int | None = None
+    min_new_tokens: int | None = None
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    bad_words_ids: list[list[int]] | None = None
+    stop_strings: list[str] | None = None
+    output_scores: bool | None = None
+    return_dict_in_generate: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> GenerationConfig:
+        """Known keys become fields; the rest (max_length, num_beams, ...) is kept in `extra`, unused."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in raw.items() if k in names}
+        if isinstance(known.get("stop_strings"), str):
+            known["stop_strings"] = [known["stop_strings"]]
+        extra = {k: v for k, v in raw.items() if k not in names and k not in _BOOKKEEPING_KEYS}
+        if extra:
+            logger.debug("generation config: ignoring keys %s", sorted(extra))
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**self.extra, **{k: v for k, v in out.items() if v is not None}}
+
+
+def load_generation_config(folder: str | os.PathLike[str]) -> GenerationConfig | None:
+    """The checkpoint folder's generation_config.json, or None when it has none."""
+    path = os.path.join(folder, "generation_config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    return GenerationConfig.from_dict(raw)
+
+
+def resolve(model: nn.Module, overrides: dict[str, Any]) -> GenerationConfig:
+    """Call arguments > model.generation_config > built-in defaults and the model config."""
+    base = getattr(model, "generation_config", None) or GenerationConfig()
+    names = [f.name for f in dataclasses.fields(GenerationConfig) if f.name != "extra"]
+    values = {name: getattr(base, name) for name in names}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    text = model.config.text_config
+    for name, default in BUILTIN_DEFAULTS.items():
+        if values[name] is None:
+            values[name] = default
+    if values["eos_token_id"] is None:
+        values["eos_token_id"] = text.eos_token_id
+    if values["pad_token_id"] is None:
+        values["pad_token_id"] = text.pad_token_id
+    return GenerationConfig(**values)
+
+
+def as_id_list(value: int | Sequence[int] | Tensor | None) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, Tensor):
+        return [int(v) for v in value.reshape(-1).tolist()]
+    return [value] if isinstance(value, int) else [int(v) for v in value]
+
+
+def validate(cfg: GenerationConfig, eos_ids: list[int], vocab_size: int, max_positions: int,
+              prompt_length: int) -> None:
+    """Every argument checked before any compute; messages name the argument and its allowed range."""
+    def fail(message: str) -> None:
+        raise ValueError(message)
+
+    assert cfg.max_new_tokens is not None and cfg.min_new_tokens is not None
+    if not isinstance(cfg.max_new_tokens, int) or cfg.max_new_tokens < 1:
+        fail(f"max_new_tokens must be an integer >= 1, got {cfg.max_new_tokens!r}")
+    if not isinstance(cfg.min_new_tokens, int) or not 0 <= cfg.min_new_tokens <= cfg.max_new_tokens:
+        fail(f"min_new_tokens must be an integer in [0, max_new_tokens={cfg.max_new_tokens}], "
+             f"got {cfg.min_new_tokens!r}")
+    if not cfg.temperature >= 0:  # type: ignore[operator]
+        fail(f"temperature must be >= 0 (0 = greedy), got {cfg.temperature!r}")
+    if not isinstance(cfg.top_k, int) or cfg.top_k < 0:
+        fail(f"top_k must be an integer >= 0 (0 = no top-k filtering), got {cfg.top_k!r}")
+    if not 0 < cfg.top_p <= 1:  # type: ignore[operator]
+        fail(f"top_p must be in (0, 1], got {cfg.top_p!r}")
+    if not cfg.repetition_penalty > 0:  # type: ignore[operator]
+        fail(f"repetition_penalty must be > 0 (1 = no penalty), got {cfg.repetition_penalty!r}")
+    bad_eos = [i for i in eos_ids if not 0 <= i < vocab_size]
+    if bad_eos:
+        fail(f"eos_token_id must be token ids in [0, {vocab_size}) (the vocabulary), got {bad_eos}")
+    if cfg.pad_token_id is not None and not 0 <= cfg.pad_token_id < vocab_size:
+        fail(f"pad_token_id must be a token id in [0, {vocab_size}), got {cfg.pad_token_id!r}")
+    for seq in cfg.bad_words_ids or []:
+        if not isinstance(seq, (list, tuple)) or not seq or any(not 0 <= int(i) < vocab_size for i in seq):
+            fail(f"bad_words_ids must be non-empty lists of token ids in [0, {vocab_size}), got {seq!r}")
+    if any(not isinstance(s, str) or not s for s in cfg.stop_strings or []):
+        fail(f"stop_strings must be non-empty strings, got {cfg.stop_strings!r}")
+    if prompt_length + cfg.max_new_tokens > max_positions:
+        fail(f"prompt length ({prompt_length}) + max_new_tokens ({cfg.max_new_tokens}) exceeds "
+             f"text_config.max_position_embeddings ({max_positions}): max_new_tokens must be in "
+             f"[1, {max_positions - prompt_length}] for this prompt")
+
+
+def check_inputs(input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None,
+                  pixel_attention_mask: Tensor | None) -> None:
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be (batch, tokens) with at least one token, got shape "
+                         f"{tuple(input_ids.shape)}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                         f"{tuple(input_ids.shape)} like input_ids")
+    real = attention_mask != 0
+    if not bool(real.any(dim=1).all()):
+        raise ValueError("attention_mask has a row with no real token; every row needs at least one")
+    # Left padding only: once a row's real tokens start, they run to the end (spec §4.8).
+    if bool((real.int().diff(dim=1) < 0).any()):
+        raise ValueError("attention_mask has padding after real tokens: pad on the left for generation "
+                         "(the processor and tokenizer do by default)")
+    if pixel_values is not None:
+        if pixel_values.dim() != 5:
+            raise ValueError(f"pixel_values must be (batch, images, channels, height, width), got shape "
+                             f"{tuple(pixel_values.shape)}")
+        B, M, _, H, W = pixel_values.shape
+        if B != input_ids.shape[0]:
+            raise ValueError(f"pixel_values has batch size {B} but input_ids has {input_ids.shape[0]}")
+        if pixel_attention_mask is not None and tuple(pixel_attention_mask.shape) != (B, M, H, W):
+            raise ValueError(f"pixel_attention_mask has shape {tuple(pixel_attention_mask.shape)}, expected "
+                             f"{(B, M, H, W)} to match pixel_values")

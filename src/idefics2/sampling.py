@@ -1,0 +1,106 @@
+"""Next-token choice: logits processors (penalties, bans, minimum length) and sampling filters.
+
+Last stage of each generation step: float32 logits of the last position (B, V) -> scores -> token
+ids (B,). Order and arithmetic follow transformers 5.24's `generate` (repetition penalty, bad
+words, min_new_tokens; then, when sampling, temperature, top-k, top-p) so that greedy choices and
+filtered distributions equal the reference's. Everything here is pure: state is passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class BadWords:
+    """Banned token sequences, split for speed: single tokens are a fixed mask, longer ones are
+    matched against the end of each row's history (the prompt included, as the reference does)."""
+
+    single: Tensor | None  # (V,) bool, True = never generate
+    groups: list[tuple[Tensor, Tensor]]  # per prefix length k: prefixes (n, k), last tokens (n,)
+
+    @classmethod
+    def build(cls, bad_words_ids: Sequence[Sequence[int]], eos_ids: Sequence[int], vocab_size: int,
+              device: torch.device) -> BadWords | None:
+        # The reference drops a ban that is exactly one EOS id: it would make stopping impossible.
+        sequences = [list(seq) for seq in bad_words_ids if not (len(seq) == 1 and seq[0] in eos_ids)]
+        if not sequences:
+            return None
+        single = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        by_prefix: dict[int, list[list[int]]] = {}
+        for seq in sequences:
+            if len(seq) == 1:
+                single[seq[0]] = True
+            else:
+                by_prefix.setdefault(len(seq) - 1, []).append(seq)
+        groups = [(torch.tensor([s[:-1] for s in seqs], device=device), torch.tensor([s[-1] for s in seqs],
+                                                                                      device=device))
+                  for seqs in by_prefix.values()]
+        return cls(single if bool(single.any()) else None, groups)
+
+    def apply(self, scores: Tensor, history: Tensor) -> Tensor:
+        """scores (B, V); history (B, S) every token so far. Banned next tokens get -inf."""
+        if self.single is not None:
+            scores = scores.masked_fill(self.single, float("-inf"))
+        for prefixes, last in self.groups:
+            k = prefixes.shape[1]
+            if k > history.shape[1]:
+                continue
+            matches = (history[:, None, -k:] == prefixes).all(dim=-1)  # (B, n)
+            bias = torch.zeros_like(scores)
+            bias.index_add_(1, last, torch.where(matches, float("-inf"), 0.0).to(scores.dtype))
+            scores = scores + bias
+        return scores
+
+
+def seen_tokens(input_ids: Tensor, attention_mask: Tensor, vocab_size: int) -> Tensor:
+    """(B, V) bool: which ids occur in each row of the prompt, left padding excluded.
+
+    The reference penalises every id of the sequence after the first real token; a running mask
+    updated with each new token gives the same set without rescanning the history every step.
+    """
+    first_real = attention_mask.int().argmax(dim=1, keepdim=True)  # (B, 1)
+    keep = torch.arange(input_ids.shape[1], device=input_ids.device)[None] >= first_real
+    seen = torch.zeros(input_ids.shape[0], vocab_size + 1, dtype=torch.bool, device=input_ids.device)
+    # ids outside the output vocabulary and ignored positions land in a spare last column
+    seen.scatter_(1, torch.where(keep, input_ids.clamp(max=vocab_size), vocab_size), True)
+    return seen[:, :vocab_size]
+
+
+def apply_repetition_penalty(scores: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """Divide positive scores of already-seen ids by `penalty`, multiply negative ones (CTRL rule)."""
+    penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return torch.where(seen, penalised, scores)
+
+
+def filter_logits(scores: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Temperature, then top-k, then top-p (nucleus), on scores (B, V); removed ids get -inf.
+
+    Ties at the k-th score are all kept, and top-p keeps the smallest set of highest-probability
+    ids whose mass exceeds `top_p` (at least one), exactly as the reference's warpers do.
+    """
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_k > 0:
+        kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[..., -1:]  # (B, 1)
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cumulative <= 1 - top_p
+        remove_sorted[..., -1:] = False  # the most likely id always stays
+        remove = remove_sorted.scatter(1, order, remove_sorted)
+        scores = scores.masked_fill(remove, float("-inf"))
+    return scores
+
+
+def choose_tokens(scores: Tensor, do_sample: bool, generator: torch.Generator | None) -> Tensor:
+    """(B, V) processed scores -> (B,) ids: argmax, or one draw from softmax(scores)."""
+    if not do_sample:
+        return scores.argmax(dim=-1)
+    probs = scores.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
