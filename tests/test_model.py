@@ -227,3 +227,17 @@ def test_half_precision_runs_and_stays_close_to_float32(dtype: torch.dtype) -> N
     assert torch.isfinite(half[real]).all()
     scale = full[real].abs().max()
     assert (half[real].float() - full[real]).abs().max() < 0.1 * scale
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_cuda_matches_the_reference_on_the_same_device(dtype: torch.dtype) -> None:
+    config = CONFIGS["gqa-window8"]
+    reference = oracle_model(config, attn="sdpa").to("cuda", dtype)
+    ours = ours_from(reference, config).to("cuda", dtype)
+    batch = {k: v.cuda() for k, v in make_batch(config).items()}
+    real = batch["attention_mask"].bool()
+    got, expected = ours(**batch).logits[real].float(), reference(**batch).logits[real].float()
+    tolerance = 1e-4 if dtype == torch.float32 else 0.05 * expected.abs().max().item()
+    torch.testing.assert_close(got, expected, rtol=0, atol=tolerance)
