@@ -51,11 +51,3 @@ class KVCache:
         for i, (k, v) in enumerate(zip(self.keys, self.values)):
             if k is not None and v is not None:
                 self.keys[i], self.values[i] = k.index_select(0, rows), v.index_select(0, rows)
-
-    @property
-    def batch_size(self) -> int | None:
-        return None if self.keys[0] is None else self.keys[0].shape[0]
-
-    def __len__(self) -> int:
-        return self.length
-
