@@ -147,8 +147,6 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
         raise ValueError("pass either generator or seed, not both")
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    N = cfg.max_new_tokens
-    assert N is not None
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     sampling = bool(cfg.do_sample) and cfg.temperature != 0
     if isinstance(streamer, TextIteratorStreamer):

@@ -18,6 +18,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from idefics2.model.idefics2 import check_pixel_inputs
+
 logger = logging.getLogger(__name__)
 
 # What a field falls back to when neither the call nor model.generation_config sets it.
@@ -162,12 +164,7 @@ def check_inputs(input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor
         raise ValueError("attention_mask has padding after real tokens: pad on the left for generation "
                          "(the processor and tokenizer do by default)")
     if pixel_values is not None:
-        if pixel_values.dim() != 5:
-            raise ValueError(f"pixel_values must be (batch, images, channels, height, width), got shape "
-                             f"{tuple(pixel_values.shape)}")
-        B, M, _, H, W = pixel_values.shape
-        if B != input_ids.shape[0]:
-            raise ValueError(f"pixel_values has batch size {B} but input_ids has {input_ids.shape[0]}")
-        if pixel_attention_mask is not None and tuple(pixel_attention_mask.shape) != (B, M, H, W):
-            raise ValueError(f"pixel_attention_mask has shape {tuple(pixel_attention_mask.shape)}, expected "
-                             f"{(B, M, H, W)} to match pixel_values")
+        check_pixel_inputs(pixel_values, pixel_attention_mask)
+        if pixel_values.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"pixel_values has batch size {pixel_values.shape[0]} but input_ids has "
+                             f"{input_ids.shape[0]}")

@@ -68,15 +68,6 @@ def weights_fingerprint(modules: list[nn.Module]) -> bytes:
     return hashlib.blake2b(repr(state).encode(), digest_size=16).digest()
 
 
-def _patch_mask(pixel_mask: Tensor, patch_size: int) -> Tensor:
-    """(R, H, W) pixel mask -> (R, H//p, W//p): valid iff all its pixels are real (spec §4.3 step 3)."""
-    R, H, W = pixel_mask.shape
-    p = patch_size
-    Gh, Gw = H // p, W // p
-    blocks = pixel_mask[:, : Gh * p, : Gw * p].reshape(R, Gh, p, Gw, p)
-    return blocks.sum(dim=(2, 4), dtype=torch.int64) == p * p
-
-
 def encode_images(model: nn.Module, pixel_values: Tensor, pixel_attention_mask: Tensor | None,
                   cache: VisionFeatureCache | None = None) -> Tensor:
     """Features (R, L, D) of the real images in `pixel_values` (B, M, 3, H, W).
@@ -88,15 +79,7 @@ def encode_images(model: nn.Module, pixel_values: Tensor, pixel_attention_mask: 
     """
     inner = model.model
     p = inner.config.vision_config.patch_size
-    B, M, C, H, W = pixel_values.shape
-    pixels = pixel_values.to(inner.dtype).reshape(B * M, C, H, W)
-    is_real = (pixels != 0).flatten(1).any(dim=1)  # (B*M,) all-zero images are padding, as in the reference
-    pixels = pixels[is_real]  # (R, 3, H, W)
-    if pixel_attention_mask is None:
-        pixel_mask = torch.ones(pixels.shape[0], H, W, dtype=torch.bool, device=pixels.device)
-    else:
-        pixel_mask = pixel_attention_mask.reshape(B * M, H, W)[is_real].to(pixels.device).bool()
-    patch_mask = _patch_mask(pixel_mask, p)  # (R, Gh, Gw)
+    pixels, patch_mask = inner.real_images(pixel_values, pixel_attention_mask)  # (R, 3, H, W), (R, Gh, Gw)
     rows = patch_mask[:, :, 0].sum(dim=1).tolist()
     cols = patch_mask[:, 0, :].sum(dim=1).tolist()
     fingerprint = weights_fingerprint([inner.vision_model, inner.connector]) if cache is not None else b""

@@ -21,7 +21,7 @@ from idefics2.config import Idefics2Config
 from idefics2.kv_cache import KVCache
 from idefics2.model.connector import Connector
 from idefics2.model.text import MistralDecoder
-from idefics2.model.vision import VisionTransformer
+from idefics2.model.vision import VisionTransformer, patch_mask_from_pixels
 
 if TYPE_CHECKING:
     from idefics2.generation import GenerationConfig
@@ -55,7 +55,7 @@ class _PretrainedMixin:
         save_pretrained(self, folder, max_shard_size=max_shard_size)  # type: ignore[arg-type]
 
 
-def _check_pixel_inputs(pixel_values: Tensor, pixel_attention_mask: Tensor | None) -> None:
+def check_pixel_inputs(pixel_values: Tensor, pixel_attention_mask: Tensor | None) -> None:
     if pixel_values.dim() != 5:
         raise ValueError(f"pixel_values must have 5 dimensions (batch, images, channels, height, width), got "
                          f"shape {tuple(pixel_values.shape)}; the processor returns this layout")
@@ -85,13 +85,14 @@ class Idefics2Model(_PretrainedMixin, nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.text_model.embed_tokens
 
-    def get_image_features(self, pixel_values: Tensor, pixel_attention_mask: Tensor | None = None) -> Tensor:
-        """pixel_values (B, M, 3, H, W), mask (B, M, H, W) 1 = real pixel -> features (R, L, D).
+    def real_images(self, pixel_values: Tensor, pixel_attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """pixel_values (B, M, 3, H, W), mask (B, M, H, W) 1 = real pixel -> the real images
+        (R, 3, H, W) in the model dtype and their patch masks (R, H//p, W//p).
 
         Padding images (every value exactly 0 after the dtype cast) are dropped; the rest keep
-        their (sample, image) row-major order (spec §4.3 steps 1-2, 6).
+        their (sample, image) row-major order (spec §4.3 steps 1-3).
         """
-        _check_pixel_inputs(pixel_values, pixel_attention_mask)
+        check_pixel_inputs(pixel_values, pixel_attention_mask)
         B, M, C, H, W = pixel_values.shape
         pixel_values = pixel_values.to(self.dtype).reshape(B * M, C, H, W)
         is_real = (pixel_values != 0).flatten(1).any(dim=1)  # (B*M,)
@@ -100,12 +101,13 @@ class Idefics2Model(_PretrainedMixin, nn.Module):
             pixel_mask = torch.ones(pixel_values.shape[0], H, W, dtype=torch.bool, device=pixel_values.device)
         else:
             pixel_mask = pixel_attention_mask.reshape(B * M, H, W)[is_real].to(pixel_values.device)
-        p = self.config.vision_config.patch_size
-        Gh, Gw = H // p, W // p
-        # A patch is valid only when all p*p of its pixels are real (transformers >= 4.45, spec §4.3 step 3).
-        blocks = pixel_mask[:, : Gh * p, : Gw * p].reshape(-1, Gh, p, Gw, p)
-        patch_mask = blocks.sum(dim=(2, 4), dtype=torch.int64) == p * p  # (R, Gh, Gw)
-        patch_features = self.vision_model(pixel_values, patch_mask)  # (R, P, D_v)
+        return pixel_values, patch_mask_from_pixels(pixel_mask, self.config.vision_config.patch_size)
+
+    def get_image_features(self, pixel_values: Tensor, pixel_attention_mask: Tensor | None = None) -> Tensor:
+        """pixel_values (B, M, 3, H, W), mask (B, M, H, W) 1 = real pixel -> features (R, L, D)
+        of the real images (see `real_images`)."""
+        pixels, patch_mask = self.real_images(pixel_values, pixel_attention_mask)
+        patch_features = self.vision_model(pixels, patch_mask)  # (R, P, D_v)
         return self.connector(patch_features, patch_mask.flatten(1))  # (R, L, D)
 
     def merge_image_features(self, inputs_embeds: Tensor, image_features: Tensor,

@@ -39,6 +39,19 @@ def bucket_position_ids(patch_mask: Tensor, num_patches_per_side: int) -> Tensor
     return torch.where(patch_mask, ids, 0).flatten(1)
 
 
+def patch_mask_from_pixels(pixel_mask: Tensor, patch_size: int) -> Tensor:
+    """(R, H, W) pixel mask, nonzero = real -> (R, H//p, W//p) bool patch mask.
+
+    A patch is valid only when all p*p of its pixels are real (transformers >= 4.45, spec §4.3
+    step 3); trailing rows/columns that do not fill a patch are never seen by the patch conv.
+    """
+    R, H, W = pixel_mask.shape
+    p = patch_size
+    Gh, Gw = H // p, W // p
+    blocks = pixel_mask[:, : Gh * p, : Gw * p].reshape(R, Gh, p, Gw, p)
+    return blocks.sum(dim=(2, 4), dtype=torch.int64) == p * p
+
+
 class VisionEmbeddings(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
