@@ -28,6 +28,7 @@ from idefics2.generation_config import (
 )
 from idefics2.kv_cache import KVCache
 from idefics2.model.layers import linear
+from idefics2.model.text import positions_from_mask
 from idefics2.sampling import BadWords, apply_repetition_penalty, choose_tokens, filter_logits, seen_tokens
 from idefics2.streaming import Decoder, TextIteratorStreamer
 from idefics2.vision_cache import VisionFeatureCache, encode_images
@@ -236,7 +237,7 @@ def _run(model: nn.Module, input_ids: Tensor, mask: Tensor, pixel_values: Tensor
     text_model = model.model.text_model
     text_model.reserve_rotary(T + N, device)
     cache = KVCache(len(text_model.layers), T + N)
-    positions = (mask.cumsum(dim=1) - 1).masked_fill(mask == 0, 0)  # (B, T): pads at 0 (spec §4.8)
+    positions = positions_from_mask(mask)  # (B, T)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                 image_hidden_states=features, past_key_values=cache, use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1].float()  # (B, V)

@@ -24,6 +24,16 @@ from idefics2.model.layers import (
 )
 
 
+def positions_from_mask(attention_mask: Tensor) -> Tensor:
+    """RoPE positions that skip left padding: cumsum(mask) - 1, padding at 0 (spec §4.8).
+
+    What `generate` (and training, so that it sees the same positions) uses instead of the
+    plain `arange` of `forward`: a row then gets the same positions alone or left-padded in a batch.
+    """
+    mask = attention_mask.long()
+    return (mask.cumsum(dim=1) - 1).masked_fill(mask == 0, 0)
+
+
 def decoder_attention_mask(attention_mask: Tensor | None, batch_size: int, past: int, num_new: int,
                            sliding_window: int | None, device: torch.device) -> Tensor | None:
     """Causal + sliding-window + padding mask (B, 1, T, S), True = visible; None when all visible.

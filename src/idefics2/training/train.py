@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from idefics2.config import Idefics2Config
 from idefics2.model.idefics2 import Idefics2ForConditionalGeneration
+from idefics2.model.text import positions_from_mask
 from idefics2.processing.image_processor import Idefics2ImageProcessor
 from idefics2.processing.processor import END_OF_UTTERANCE_TOKEN, Idefics2Processor
 from idefics2.processing.tokenizer import Tokenizer
@@ -177,11 +178,6 @@ class ConversationBatches(Dataset[dict[str, Tensor]]):
         return batch
 
 
-def position_ids_for(attention_mask: Tensor) -> Tensor:
-    """Left-padding-aware positions (spec §4.8), the same ones `generate` uses at inference."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 # ---------------------------------------------------------------------------------------------- loop
 def lr_factor(progress: float, step: int, warmup_steps: int, min_ratio: float) -> float:
     """Linear warm-up over steps, then cosine from 1 to `min_ratio` over overall progress in [0, 1]."""
@@ -298,7 +294,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         position_ids=position_ids_for(batch["attention_mask"]),
+                         position_ids=positions_from_mask(batch["attention_mask"]),
                          pixel_values=batch["pixel_values"], pixel_attention_mask=batch["pixel_attention_mask"],
                          labels=batch["labels"], use_cache=False).loss
         optimizer.zero_grad(set_to_none=True)
