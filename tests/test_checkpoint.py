@@ -160,3 +160,15 @@ def test_saved_checkpoints_get_ordinary_permissions_not_private_temp_ones(tmp_pa
         os.umask(old)
     assert folder.stat().st_mode & 0o777 == 0o755
     assert {f.stat().st_mode & 0o777 for f in folder.iterdir()} == {0o644}
+
+
+def test_generation_defaults_travel_with_the_checkpoint(tmp_path: Path) -> None:
+    from idefics2.generation_config import GenerationConfig
+
+    model = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(CONFIG))
+    model.generation_config = GenerationConfig(max_new_tokens=7, eos_token_id=[2, 5])
+    model.save_pretrained(tmp_path)
+    loaded = Idefics2ForConditionalGeneration.from_pretrained(tmp_path)
+    assert loaded.generation_config.max_new_tokens == 7 and loaded.generation_config.eos_token_id == [2, 5]
+    (tmp_path / "generation_config.json").unlink()
+    assert Idefics2ForConditionalGeneration.from_pretrained(tmp_path).generation_config is None

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from idefics2.config import Idefics2Config
+from idefics2.generation_config import load_generation_config
 
 logger = logging.getLogger(__name__)
 
@@ -192,13 +193,8 @@ def load_pretrained(cls: type[M], folder_or_repo_id: str | os.PathLike[str], *, 
 
 def _attach_generation_config(model: nn.Module, folder: Path) -> None:
     """Generation defaults travel with the checkpoint (generation_config.json), when it has one."""
-    if not hasattr(model, "generate"):
-        return
-    try:
-        from idefics2.generation import load_generation_config
-    except ImportError:
-        return
-    model.generation_config = load_generation_config(folder)
+    if hasattr(model, "generate"):  # the LM, not the headless Idefics2Model
+        model.generation_config = load_generation_config(folder)
 
 
 def parse_size(size: int | str) -> int:
