@@ -241,3 +241,50 @@ def test_cuda_matches_the_reference_on_the_same_device(dtype: torch.dtype) -> No
     got, expected = ours(**batch).logits[real].float(), reference(**batch).logits[real].float()
     tolerance = 1e-4 if dtype == torch.float32 else 0.05 * expected.abs().max().item()
     torch.testing.assert_close(got, expected, rtol=0, atol=tolerance)
+
+
+def test_packed_qkv_matches_the_reference_and_saves_loadable_unshared_weights(tmp_path: Any) -> None:
+    config = CONFIGS["gqa-window8"]
+    reference = oracle_model(config)
+    ours = ours_from(reference, config)
+    batch = make_batch(config)
+    ours.pack_projections()
+    for attn in (ours.model.text_model.layers[1].self_attn, ours.model.vision_model.encoder.layers[0].self_attn):
+        assert attn.packed_qkv is not None and attn.q_proj.weight.data_ptr() == attn.packed_qkv.weight.data_ptr()
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        expected = reference(**batch).logits[real]
+        torch.testing.assert_close(ours(**batch).logits[real], expected, rtol=0, atol=1e-4)
+    names = [name for name, _ in ours.named_parameters()]
+    assert names == [name for name, _ in ours_from(reference, config).named_parameters()]  # no new names
+    ours.save_pretrained(tmp_path)  # q/k/v weights now share one storage
+    reloaded = Idefics2ForConditionalGeneration.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits[real], expected, rtol=0, atol=1e-4)
+
+
+def test_packed_qkv_steps_aside_for_wrapped_or_converted_projections() -> None:
+    """A LoRA-style wrapper or a dtype change must not be bypassed by the packed product."""
+    config = CONFIGS["gqa-window8"]
+    ours = ours_from(oracle_model(config), config)
+    ids = torch.randint(3, 99, (2, 11), generator=torch.Generator().manual_seed(5))
+    ours.pack_projections()
+
+    class Doubled(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * self.inner(x)
+
+    with torch.no_grad():
+        packed_logits = ours(input_ids=ids).logits
+        attn = ours.model.text_model.layers[0].self_attn
+        attn.v_proj = Doubled(attn.v_proj)
+        wrapped = ours(input_ids=ids).logits
+        attn.v_proj = attn.v_proj.inner
+        assert (wrapped - packed_logits).abs().max() > 1e-3  # the wrapper took effect
+        torch.testing.assert_close(ours(input_ids=ids).logits, packed_logits, rtol=0, atol=0)
+        ours.double()  # new storage: packing no longer serves, results stay right
+        torch.testing.assert_close(ours(input_ids=ids).logits.float(), packed_logits, rtol=0, atol=1e-5)
