@@ -234,7 +234,6 @@ def _run(model: nn.Module, input_ids: Tensor, mask: Tensor, pixel_values: Tensor
     if pixel_values is not None:
         # (R, L, D), computed once per request, before the prefill, never while decoding
         features = encode_images(model, pixel_values.to(device), pixel_attention_mask, plan.vision_cache)
-    model.pack_projections()
     text_model = model.model.text_model
     text_model.reserve_rotary(T + N, device)
     cache = KVCache(len(text_model.layers), T + N)

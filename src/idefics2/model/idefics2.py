@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from idefics2.config import Idefics2Config
 from idefics2.kv_cache import KVCache
 from idefics2.model.connector import Connector
-from idefics2.model.layers import PackableQKV
 from idefics2.model.text import MistralDecoder
 from idefics2.model.vision import VisionTransformer, patch_mask_from_pixels
 
@@ -177,13 +176,6 @@ class Idefics2ForConditionalGeneration(_PretrainedMixin, nn.Module):
         # `generate` derives them from the config (EOS, pad) and its built-in defaults.
         self.generation_config: GenerationConfig | None = None
         self.tie_weights()
-
-    def pack_projections(self) -> None:
-        """Inference layout: each attention's q/k/v weights in one tensor, one product instead of
-        three (`layers.PackableQKV`); names, state dict and training are unchanged. `generate` calls it."""
-        for module in self.modules():
-            if isinstance(module, PackableQKV):
-                module.pack_projections()
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:

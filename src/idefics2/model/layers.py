@@ -7,8 +7,6 @@ hd head dim. Masks are bool with True = may attend.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -103,74 +101,6 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)
-
-
-class PackedLinears:
-    """Linears that read the same input, with their weights (and biases) moved into one tensor.
-
-    Each parameter stays the same object under the same name (state dicts, optimizers and
-    `load_state_dict` see no change); only its storage becomes a row block of the packed tensor,
-    so one product replaces several. At a decode step the q/k/v products are small (k and v are
-    0.8 MB at the 166M benchmark config) and each call pays MKL's set-up and a thread fork: one
-    product over the packed rows is what makes packing worth it. Held as a plain attribute, never
-    registered, so it adds no names.
-    """
-
-    def __init__(self, linears: Sequence[nn.Linear]) -> None:
-        self.linears = tuple(linears)
-        self.sizes = [m.out_features for m in self.linears]
-        with torch.no_grad():
-            self.weight = torch.cat([m.weight for m in self.linears])  # (sum out, in)
-            biases = [m.bias for m in self.linears]
-            self.bias = torch.cat(biases) if all(b is not None for b in biases) else None  # type: ignore[arg-type]
-        if self.bias is None and any(b is not None for b in biases):
-            raise ValueError("PackedLinears needs all of the linears with a bias or all without")
-        offset = 0
-        for m, n in zip(self.linears, self.sizes, strict=True):
-            m.weight.data = self.weight[offset:offset + n]
-            if self.bias is not None:
-                m.bias.data = self.bias[offset:offset + n]
-            offset += n
-        self._pointers = [m.weight.data_ptr() for m in self.linears]
-
-    def serves(self, *modules: nn.Module) -> bool:
-        """True while `modules` are still the packed plain Linears and still views of the packed
-        storage. A `.to(dtype)`, a reassigned weight or an adapter wrapped around a projection
-        (LoRA) ends it, and the caller falls back to the separate products."""
-        return all(
-            m is p and type(m) in (nn.Linear, Linear) and m.weight.data_ptr() == ptr  # type: ignore[union-attr]
-            for m, p, ptr in zip(modules, self.linears, self._pointers, strict=True))
-
-    def __call__(self, x: Tensor) -> list[Tensor]:
-        """x (..., in) -> one (..., out_i) view per linear, from a single product."""
-        return list(linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
-
-
-class PackableQKV:
-    """For attention modules whose q_proj, k_proj and v_proj read the same input.
-
-    `pack_projections` (inference: `generate` calls it) moves the three weights into one
-    `PackedLinears`; `project_qkv` then runs one product whenever the packing still serves
-    (grad off, the same plain Linears, the same storage) and the three products otherwise.
-    """
-
-    q_proj: nn.Module
-    k_proj: nn.Module
-    v_proj: nn.Module
-    packed_qkv: PackedLinears | None = None
-
-    def pack_projections(self) -> None:
-        """Idempotent; re-packs after a `.to()` or a weight replacement ended the old packing."""
-        if self.packed_qkv is None or not self.packed_qkv.serves(self.q_proj, self.k_proj, self.v_proj):
-            self.packed_qkv = PackedLinears([self.q_proj, self.k_proj, self.v_proj])  # type: ignore[list-item]
-
-    def project_qkv(self, x: Tensor) -> list[Tensor]:
-        """x (..., D) -> [q, k, v], each (..., out)."""
-        packed = self.packed_qkv
-        if packed is not None and not torch.is_grad_enabled() and packed.serves(self.q_proj, self.k_proj,
-                                                                                 self.v_proj):
-            return packed(x)
-        return [self.q_proj(x), self.k_proj(x), self.v_proj(x)]
 
 
 class GatedMLP(nn.Module):

@@ -16,7 +16,6 @@ from idefics2.kv_cache import KVCache
 from idefics2.model.layers import (
     GatedMLP,
     Linear,
-    PackableQKV,
     RMSNorm,
     apply_rotary,
     attention,
@@ -61,7 +60,7 @@ def decoder_attention_mask(attention_mask: Tensor | None, batch_size: int, past:
     return visible[:, None]
 
 
-class TextAttention(PackableQKV, nn.Module):
+class TextAttention(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         d, hd = cfg.hidden_size, cfg.attention_head_dim
@@ -75,10 +74,9 @@ class TextAttention(PackableQKV, nn.Module):
                 cache: KVCache | None, layer_idx: int) -> Tensor:
         """x (B, T, D); cos and signed sin (B, 1, T, hd) from `MistralDecoder.rotary`."""
         B, T, _ = x.shape
-        q, k, v = self.project_qkv(x)
-        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # (B, H_kv, S, hd)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from idefics2.config import VisionConfig
-from idefics2.model.layers import PackableQKV, activation, attention
+from idefics2.model.layers import activation, attention
 
 
 def bucket_position_ids(patch_mask: Tensor, num_patches_per_side: int) -> Tensor:
@@ -65,7 +65,7 @@ class VisionEmbeddings(nn.Module):
         return patches + self.position_embedding(bucket_position_ids(patch_mask, self.num_patches_per_side))
 
 
-class VisionAttention(PackableQKV, nn.Module):
+class VisionAttention(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         d = cfg.hidden_size
@@ -78,8 +78,8 @@ class VisionAttention(PackableQKV, nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         R, P, _ = x.shape
-        q, k, v = (t.view(R, P, self.num_heads, self.head_dim).transpose(1, 2)  # (R, H, P, hd)
-                   for t in self.project_qkv(x))
+        q, k, v = (proj(x).view(R, P, self.num_heads, self.head_dim).transpose(1, 2)  # (R, H, P, hd)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
         out = attention(q, k, v, mask, self.head_dim**-0.5)
         return self.out_proj(out.transpose(1, 2).reshape(R, P, -1))
 
