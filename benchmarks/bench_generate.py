@@ -249,6 +249,8 @@ def main() -> None:
     parser.add_argument("--worker", choices=["ours", "oracle"], help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 1 or args.repeats < 1:
+        parser.error("--rounds and --repeats must be at least 1")
     if args.worker:
         print(json.dumps(worker(args)))
         return
