@@ -174,7 +174,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     warmup = time.perf_counter() - warmup_start
     runs = [run(args.new_tokens + 1) for _ in range(args.repeats)]
     first, step = min(r[0] for r in runs), min(r[1] for r in runs)
-    result = {"first_token_s": first, "decode_step_ms": 1e3 * step, "decode_tokens_per_s": args.batch / step,
+    result = {"first_token_s": first, "decode_step_ms": 1e3 * step,
               "first_token_median_s": statistics.median(r[0] for r in runs), "tokens": runs[0][2].tolist(),
               "warmup_call_s": warmup}
     if args.worker == "ours":
@@ -228,7 +228,6 @@ def best_of(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
     for key in ("first_token_s", "decode_step_ms", "first_token_cached_s", "first_token_median_s", "warmup_call_s"):
         if key in old:
             merged[key] = min(old[key], new[key])
-    merged["decode_tokens_per_s"] = old["decode_tokens_per_s"] * old["decode_step_ms"] / merged["decode_step_ms"]
     merged["peak_gib"] = max(old["peak_gib"], new["peak_gib"])
     return merged
 
@@ -276,6 +275,7 @@ def main() -> None:
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 key = f"{side}_b{batch}"
                 results[key] = best_of(results.get(key), json.loads(out.strip().splitlines()[-1]))
+                results[key]["decode_tokens_per_s"] = 1e3 * batch / results[key]["decode_step_ms"]
 
     bw = bandwidth(args.device)  # after the workers: its buffers must not inflate their memory
     memory = "peak GPU GiB" if args.device.startswith("cuda") else "peak RSS GiB"
