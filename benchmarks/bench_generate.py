@@ -303,12 +303,14 @@ def main() -> None:
             cells = [f"{v:12.3f}" if v is not None else f"{'':>12}" for v in (a, b)]
             print(f"{batch:>5} {name:<28}{''.join(cells)}{f'{ratio:8.2f}x' if ratio else ''}")
         same = ref["tokens"] == ours["tokens"]
-        print(f"{batch:>5} greedy tokens identical: {same}")
+        agree = [next((i for i, (a, b) in enumerate(zip(r, o)) if a != b), len(r))
+                 for r, o in zip(ref["tokens"], ours["tokens"])]  # leading tokens equal, per row
+        print(f"{batch:>5} greedy tokens identical: {same}" + ("" if same else f"; leading tokens equal: {agree}"))
         summary[f"b{batch}"] = {"oracle": {k: v for k, v in ref.items() if k not in del_keys},
                                 "ours": {k: v for k, v in ours.items() if k not in del_keys},
                                 "first_token_speedup": ref["first_token_s"] / ours["first_token_s"],
                                 "decode_speedup": ours["decode_tokens_per_s"] / ref["decode_tokens_per_s"],
-                                "tokens_identical": same}
+                                "tokens_identical": same, "leading_tokens_equal": agree}
     print(json.dumps(summary))
 
 
