@@ -21,7 +21,8 @@ from idefics2.training.evaluate import normalise, score
 from idefics2.training.synthetic import COLORS, SHAPES, make_eval_items, sample_conversation, sample_scene
 from idefics2.training.tokenizer_training import SPECIAL_TOKENS, train_tokenizer
 from idefics2.training.train import (CHECKPOINT_FILE, IGNORE_INDEX, ConversationBatches, TrainConfig,
-                                     assistant_labels, build_processor, lr_factor, train)
+                                     assistant_labels, build_processor, init_weights, lr_factor,
+                                     model_config_dict, train)
 
 SHIPPED = Path(__file__).resolve().parents[1] / "src" / "idefics2" / "assets" / "shapes-vqa"
 
@@ -140,6 +141,24 @@ def _tiny(tmp_path: Path, **overrides: object) -> TrainConfig:
                     tokenizer_dir=str(SHIPPED), max_turns=2, threads=1)
     settings.update(overrides)
     return TrainConfig(**settings)  # type: ignore[arg-type]
+
+
+def test_init_draws_the_perceiver_query_key_and_latents_at_the_asked_scales() -> None:
+    """The from-scratch knobs touch only the perceiver's q/k and latents; the rest stays at 0.02."""
+    from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(model_config_dict("small", 495, 4)))
+    init_weights(model, latents_std=0.02, perceiver_qk_std=0.5)
+    resampler = model.model.connector.perceiver_resampler
+    attn = resampler.layers[0].self_attn
+    assert attn.q_proj.weight.std().item() == pytest.approx(0.5, rel=0.05)
+    assert attn.k_proj.weight.std().item() == pytest.approx(0.5, rel=0.05)
+    assert resampler.latents.std().item() == pytest.approx(0.02, rel=0.05)
+    vision_q = model.model.vision_model.encoder.layers[0].self_attn.q_proj.weight
+    text_k = model.model.text_model.layers[0].self_attn.k_proj.weight
+    for weight in (attn.v_proj.weight, attn.o_proj.weight, vision_q, text_k):
+        assert weight.std().item() == pytest.approx(0.02, rel=0.05)
 
 
 def test_training_lowers_the_loss_and_exports_a_loadable_model(tmp_path: Path) -> None:
