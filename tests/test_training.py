@@ -21,7 +21,7 @@ from idefics2.training.evaluate import normalise, score
 from idefics2.training.synthetic import COLORS, SHAPES, make_eval_items, sample_conversation, sample_scene
 from idefics2.training.tokenizer_training import SPECIAL_TOKENS, train_tokenizer
 from idefics2.training.train import (CHECKPOINT_FILE, IGNORE_INDEX, ConversationBatches, TrainConfig,
-                                     assistant_labels, build_processor, init_weights, lr_factor,
+                                     assistant_labels, build_processor, init_weights, lr_factor, main,
                                      model_config_dict, train)
 
 SHIPPED = Path(__file__).resolve().parents[1] / "src" / "idefics2" / "assets" / "shapes-vqa"
@@ -159,6 +159,20 @@ def test_init_draws_the_perceiver_query_key_and_latents_at_the_asked_scales() ->
     text_k = model.model.text_model.layers[0].self_attn.k_proj.weight
     for weight in (attn.v_proj.weight, attn.o_proj.weight, vision_q, text_k):
         assert weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_init_flags_reach_the_trained_model(tmp_path: Path) -> None:
+    """`--perceiver-qk-std` / `--latents-std` go from the command line into the initial weights
+    (one step at a warm-up lr barely moves them)."""
+    from idefics2 import Idefics2ForConditionalGeneration
+
+    main(["--out-dir", str(tmp_path), "--preset", "tiny", "--steps", "1", "--batch-size", "2",
+          "--eval-questions", "0", "--tokenizer-dir", str(SHIPPED), "--threads", "1",
+          "--perceiver-qk-std", "0.5", "--latents-std", "0.02"])
+    model = Idefics2ForConditionalGeneration.from_pretrained(tmp_path / "model")
+    resampler = model.model.connector.perceiver_resampler
+    assert resampler.layers[0].self_attn.q_proj.weight.std().item() == pytest.approx(0.5, rel=0.1)
+    assert resampler.latents.std().item() == pytest.approx(0.02, rel=0.25)
 
 
 def test_training_lowers_the_loss_and_exports_a_loadable_model(tmp_path: Path) -> None:
