@@ -352,7 +352,8 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
              "max_minutes": "wall-clock cap; the cosine schedule is stretched to end by then",
              "device": "cpu or cuda", "num_workers": "data-loader processes rendering batches",
              "tokenizer_dir": "use these tokenizer files instead of training a new tokenizer",
-             "bf16": "bfloat16 autocast (GPU)", "eval_questions": "validation questions per evaluation; 0 = none", "resume": "continue from <out-dir>/checkpoint.pt",
+             "bf16": "bfloat16 autocast (GPU)", "eval_questions": "validation questions per evaluation; 0 = none",
+             "resume": "continue from <out-dir>/checkpoint.pt",
              "latents_std": "std of the perceiver latents at init",
              "perceiver_qk_std": "std of the perceiver's q/k projections at init; ~0.5 (with "
                                  "--latents-std 0.02) lets reading be learned, see docs/training.md"}
