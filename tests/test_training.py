@@ -123,6 +123,25 @@ def test_answers_match_the_drawn_scene() -> None:
             assert set(first.shapes) != set(second.shapes)
 
 
+def test_curriculum_caps_the_shapes_of_single_images(processor) -> None:  # type: ignore[no-untyped-def]
+    """`max_shapes` bounds single-image scenes (pairs keep the full range); the batch schedule
+    counts from the run's start, so a resumed run continues the same ramp."""
+    rng = random.Random(3)
+    counts: list[str] = []
+    for _ in range(150):
+        sample = sample_conversation(rng, max_turns=5, two_images=False, max_shapes=2)
+        for question, answer in zip(sample.messages[::2], sample.messages[1::2]):
+            if question["content"][-1]["text"] == "How many shapes are there?":
+                counts.append(answer["content"][0]["text"])
+    assert counts and set(counts) <= {"1.", "2."} and {"1.", "2."} <= set(counts)
+    assert {len(sample_scene(random.Random(s), max_shapes=1).shapes) for s in range(30)} == {1}
+    data = ConversationBatches(processor, 0, 1, 0, 100, 1, curriculum_steps=10)
+    assert [data.max_shapes(s) for s in (0, 9, 10, 25, 40, 41, 1000)] == [1, 1, 2, 3, 5, 5, 5]
+    assert ConversationBatches(processor, 0, 1, 0, 100, 1).max_shapes(0) == 5  # off: the shipped recipe
+    capped = ConversationBatches(processor, 0, 4, 0, 100, 1, curriculum_steps=1000)[0]["input_ids"]
+    assert not torch.equal(capped, ConversationBatches(processor, 0, 4, 0, 100, 1)[0]["input_ids"])
+
+
 def test_scoring_normalises_case_and_punctuation() -> None:
     items = make_eval_items(5, 2)
     assert normalise("The RED circle!") == normalise("the red circle.")

@@ -33,6 +33,7 @@ BACKGROUNDS = ((255, 255, 255), (255, 255, 255), (245, 245, 245), (235, 240, 250
 TEXT_COLORS = ((0, 0, 0), (60, 60, 60), (20, 20, 90))
 CANVASES = ((224, 224), (224, 224), (224, 224), (160, 160), (192, 192), (256, 256), (224, 176), (176, 224))
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
+MAX_SHAPES = 5
 
 # Question types; evaluation reports accuracy per type and per group.
 SINGLE_IMAGE_TYPES = ("color", "shape", "count", "count_kind", "position", "text", "describe")
@@ -128,10 +129,12 @@ def _place(rng: random.Random, kind: str, color: str, placed: list[tuple[int, in
     return None
 
 
-def sample_scene(rng: random.Random, n_shapes: int | None = None, with_text: bool | None = None) -> Scene:
-    """A random scene; the requested count may come out lower only if placement fails (never seen)."""
+def sample_scene(rng: random.Random, n_shapes: int | None = None, with_text: bool | None = None,
+                 max_shapes: int = MAX_SHAPES) -> Scene:
+    """A random scene with `n_shapes` shapes, or 1-`max_shapes` drawn uniformly; the count may come out
+    lower only if placement fails (never seen)."""
     width, height = rng.choice(CANVASES)
-    n = n_shapes if n_shapes is not None else rng.randint(1, 5)
+    n = n_shapes if n_shapes is not None else rng.randint(1, max_shapes)
     has_text = with_text if with_text is not None else rng.random() < 0.3
     text, text_xy, text_size, box = None, (0, 0), 0, None
     if has_text:
@@ -290,11 +293,14 @@ def _answerable(rng: random.Random, scene: Scene, qtype: str) -> tuple[str, str,
     return qa[0], qa[1], qtype
 
 
-def sample_conversation(rng: random.Random, max_turns: int = 3, two_images: bool | None = None) -> Sample:
+def sample_conversation(rng: random.Random, max_turns: int = 3, two_images: bool | None = None,
+                        max_shapes: int = MAX_SHAPES) -> Sample:
     """A training conversation: 1-`max_turns` questions about one image, or 1-2 about an image pair
     (`two_images`; None draws it, 20% pairs).
 
     Several answers per image give more supervised tokens per (expensive) image encoding.
+    `max_shapes` caps the shapes of a single image (the training curriculum); image pairs keep
+    the full range.
     """
     if two_images if two_images is not None else rng.random() < 0.2:
         types = rng.sample(TWO_IMAGE_TYPES, rng.randint(1, 2))
@@ -308,7 +314,7 @@ def sample_conversation(rng: random.Random, max_turns: int = 3, two_images: bool
             else:
                 types = types[:1]
         return Sample([render(first), render(second)], messages, list(types))
-    scene = sample_scene(rng)
+    scene = sample_scene(rng, max_shapes=max_shapes)
     wanted = ["text"] if scene.text is not None and rng.random() < 0.5 else []
     wanted += [rng.choice(SINGLE_IMAGE_TYPES) for _ in range(rng.randint(1, max_turns) - len(wanted))]
     messages: list[dict[str, Any]] = []

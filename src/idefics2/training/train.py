@@ -34,7 +34,7 @@ from idefics2.processing.image_processor import Idefics2ImageProcessor
 from idefics2.processing.processor import END_OF_UTTERANCE_TOKEN, Idefics2Processor
 from idefics2.processing.tokenizer import Tokenizer
 from idefics2.training.evaluate import answer_items, score
-from idefics2.training.synthetic import make_eval_items, sample_conversation
+from idefics2.training.synthetic import MAX_SHAPES, make_eval_items, sample_conversation
 from idefics2.training.tokenizer_training import train_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     max_turns: int = 3
+    curriculum_steps: int = 0
     latents_std: float = 1.0
     perceiver_qk_std: float = 0.02
     eval_every: int = 400
@@ -165,23 +166,38 @@ def assistant_labels(input_ids: Tensor, prefix_ids: Sequence[int], end_id: int) 
 
 
 class ConversationBatches(Dataset[dict[str, Tensor]]):
-    """Batch `index` is a pure function of (seed, index): workers need no shared state, resumes are exact."""
+    """Batch `index` is a pure function of (seed, index): workers need no shared state, resumes are exact.
+
+    With `curriculum_steps` = N > 0, single images of batch b have at most 1 + b // N shapes (up to
+    the full 5): a model that first sees one shape per image learns colour and shape words from
+    the image alone, then binds them when more shapes appear. From scratch without it, colour binding
+    stays at chance for as long as a CPU run lasts (docs/training.md).
+    """
 
     def __init__(self, processor: Idefics2Processor, seed: int, batch_size: int, start: int, stop: int,
-                 max_turns: int) -> None:
+                 max_turns: int, curriculum_steps: int = 0) -> None:
         self.processor, self.seed, self.batch_size = processor, seed, batch_size
         self.start, self.stop, self.max_turns = start, stop, max_turns
+        self.curriculum_steps = curriculum_steps
         self.prefix_ids = processor.tokenizer("Assistant:", add_special_tokens=False)["input_ids"]
         self.end_id = processor.tokenizer.token_to_id(END_OF_UTTERANCE_TOKEN)
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
 
+    def max_shapes(self, step: int) -> int:
+        """Most shapes a single image of batch `step` (counted from the run's start) may have."""
+        if self.curriculum_steps <= 0:
+            return MAX_SHAPES
+        return min(MAX_SHAPES, 1 + step // self.curriculum_steps)
+
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        rng = random.Random(self.seed * 1_000_000_007 + self.start + index)
+        step = self.start + index
+        rng = random.Random(self.seed * 1_000_000_007 + step)
         # One image count per batch: no all-zero padding images to ship between processes.
         two_images = rng.random() < TWO_IMAGE_BATCH_FRACTION
-        samples = [sample_conversation(rng, self.max_turns, two_images) for _ in range(self.batch_size)]
+        samples = [sample_conversation(rng, self.max_turns, two_images, self.max_shapes(step))
+                   for _ in range(self.batch_size)]
         texts = [self.processor.apply_chat_template(s.messages) for s in samples]
         batch = dict(self.processor(images=[s.images for s in samples], text=texts, padding=True,
                                     return_tensors="pt"))
@@ -271,7 +287,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     logger.info("model: %s preset, %.2f M parameters", cfg.preset, n_params / 1e6)
 
     validation = make_eval_items(cfg.seed + VALIDATION_SEED_OFFSET, cfg.eval_questions)  # [] = no evaluation
-    data = ConversationBatches(processor, cfg.seed, cfg.batch_size, step, cfg.steps, cfg.max_turns)
+    data = ConversationBatches(processor, cfg.seed, cfg.batch_size, step, cfg.steps, cfg.max_turns,
+                               cfg.curriculum_steps)
     loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.num_workers else None)
     budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
@@ -355,6 +372,8 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
              "bf16": "bfloat16 autocast (GPU)", "eval_questions": "validation questions per evaluation; 0 = none",
              "resume": "continue from <out-dir>/checkpoint.pt",
              "latents_std": "std of the perceiver latents at init",
+             "curriculum_steps": "N > 0: single images have at most 1 + step // N shapes (up to 5), so "
+                                 "colour binding is learned on a CPU; 0 = off",
              "perceiver_qk_std": "std of the perceiver's q/k projections at init; ~0.5 (with "
                                  "--latents-std 0.02) lets reading be learned, see docs/training.md"}
     for f in fields(TrainConfig):
