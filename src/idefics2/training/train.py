@@ -170,8 +170,9 @@ class ConversationBatches(Dataset[dict[str, Tensor]]):
 
     With `curriculum_steps` = N > 0, single images of batch b have at most 1 + b // N shapes (up to
     the full 5): a model that first sees one shape per image learns colour and shape words from
-    the image alone, then binds them when more shapes appear. From scratch without it, colour binding
-    stays at chance for as long as a CPU run lasts (docs/training.md).
+    the image alone, then binds them when more shapes appear. On colour and counting questions
+    from scratch on a CPU, colour reached 61% by step 1,650 with N = 300 and 38% without
+    (docs/training.md).
     """
 
     def __init__(self, processor: Idefics2Processor, seed: int, batch_size: int, start: int, stop: int,
@@ -372,8 +373,8 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
              "bf16": "bfloat16 autocast (GPU)", "eval_questions": "validation questions per evaluation; 0 = none",
              "resume": "continue from <out-dir>/checkpoint.pt",
              "latents_std": "std of the perceiver latents at init",
-             "curriculum_steps": "N > 0: single images have at most 1 + step // N shapes (up to 5), so "
-                                 "colour binding is learned on a CPU; 0 = off",
+             "curriculum_steps": "N > 0: single images have at most 1 + step // N shapes (up to 5), "
+                                 "which speeds up learning colour binding; 0 = off",
              "perceiver_qk_std": "std of the perceiver's q/k projections at init; ~0.5 (with "
                                  "--latents-std 0.02) lets reading be learned, see docs/training.md"}
     for f in fields(TrainConfig):
