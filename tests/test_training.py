@@ -7,6 +7,7 @@ tokenizer takes ~10 s), so the whole file runs in well under a minute on two cor
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -21,8 +22,8 @@ from idefics2.training.evaluate import normalise, score
 from idefics2.training.synthetic import COLORS, SHAPES, make_eval_items, sample_conversation, sample_scene
 from idefics2.training.tokenizer_training import SPECIAL_TOKENS, train_tokenizer
 from idefics2.training.train import (CHECKPOINT_FILE, IGNORE_INDEX, ConversationBatches, TrainConfig,
-                                     assistant_labels, build_processor, init_weights, lr_factor, main,
-                                     model_config_dict, train)
+                                     _param_groups, assistant_labels, build_processor, init_weights,
+                                     lr_factor, main, model_config_dict, sincos_position_table, train)
 
 SHIPPED = Path(__file__).resolve().parents[1] / "src" / "idefics2" / "assets" / "shapes-vqa"
 
@@ -180,18 +181,48 @@ def test_init_draws_the_perceiver_query_key_and_latents_at_the_asked_scales() ->
         assert weight.std().item() == pytest.approx(0.02, rel=0.05)
 
 
+def test_position_table_init_encodes_row_and_column_and_escapes_weight_decay() -> None:
+    """Scale 0.5: every patch gets its own row of 0.5 x the sine/cosine table, whose first half
+    depends only on the patch row and second half only on the column; the table is then exempt
+    from weight decay. Scale 0 (the shipped recipe) leaves N(0, 0.02) under decay."""
+    from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration
+
+    side, width = 5, 12
+    table = sincos_position_table(side, width).view(side, side, width)
+    assert torch.equal(table[2, 0, :6], table[2, 4, :6]) and torch.equal(table[0, 3, 6:], table[4, 3, 6:])
+    assert not torch.equal(table[1, 0, :6], table[2, 0, :6])
+    assert table[0, 0].tolist() == [0.0] * 3 + [1.0] * 3 + [0.0] * 3 + [1.0] * 3  # sin 0, cos 0
+    assert table[3, 0, 0].item() == pytest.approx(math.sin(3.0))  # row 3, frequency 1
+    assert len({tuple(row) for row in table.view(side * side, width).tolist()}) == side * side
+
+    torch.manual_seed(0)
+    model = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(model_config_dict("tiny", 495, 4)))
+    init_weights(model, position_table_scale=0.5)
+    vision = model.config.vision_config
+    weight = model.model.vision_model.embeddings.position_embedding.weight
+    assert torch.equal(weight, 0.5 * sincos_position_table(vision.num_patches_per_side, vision.hidden_size))
+    exempt = _param_groups(model, 0.05, decay_positions=False)[1]["params"]
+    assert any(p is weight for p in exempt)
+    init_weights(model)
+    assert weight.std().item() == pytest.approx(0.02, rel=0.2)
+    assert not any(p is weight for p in _param_groups(model, 0.05)[1]["params"])
+
+
 def test_init_flags_reach_the_trained_model(tmp_path: Path) -> None:
-    """`--perceiver-qk-std` / `--latents-std` go from the command line into the initial weights
-    (one step at a warm-up lr barely moves them)."""
+    """`--perceiver-qk-std` / `--latents-std` / `--position-table-scale` go from the command line into
+    the initial weights (one step at a warm-up lr barely moves them)."""
     from idefics2 import Idefics2ForConditionalGeneration
 
     main(["--out-dir", str(tmp_path), "--preset", "tiny", "--steps", "1", "--batch-size", "2",
           "--eval-questions", "0", "--tokenizer-dir", str(SHIPPED), "--threads", "1",
-          "--perceiver-qk-std", "0.5", "--latents-std", "0.02"])
+          "--perceiver-qk-std", "0.5", "--latents-std", "0.02", "--position-table-scale", "0.5"])
     model = Idefics2ForConditionalGeneration.from_pretrained(tmp_path / "model")
     resampler = model.model.connector.perceiver_resampler
     assert resampler.layers[0].self_attn.q_proj.weight.std().item() == pytest.approx(0.5, rel=0.1)
     assert resampler.latents.std().item() == pytest.approx(0.02, rel=0.25)
+    vision = model.config.vision_config
+    table = 0.5 * sincos_position_table(vision.num_patches_per_side, vision.hidden_size)
+    assert torch.allclose(model.model.vision_model.embeddings.position_embedding.weight, table, atol=0.01)
 
 
 def test_training_lowers_the_loss_and_exports_a_loadable_model(tmp_path: Path) -> None:

@@ -76,6 +76,7 @@ class TrainConfig:
     curriculum_steps: int = 0
     latents_std: float = 1.0
     perceiver_qk_std: float = 0.02
+    position_table_scale: float = 0.0
     eval_every: int = 400
     eval_questions: int = 180
     checkpoint_every: int = 400
@@ -114,16 +115,33 @@ def model_config_dict(preset: str, vocab_size: int, image_token_id: int) -> dict
     }
 
 
-def init_weights(model: nn.Module, std: float = 0.02, *, latents_std: float = 1.0,
-                 perceiver_qk_std: float = 0.02) -> None:
+def sincos_position_table(patches_per_side: int, width: int) -> Tensor:
+    """2-D sine/cosine table (patches_per_side², width), rows in `bucket_position_ids` order
+    (row-major): the first half of the channels encodes the patch row, the second half the column,
+    each as sines then cosines at geometrically spaced frequencies. Values in [-1, 1]."""
+    quarter = width // 4
+    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / max(1, quarter))
+    angles = torch.arange(patches_per_side, dtype=torch.float64)[:, None] * frequencies  # (side, width/4)
+    axis = torch.cat([angles.sin(), angles.cos()], dim=1)  # (side, width/2)
+    table = torch.zeros(patches_per_side, patches_per_side, width, dtype=torch.float64)
+    table[..., : 2 * quarter] = axis[:, None, :]  # depends on the row only
+    table[..., 2 * quarter : 4 * quarter] = axis[None, :, :]  # on the column only
+    return table.reshape(patches_per_side**2, width).float()
+
+
+def init_weights(model: Idefics2ForConditionalGeneration, std: float = 0.02, *, latents_std: float = 1.0,
+                 perceiver_qk_std: float = 0.02, position_table_scale: float = 0.0) -> None:
     """Reference init (spec §3.2) except the perceiver latents, which get N(0, latents_std): latents
     that all start at ones are a symmetry gradient descent cannot break (the team's runs learned
     nothing).
 
     `perceiver_qk_std` sets the perceiver's query/key projections apart. At 0.02 its attention starts
     near-uniform and averages a small object such as a printed word away, and reading is never
-    learned; ~0.5 with `latents_std=0.02` lets it be (docs/training.md). The defaults are the
-    shipped model's recipe.
+    learned; ~0.5 with `latents_std=0.02` lets it be (docs/training.md). `position_table_scale` > 0
+    starts the vision position embedding as that multiple of `sincos_position_table`: at the
+    reference's N(0, 0.02) it is ~30x smaller than the patch features and stays so, and the shipped
+    model never learned left from right (55% held-out; a GPU run with the table at scale 1 and a
+    deeper perceiver reached 66%). The defaults are the shipped model's recipe.
     """
     query_key = {id(proj) for m in model.modules() if isinstance(m, PerceiverAttention)
                  for proj in (m.q_proj, m.k_proj)}
@@ -134,6 +152,11 @@ def init_weights(model: nn.Module, std: float = 0.02, *, latents_std: float = 1.
                 nn.init.zeros_(module.bias)
         if hasattr(module, "latents") and isinstance(module.latents, nn.Parameter):
             nn.init.normal_(module.latents, 0.0, latents_std)
+    if position_table_scale > 0:
+        vision = model.config.vision_config
+        table = sincos_position_table(vision.num_patches_per_side, vision.hidden_size)
+        with torch.no_grad():
+            model.model.vision_model.embeddings.position_embedding.weight.copy_(position_table_scale * table)
 
 
 def build_processor(preset: str, tokenizer: Tokenizer) -> Idefics2Processor:
@@ -216,11 +239,15 @@ def lr_factor(progress: float, step: int, warmup_steps: int, min_ratio: float) -
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on norms, biases and latents (1-D or learned-query tensors)."""
+def _param_groups(model: nn.Module, weight_decay: float,
+                  decay_positions: bool = True) -> list[dict[str, Any]]:
+    """No weight decay on norms, biases and latents (1-D or learned-query tensors), nor on the vision
+    position table unless `decay_positions` (decay would pull a sine/cosine table back to zero)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
-        (no_decay if param.dim() < 2 or name.endswith("latents") else decay).append(param)
+        exempt = param.dim() < 2 or name.endswith("latents") or (
+            not decay_positions and name.endswith("position_embedding.weight"))
+        (no_decay if exempt else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -268,9 +295,11 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     config = Idefics2Config.from_dict(model_config_dict(cfg.preset, len(tokenizer), processor.image_token_id))
     torch.manual_seed(cfg.seed)
     model = Idefics2ForConditionalGeneration(config)
-    init_weights(model, latents_std=cfg.latents_std, perceiver_qk_std=cfg.perceiver_qk_std)
+    init_weights(model, latents_std=cfg.latents_std, perceiver_qk_std=cfg.perceiver_qk_std,
+                 position_table_scale=cfg.position_table_scale)
     model.to(device)
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
+    groups = _param_groups(model, cfg.weight_decay, decay_positions=cfg.position_table_scale <= 0)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
     step, elapsed, best = 0, 0.0, {"accuracy": -1.0, "step": 0}
     best_state: dict[str, Tensor] | None = None
@@ -373,6 +402,8 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
              "bf16": "bfloat16 autocast (GPU)", "eval_questions": "validation questions per evaluation; 0 = none",
              "resume": "continue from <out-dir>/checkpoint.pt",
              "latents_std": "std of the perceiver latents at init",
+             "position_table_scale": "S > 0: the vision position embedding starts as S x a 2-D sine/cosine "
+                                     "table, without weight decay; 0 = reference init",
              "curriculum_steps": "N > 0: single images have at most 1 + step // N shapes (up to 5), "
                                  "which speeds up learning colour binding; 0 = off",
              "perceiver_qk_std": "std of the perceiver's q/k projections at init; ~0.5 (with "
