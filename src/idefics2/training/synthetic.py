@@ -237,7 +237,7 @@ def _modified_scene(rng: random.Random, scene: Scene) -> tuple[Scene, str]:
     used = {(s.kind, s.color) for s in shapes}
     options = ["recolor", "add"] + (["remove"] if len(shapes) > 1 else [])
     change = rng.choice(options)
-    if change == "add" and len(shapes) < 5:
+    if change == "add" and len(shapes) < MAX_SHAPES:
         box = None
         if scene.text is not None:
             left, top, right, bottom = _font(scene.text_size).getbbox(scene.text)
