@@ -4,12 +4,13 @@ Each (side, batch size) runs in its own subprocess, so peak RSS / GPU memory is 
 and only one model is ever loaded. Both sides fill every parameter from a per-name seed, so the
 weights are identical. Reports time to first token (vision + connector + prefill + 1 token),
 decode tokens/s over --new-tokens steps (timed by a streamer that stamps each token, the same
-on both sides; best of --repeats calls, and of --rounds alternating runs of the two sides, since
+on both sides; best of --repeats calls, and of --rounds alternating runs of the sides, since
 other processes share the machine), peak memory,
-and the decode's weight traffic next to the machine's measured bandwidth. Prints a table, then
-one JSON line.
+and the decode's weight traffic next to the machine's measured bandwidth. With --compile, ours
+also runs with `generate(compile=True)` as a third side (the compile itself is in its first,
+warm-up call). Prints a table, then one JSON line.
 
-    .venv/bin/python benchmarks/bench_generate.py --rounds 2           # CPU, small config, float32
+    .venv/bin/python benchmarks/bench_generate.py --rounds 2 --compile  # CPU, small config, float32
     python benchmarks/bench_generate.py --device cuda --dtype bfloat16 --preset idefics2-8b
 """
 
@@ -158,9 +159,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         stamps = Stamps()
         kw: dict[str, Any] = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False,
                               "streamer": stamps, **extra}
-        if args.worker == "ours":
+        if args.worker != "oracle":
             kw.setdefault("vision_cache", False)
-            kw["compile"] = args.compile
+            kw["compile"] = args.worker == "ours-compiled"
         sync()
         start = time.perf_counter()
         with torch.no_grad():
@@ -177,7 +178,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     result = {"first_token_s": first, "decode_step_ms": 1e3 * step,
               "first_token_median_s": statistics.median(r[0] for r in runs), "tokens": runs[0][2].tolist(),
               "warmup_call_s": warmup}
-    if args.worker == "ours":
+    if args.worker != "oracle":
         run(1, vision_cache=True)
         result["first_token_cached_s"] = min(run(1, vision_cache=True)[0] for _ in range(2))
     text = model.model.text_model
@@ -244,8 +245,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1, help="run both sides this many times, alternating; "
                         "best timings kept")
-    parser.add_argument("--compile", action="store_true", help="ours with generate(compile=True)")
-    parser.add_argument("--worker", choices=["ours", "oracle"], help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true", help="also ours with generate(compile=True)")
+    parser.add_argument("--worker", choices=["ours", "ours-compiled", "oracle"], help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rounds < 1 or args.repeats < 1:
@@ -261,17 +262,16 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu"
     print(f"python {platform.python_version()}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, device {args.device} ({device_name}), "
-          f"dtype {args.dtype}, preset {args.preset}, threads {args.threads}, ours compiled: {args.compile}")
+          f"dtype {args.dtype}, preset {args.preset}, threads {args.threads}")
     del_keys = {"tokens"}
+    sides = ("oracle", "ours", "ours-compiled") if args.compile else ("oracle", "ours")
     results: dict[str, dict[str, Any]] = {}
-    for _ in range(args.rounds):  # sides alternate, so a slow spell of a shared machine hits both
+    for _ in range(args.rounds):  # sides alternate, so a slow spell of a shared machine hits all
         for batch in args.batch_sizes:
-            for side in ("oracle", "ours"):
+            for side in sides:
                 cmd = [sys.executable, __file__, "--worker", side, "--batch", str(batch), "--device", args.device,
                        "--dtype", args.dtype, "--preset", args.preset, "--new-tokens", str(args.new_tokens),
                        "--repeats", str(args.repeats), "--threads", str(args.threads)]
-                if args.compile:
-                    cmd.append("--compile")
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 key = f"{side}_b{batch}"
                 results[key] = best_of(results.get(key), json.loads(out.strip().splitlines()[-1]))
@@ -280,37 +280,47 @@ def main() -> None:
     bw = bandwidth(args.device)  # after the workers: its buffers must not inflate their memory
     memory = "peak GPU GiB" if args.device.startswith("cuda") else "peak RSS GiB"
     print(f"bandwidth: copy {bw['copy_gb_s']:.1f} GB/s, one-row matvec {bw['matvec_gb_s']:.1f} GB/s")
-    print(f"{'batch':>5} {'measure':<28}{'oracle':>12}{'ours':>12}{'ratio':>9}")
+    print(f"{'batch':>5} {'measure':<28}" + "".join(f"{name:>14}{'ratio':>8}" if name != "oracle" else f"{name:>14}"
+                                                 for name in sides))
     summary: dict[str, Any] = {"device": device_name, "dtype": args.dtype, "preset": args.preset,
-                               "threads": args.threads, "compile": args.compile, **bw}
+                               "threads": args.threads, **bw}
     for batch in args.batch_sizes:
-        ref, ours = results[f"oracle_b{batch}"], results[f"ours_b{batch}"]
-        ceiling = bw["matvec_gb_s"] * 1e9 / ours["weight_bytes_per_step"]
-        rows = [("first token s", ref["first_token_s"], ours["first_token_s"],
-                 ref["first_token_s"] / ours["first_token_s"]),
-                ("decode tokens/s", ref["decode_tokens_per_s"], ours["decode_tokens_per_s"],
-                 ours["decode_tokens_per_s"] / ref["decode_tokens_per_s"]),
-                ("decode step ms", ref["decode_step_ms"], ours["decode_step_ms"],
-                 ref["decode_step_ms"] / ours["decode_step_ms"]),
-                ("weight traffic GB/s", ref["weight_bytes_per_step"] / ref["decode_step_ms"] / 1e6,
-                 ours["weight_bytes_per_step"] / ours["decode_step_ms"] / 1e6, None),
-                ("steps/s bound (matvec)", ceiling, ceiling, None),
-                (memory, ref["peak_gib"], ours["peak_gib"], None),
-                ("first (warm-up) call s", ref["warmup_call_s"], ours["warmup_call_s"], None)]
-        if "first_token_cached_s" in ours:
-            rows.insert(1, ("first token s, cached image", None, ours["first_token_cached_s"], None))
-        for name, a, b, ratio in rows:
-            cells = [f"{v:12.3f}" if v is not None else f"{'':>12}" for v in (a, b)]
-            print(f"{batch:>5} {name:<28}{''.join(cells)}{f'{ratio:8.2f}x' if ratio else ''}")
-        same = ref["tokens"] == ours["tokens"]
-        agree = [next((i for i, (a, b) in enumerate(zip(r, o)) if a != b), len(r))
-                 for r, o in zip(ref["tokens"], ours["tokens"])]  # leading tokens equal, per row
-        print(f"{batch:>5} greedy tokens identical: {same}" + ("" if same else f"; leading tokens equal: {agree}"))
-        summary[f"b{batch}"] = {"oracle": {k: v for k, v in ref.items() if k not in del_keys},
-                                "ours": {k: v for k, v in ours.items() if k not in del_keys},
-                                "first_token_speedup": ref["first_token_s"] / ours["first_token_s"],
-                                "decode_speedup": ours["decode_tokens_per_s"] / ref["decode_tokens_per_s"],
-                                "tokens_identical": same, "leading_tokens_equal": agree}
+        per_side = [results[f"{side}_b{batch}"] for side in sides]
+        ref = per_side[0]
+        ceiling = bw["matvec_gb_s"] * 1e9 / ref["weight_bytes_per_step"]
+        # (measure, value of one side, True if the ratio to the oracle is oracle/ours, False if ours/oracle)
+        rows: list[tuple[str, Callable[[dict[str, Any]], float | None], bool | None]] = [
+            ("first token s", lambda r: r["first_token_s"], True),
+            ("first token s, cached image", lambda r: r.get("first_token_cached_s"), None),
+            ("decode tokens/s", lambda r: r["decode_tokens_per_s"], False),
+            ("decode step ms", lambda r: r["decode_step_ms"], True),
+            ("weight traffic GB/s", lambda r: r["weight_bytes_per_step"] / r["decode_step_ms"] / 1e6, None),
+            ("steps/s bound (matvec)", lambda r: ceiling, None),
+            (memory, lambda r: r["peak_gib"], None),
+            ("first (warm-up) call s", lambda r: r["warmup_call_s"], None)]
+        for name, value, lower_is_better in rows:
+            ref_v = value(ref)
+            line = f"{batch:>5} {name:<28}" + (f"{ref_v:14.3f}" if ref_v is not None else f"{'':>14}")
+            for r in per_side[1:]:
+                v = value(r)
+                line += f"{v:14.3f}" if v is not None else f"{'':>14}"
+                if lower_is_better is None or ref_v is None or v is None:
+                    line += f"{'':>8}"
+                else:
+                    line += f"{ref_v / v if lower_is_better else v / ref_v:7.2f}x"
+            print(line)
+        entry: dict[str, Any] = {"oracle": {k: v for k, v in ref.items() if k not in del_keys}}
+        for side, r in zip(sides[1:], per_side[1:], strict=True):
+            agree = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
+                     for x, y in zip(ref["tokens"], r["tokens"])]  # leading tokens equal, per row
+            same = ref["tokens"] == r["tokens"]
+            print(f"{batch:>5} {side}: greedy tokens identical to the oracle's: {same}"
+                  + ("" if same else f"; leading tokens equal: {agree}"))
+            entry[side] = {k: v for k, v in r.items() if k not in del_keys}
+            entry[side].update(first_token_speedup=ref["first_token_s"] / r["first_token_s"],
+                               decode_speedup=r["decode_tokens_per_s"] / ref["decode_tokens_per_s"],
+                               tokens_identical=same, leading_tokens_equal=agree)
+        summary[f"b{batch}"] = entry
     print(json.dumps(summary))
 
 

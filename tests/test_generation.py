@@ -415,6 +415,29 @@ def test_generate_restores_the_callers_thread_count(plain_model: Any) -> None:
     assert torch.get_num_threads() == threads
 
 
+def test_decode_step_traces_as_one_graph_with_the_threaded_products(plain_model: Any) -> None:
+    # A graph break splits the compiled step into pieces with Python between them; the one-row
+    # products must stay the threaded split (a batched product), not fall back to F.linear.
+    from idefics2.generation import decode_step
+    from idefics2.kv_cache import KVCache
+
+    text_model = plain_model.model.text_model
+    cache = KVCache(len(text_model.layers), 16)
+    text_model.reserve_rotary(16, torch.device("cpu"))
+    with torch.no_grad():
+        text_model(text_model.embed_tokens(torch.tensor([[1, 5, 7]])), torch.arange(3)[None], None, cache)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            report = torch._dynamo.explain(decode_step)(plain_model, torch.tensor([[9]]), torch.tensor([[3]]),
+                                                        None, cache)
+        finally:
+            torch.set_num_threads(threads)
+    assert report.graph_break_count == 0, report.break_reasons
+    ops = [str(node.target) for graph in report.graphs for node in graph.graph.nodes]
+    assert sum("bmm" in op for op in ops) == 7 * len(text_model.layers) + 1  # q k v o gate up down, LM head
+
+
 @pytest.mark.slow
 def test_compiled_decode_step_gives_the_same_tokens(plain_model: Any) -> None:
     batch = batch_of_three()

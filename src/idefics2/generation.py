@@ -117,13 +117,15 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
     Randomness comes from `generator`, or a new one seeded with `seed`, else torch's global RNG.
     `streamer` receives the prompt ids, then each step's new ids (B,) (`TextIteratorStreamer`:
     batch 1).
-    `compile=True` runs the decode step through `torch.compile`. Off by default: on the 2-core
-    CPU (small config) the compiled step was slower than eager (47 vs 38 ms: compiled graphs use
-    plain F.linear, not the threaded split) after a first call that spent ~65 s compiling.
+    `compile=True` runs the decode step through `torch.compile`. Off by default because the
+    first call compiles for about a minute on a 2-core CPU (small config); after that a step
+    takes ~25 ms instead of ~35 ms there (the ~300 small ops fuse into a few kernels), so it pays
+    off for a server or a batch job, not for one question.
     `vision_cache`: see `_vision_cache`.
     `decode_threads`: torch intra-op threads for the CPU decode steps: "auto" times 1 and
     torch's setting and keeps the faster (`ThreadTuner`), an int fixes it, None leaves torch's
-    setting; torch's setting is restored afterwards.
+    setting; torch's setting is restored afterwards. With `compile=True`, "auto" keeps torch's
+    setting: every thread count is a graph of its own (`layers.linear`), compiled on first use.
     """
     cfg = resolve(model, {
         "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "do_sample": do_sample,
@@ -155,7 +157,7 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
 
     plan = _Plan(cfg, eos_ids, pad, sampling, stops, generator, tokenizer, streamer,
                  _step_function(model, compile), _vision_cache(model, vision_cache),
-                 _decode_threads(decode_threads, device))
+                 _decode_threads(decode_threads, device, compile))
     try:
         if streamer is not None:
             streamer.put(input_ids.cpu())
@@ -182,12 +184,15 @@ class _Plan:
     decode_threads: int | None | str
 
 
-def _decode_threads(choice: int | None | str, device: torch.device) -> int | None | str:
-    """The validated `decode_threads`; None on GPUs, where it means nothing."""
+def _decode_threads(choice: int | None | str, device: torch.device, compile: bool) -> int | None | str:
+    """The validated `decode_threads`; None on GPUs, where it means nothing, and for "auto" with
+    `compile`, where trying a second thread count would compile a second graph."""
     valid_int = isinstance(choice, int) and not isinstance(choice, bool) and choice >= 1
     if not (choice is None or choice == "auto" or valid_int):
         raise ValueError(f"decode_threads must be a positive integer, None or 'auto', got {choice!r}")
-    return choice if device.type == "cpu" else None
+    if device.type != "cpu" or (compile and choice == "auto"):
+        return None
+    return choice
 
 
 class ThreadTuner:

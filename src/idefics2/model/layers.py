@@ -46,7 +46,7 @@ class RMSNorm(nn.Module):
 
 
 # Row counts for which `linear` streams the weight as W @ x.T (decode steps of a small batch).
-FEW_ROWS = range(2, 33)
+FEW_ROWS = (2, 32)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -57,25 +57,34 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     For one row, with several threads allowed, the weight is split into one row block per thread
     (`_split_matvec`). Inference only (grad mode keeps F.linear). Results can differ from
     F.linear in the last bits (another summation order), never more. Called ~85 times per decode
-    step, so it is kept to a few cheap checks.
+    step, so it is kept to a few cheap checks. Under `torch.compile` the same branches are traced;
+    the split uses the thread count at compile time (`_threads`), and batch size 1 is its own
+    graph anyway (torch specialises sizes 0 and 1).
     """
     if (x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu"
-            or torch.is_grad_enabled() or x.stride(-1) != 1
-            or torch.compiler.is_compiling()):  # compiled graphs: no thread query, no shape-dependent branch
+            or torch.is_grad_enabled() or x.stride(-1) != 1):
         return F.linear(x, weight, bias)
     in_features = x.shape[-1]
     rows = x.numel() // in_features
     if rows == 1:
-        threads = torch.get_num_threads()
+        threads = _threads()
         if threads == 1 or bias is not None or not weight.is_contiguous():
             return F.linear(x, weight, bias)
         return _split_matvec(x, weight, threads)
-    if rows not in FEW_ROWS:
+    if not FEW_ROWS[0] <= rows <= FEW_ROWS[1]:
         return F.linear(x, weight, bias)
     out = (weight @ x.reshape(rows, in_features).t()).t()  # (rows, out), a transposed view
     if bias is not None:
         out = out + bias
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@torch.compiler.assume_constant_result
+def _threads() -> int:
+    """torch's intra-op thread count. Eager: read at each call. Compiled: read once, while tracing,
+    and kept in the graph (reading it inside a graph is a graph break); a different count later
+    still gives right results, split into the old number of blocks."""
+    return torch.get_num_threads()
 
 
 def _split_matvec(x: Tensor, weight: Tensor, parts: int) -> Tensor:
