@@ -118,9 +118,9 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
     `streamer` receives the prompt ids, then each step's new ids (B,) (`TextIteratorStreamer`:
     batch 1).
     `compile=True` runs the decode step through `torch.compile`. Off by default because the
-    first call compiles for about a minute on a 2-core CPU (small config); after that a step
-    takes ~25 ms instead of ~35 ms there (the ~300 small ops fuse into a few kernels), so it pays
-    off for a server or a batch job, not for one question.
+    first call compiles for up to a minute on a 2-core CPU (small config); after that a step
+    takes 29 ms instead of 44 ms there (the ~300 small ops fuse into a few kernels; README), so it
+    pays off for a server or a batch job, not for one question.
     `vision_cache`: see `_vision_cache`.
     `decode_threads`: torch intra-op threads for the CPU decode steps: "auto" times 1 and
     torch's setting and keeps the faster (`ThreadTuner`), an int fixes it, None leaves torch's
