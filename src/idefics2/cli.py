@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from importlib import resources
@@ -71,40 +70,18 @@ def user_turn(text: str, num_images: int) -> dict[str, Any]:
 def answer(model: Any, processor: Any, messages: list[dict[str, Any]], images: list[Any],
            args: argparse.Namespace, stream: bool) -> dict[str, Any]:
     """Run one assistant turn; streams pieces to stdout when `stream`. Returns the answer and timings."""
-    from idefics2.streaming import TextIteratorStreamer
-
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=images or None, text=prompt).to(device=model.device)
-    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    eos = [processor.end_of_utterance_id, processor.tokenizer.eos_token_id]
-    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_token_id=[i for i in eos if i is not None],
-                  streamer=streamer)
-    result: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            result["ids"] = model.generate(**inputs, **kwargs)
-        except BaseException as err:  # reported in the main thread
-            result["error"] = err
-            streamer.end()  # a failure before the first token must not leave the reader waiting
+    from idefics2.chat import AssistantTurn
 
     start = time.perf_counter()
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    pieces = []
-    for piece in streamer:
-        if not pieces:
-            piece = piece.lstrip()
-        pieces.append(piece)
+    turn = AssistantTurn(model, processor, messages, images, max_new_tokens=args.max_new_tokens,
+                         do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, seed=args.seed)
+    for piece in turn:
         if stream:
             sys.stdout.write(piece)
             sys.stdout.flush()
-    worker.join()
-    if "error" in result:
-        raise result["error"]
-    new_tokens = result["ids"].shape[1] - inputs["input_ids"].shape[1]
-    return {"answer": "".join(pieces).strip(), "new_tokens": int(new_tokens),
+    assert turn.result is not None
+    return {"answer": turn.result.text, "new_tokens": turn.result.completion_tokens,
             "seconds": round(time.perf_counter() - start, 3)}
 
 
@@ -152,7 +129,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         pending = []
         out = answer(model, processor, messages, all_images, args, stream=True)
         print()
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": " " + out["answer"]}]})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": out["answer"]}]})
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -181,6 +158,20 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"  {'total':<13}{model.num_parameters():>15,} parameters (tied head counted once)")
     for file in [folder / "config.json", *weight_files(folder)]:
         print(f"  {file.name:<40}{file.stat().st_size / 1e6:>10.2f} MB")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """An OpenAI-compatible HTTP server (`idefics2.server`) until Ctrl-C."""
+    try:
+        from idefics2.server import serve
+    except ImportError as err:
+        raise UserError(f"the server needs fastapi and uvicorn ({err}): pip install 'idefics2[server]'") from None
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be between 0 and 65535, got {args.port}")
+    model, processor = load(args.model, args.dtype, args.device)
+    name = args.served_model_name or (Path(args.model).name if args.model else SHIPPED_MODEL)
+    serve(model, processor, name, host=args.host, port=args.port, allow_remote_images=args.allow_remote_images,
+          compile=args.compile)
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -215,6 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_flags(chat)
     add_model_flags(chat)
     chat.set_defaults(func=cmd_chat)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions)")
+    add_model_flags(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", help="the model id clients send (default: the folder name)")
+    serve.add_argument("--allow-remote-images", action="store_true",
+                       help="fetch http(s) image URLs (off: only inline data: URIs)")
+    serve.add_argument("--compile", action="store_true",
+                       help="torch.compile the decode step: a slow first request, faster decoding after")
+    serve.set_defaults(func=cmd_serve)
 
     info = commands.add_parser("info", help="config summary, parameter count, file sizes")
     info.add_argument("--model", help="checkpoint folder or repo id (default: the shipped model)")

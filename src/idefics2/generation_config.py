@@ -142,6 +142,9 @@ def validate(cfg: GenerationConfig, eos_ids: list[int], vocab_size: int, max_pos
             fail(f"bad_words_ids must be non-empty lists of token ids in [0, {vocab_size}), got {seq!r}")
     if any(not isinstance(s, str) or not s for s in cfg.stop_strings or []):
         fail(f"stop_strings must be non-empty strings, got {cfg.stop_strings!r}")
+    if prompt_length >= max_positions:
+        fail(f"prompt length ({prompt_length} tokens, images included) leaves no room for a new token: "
+             f"text_config.max_position_embeddings is {max_positions}; shorten the prompt or use fewer images")
     if prompt_length + cfg.max_new_tokens > max_positions:
         fail(f"prompt length ({prompt_length}) + max_new_tokens ({cfg.max_new_tokens}) exceeds "
              f"text_config.max_position_embeddings ({max_positions}): max_new_tokens must be in "
