@@ -22,8 +22,9 @@ from idefics2.training.evaluate import normalise, score
 from idefics2.training.synthetic import COLORS, SHAPES, make_eval_items, sample_conversation, sample_scene
 from idefics2.training.tokenizer_training import SPECIAL_TOKENS, train_tokenizer
 from idefics2.training.train import (CHECKPOINT_FILE, IGNORE_INDEX, ConversationBatches, TrainConfig,
-                                     _param_groups, assistant_labels, build_processor, init_weights,
-                                     lr_factor, main, model_config_dict, sincos_position_table, train)
+                                     _initial_model, _param_groups, assistant_labels, build_processor,
+                                     init_weights, lr_factor, main, model_config_dict, parse_weights,
+                                     sincos_position_table, train)
 
 SHIPPED = Path(__file__).resolve().parents[1] / "src" / "idefics2" / "assets" / "shapes-vqa"
 
@@ -254,3 +255,46 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "history.jsonl").read_text().splitlines()
              if "loss" in line]
     assert steps == list(range(1, 9))
+
+
+def test_question_weights_set_how_often_each_type_is_asked() -> None:
+    assert synthetic.question_mix({}) == synthetic.SINGLE_IMAGE_TYPES
+    assert synthetic.question_mix({"position": 3, "text": 0}).count("position") == 3
+    assert "text" not in synthetic.question_mix({"text": 0})
+    rng = random.Random(3)
+    asked = [t for _ in range(40) for t in
+             sample_conversation(rng, max_turns=3, two_images=False, types=synthetic.question_mix(
+                 {t: 0 for t in synthetic.SINGLE_IMAGE_TYPES} | {"position": 1})).question_types]
+    assert set(asked) <= {"position", "text", "count"}  # text: forced on half of the scenes with a word;
+    assert asked.count("position") > len(asked) / 2  # count: the fallback when the scene cannot answer
+    assert parse_weights(" position=4, describe=2 ") == {"position": 4, "describe": 2}
+    for bad in ("position", "position=-1", "position=two"):
+        with pytest.raises(ValueError, match="TYPE=INTEGER"):
+            parse_weights(bad)
+    with pytest.raises(ValueError, match="question weights"):
+        synthetic.question_mix({"size": 2})
+    with pytest.raises(ValueError, match="no single-image question type"):
+        synthetic.question_mix({t: 0 for t in synthetic.SINGLE_IMAGE_TYPES})
+
+
+def test_init_from_fine_tunes_a_saved_model(tmp_path: Path) -> None:
+    """`--init-from` starts from a folder's weights (plus the position table when asked) and its
+    tokenizer; a folder of another preset is refused."""
+    from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration
+
+    train(_tiny(tmp_path / "base", steps=2))
+    folder = tmp_path / "base" / "model"
+    base = Idefics2ForConditionalGeneration.from_pretrained(folder)
+    tokenizer = Tokenizer.from_pretrained(folder)
+    config = Idefics2Config.from_dict(model_config_dict("tiny", len(tokenizer),
+                                                        build_processor("tiny", tokenizer).image_token_id))
+    start = _initial_model(_tiny(tmp_path, init_from=str(folder), position_table_scale=0.25), config)
+    vision = base.config.vision_config
+    table = 0.25 * sincos_position_table(vision.num_patches_per_side, vision.hidden_size)
+    for name, value in base.state_dict().items():
+        expected = value + table if name.endswith("position_embedding.weight") else value
+        torch.testing.assert_close(start.state_dict()[name], expected, msg=name)
+    train(_tiny(tmp_path / "tuned", steps=1, init_from=str(folder), tokenizer_dir=None))
+    assert (tmp_path / "tuned" / "model" / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
+    with pytest.raises(ValueError, match="not a 'cpu'-preset model"):
+        train(_tiny(tmp_path / "other", steps=1, preset="cpu", init_from=str(folder)))

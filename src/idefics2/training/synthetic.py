@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
@@ -293,14 +294,28 @@ def _answerable(rng: random.Random, scene: Scene, qtype: str) -> tuple[str, str,
     return qa[0], qa[1], qtype
 
 
+def question_mix(weights: dict[str, int]) -> tuple[str, ...]:
+    """Single-image question types to draw from uniformly, each repeated by its integer weight
+    (unnamed types weigh 1), in `SINGLE_IMAGE_TYPES` order: {"position": 4} asks about position
+    4 times as often as about colour."""
+    unknown = sorted(set(weights) - set(SINGLE_IMAGE_TYPES))
+    if unknown or any(not isinstance(w, int) or w < 0 for w in weights.values()):
+        raise ValueError(f"question weights must be non-negative integers for types in {SINGLE_IMAGE_TYPES}, "
+                         f"got {weights}")
+    mix = tuple(t for t in SINGLE_IMAGE_TYPES for _ in range(weights.get(t, 1)))
+    if not mix:
+        raise ValueError("question weights leave no single-image question type")
+    return mix
+
+
 def sample_conversation(rng: random.Random, max_turns: int = 3, two_images: bool | None = None,
-                        max_shapes: int = MAX_SHAPES) -> Sample:
+                        max_shapes: int = MAX_SHAPES, types: Sequence[str] = SINGLE_IMAGE_TYPES) -> Sample:
     """A training conversation: 1-`max_turns` questions about one image, or 1-2 about an image pair
     (`two_images`; None draws it, 20% pairs).
 
     Several answers per image give more supervised tokens per (expensive) image encoding.
     `max_shapes` caps the shapes of a single image (the training curriculum); image pairs keep
-    the full range.
+    the full range. Single-image questions are drawn uniformly from `types` (`question_mix`).
     """
     if two_images if two_images is not None else rng.random() < 0.2:
         types = rng.sample(TWO_IMAGE_TYPES, rng.randint(1, 2))
@@ -316,7 +331,7 @@ def sample_conversation(rng: random.Random, max_turns: int = 3, two_images: bool
         return Sample([render(first), render(second)], messages, list(types))
     scene = sample_scene(rng, max_shapes=max_shapes)
     wanted = ["text"] if scene.text is not None and rng.random() < 0.5 else []
-    wanted += [rng.choice(SINGLE_IMAGE_TYPES) for _ in range(rng.randint(1, max_turns) - len(wanted))]
+    wanted += [rng.choice(types) for _ in range(rng.randint(1, max_turns) - len(wanted))]
     messages: list[dict[str, Any]] = []
     types: list[str] = []
     for turn, qtype in enumerate(wanted):

@@ -34,7 +34,13 @@ from idefics2.processing.image_processor import Idefics2ImageProcessor
 from idefics2.processing.processor import END_OF_UTTERANCE_TOKEN, Idefics2Processor
 from idefics2.processing.tokenizer import Tokenizer
 from idefics2.training.evaluate import answer_items, score
-from idefics2.training.synthetic import MAX_SHAPES, make_eval_items, sample_conversation
+from idefics2.training.synthetic import (
+    MAX_SHAPES,
+    SINGLE_IMAGE_TYPES,
+    make_eval_items,
+    question_mix,
+    sample_conversation,
+)
 from idefics2.training.tokenizer_training import train_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -77,6 +83,8 @@ class TrainConfig:
     latents_std: float = 1.0
     perceiver_qk_std: float = 0.02
     position_table_scale: float = 0.0
+    question_weights: str | None = None
+    init_from: str | None = None
     eval_every: int = 400
     eval_questions: int = 180
     checkpoint_every: int = 400
@@ -159,6 +167,42 @@ def init_weights(model: Idefics2ForConditionalGeneration, std: float = 0.02, *, 
             model.model.vision_model.embeddings.position_embedding.weight.copy_(position_table_scale * table)
 
 
+def _initial_model(cfg: TrainConfig, config: Idefics2Config) -> Idefics2ForConditionalGeneration:
+    """A fresh model (`init_weights`), or the weights of `cfg.init_from` to fine-tune.
+
+    A loaded model keeps its weights; `position_table_scale` > 0 then *adds* that multiple of the
+    sine/cosine table to its learned position embedding (a fresh model starts from the table).
+    """
+    if cfg.init_from is None:
+        model = Idefics2ForConditionalGeneration(config)
+        init_weights(model, latents_std=cfg.latents_std, perceiver_qk_std=cfg.perceiver_qk_std,
+                     position_table_scale=cfg.position_table_scale)
+        return model
+    model = Idefics2ForConditionalGeneration.from_pretrained(cfg.init_from, dtype="float32")
+    if model.config.to_dict() != config.to_dict():
+        raise ValueError(f"--init-from {cfg.init_from} is not a {cfg.preset!r}-preset model with this tokenizer: "
+                         "its config.json differs from the one the preset builds; pass the matching --preset")
+    if cfg.position_table_scale > 0:
+        vision = config.vision_config
+        table = sincos_position_table(vision.num_patches_per_side, vision.hidden_size)
+        with torch.no_grad():
+            model.model.vision_model.embeddings.position_embedding.weight.add_(cfg.position_table_scale * table)
+    return model
+
+
+def parse_weights(text: str | None) -> dict[str, int]:
+    """"position=4,describe=2" -> {"position": 4, "describe": 2} (the `--question-weights` flag)."""
+    weights: dict[str, int] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        name, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise ValueError(f"--question-weights takes TYPE=INTEGER pairs separated by commas, got {item!r}")
+        weights[name.strip()] = int(value)
+    return weights
+
+
 def build_processor(preset: str, tokenizer: Tokenizer) -> Idefics2Processor:
     """Every image is resized to the preset's square size (no splitting), one block of latents each."""
     image_size, latents = PRESETS[preset][3:5]
@@ -199,10 +243,10 @@ class ConversationBatches(Dataset[dict[str, Tensor]]):
     """
 
     def __init__(self, processor: Idefics2Processor, seed: int, batch_size: int, start: int, stop: int,
-                 max_turns: int, curriculum_steps: int = 0) -> None:
+                 max_turns: int, curriculum_steps: int = 0, types: Sequence[str] = SINGLE_IMAGE_TYPES) -> None:
         self.processor, self.seed, self.batch_size = processor, seed, batch_size
         self.start, self.stop, self.max_turns = start, stop, max_turns
-        self.curriculum_steps = curriculum_steps
+        self.curriculum_steps, self.types = curriculum_steps, tuple(types)
         self.prefix_ids = processor.tokenizer("Assistant:", add_special_tokens=False)["input_ids"]
         self.end_id = processor.tokenizer.token_to_id(END_OF_UTTERANCE_TOKEN)
 
@@ -220,7 +264,7 @@ class ConversationBatches(Dataset[dict[str, Tensor]]):
         rng = random.Random(self.seed * 1_000_000_007 + step)
         # One image count per batch: no all-zero padding images to ship between processes.
         two_images = rng.random() < TWO_IMAGE_BATCH_FRACTION
-        samples = [sample_conversation(rng, self.max_turns, two_images, self.max_shapes(step))
+        samples = [sample_conversation(rng, self.max_turns, two_images, self.max_shapes(step), self.types)
                    for _ in range(self.batch_size)]
         texts = [self.processor.apply_chat_template(s.messages) for s in samples]
         batch = dict(self.processor(images=[s.images for s in samples], text=texts, padding=True,
@@ -287,23 +331,24 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     device = torch.device(cfg.device)
     torch.set_float32_matmul_precision("high")  # TF32 on GPUs; no effect on CPU
     tokenizer_dir = out / "tokenizer"
-    if cfg.resume and (out / CHECKPOINT_FILE).is_file():
+    resuming = cfg.resume and (out / CHECKPOINT_FILE).is_file()
+    if resuming:
         cfg.tokenizer_dir = str(tokenizer_dir)
+    elif cfg.init_from is not None and cfg.tokenizer_dir is None:
+        cfg.tokenizer_dir = cfg.init_from
     tokenizer = _load_tokenizer(cfg)
     tokenizer.save_pretrained(tokenizer_dir)
     processor = build_processor(cfg.preset, tokenizer)
     config = Idefics2Config.from_dict(model_config_dict(cfg.preset, len(tokenizer), processor.image_token_id))
     torch.manual_seed(cfg.seed)
-    model = Idefics2ForConditionalGeneration(config)
-    init_weights(model, latents_std=cfg.latents_std, perceiver_qk_std=cfg.perceiver_qk_std,
-                 position_table_scale=cfg.position_table_scale)
+    model = _initial_model(cfg, config) if not resuming else Idefics2ForConditionalGeneration(config)
     model.to(device)
     groups = _param_groups(model, cfg.weight_decay, decay_positions=cfg.position_table_scale <= 0)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
     step, elapsed, best = 0, 0.0, {"accuracy": -1.0, "step": 0}
     best_state: dict[str, Tensor] | None = None
-    if cfg.resume and (out / CHECKPOINT_FILE).is_file():
+    if resuming:
         state = torch.load(out / CHECKPOINT_FILE, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -318,7 +363,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
 
     validation = make_eval_items(cfg.seed + VALIDATION_SEED_OFFSET, cfg.eval_questions)  # [] = no evaluation
     data = ConversationBatches(processor, cfg.seed, cfg.batch_size, step, cfg.steps, cfg.max_turns,
-                               cfg.curriculum_steps)
+                               cfg.curriculum_steps, question_mix(parse_weights(cfg.question_weights)))
     loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.num_workers else None)
     budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
@@ -406,6 +451,10 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
                                      "table, without weight decay; 0 = reference init",
              "curriculum_steps": "N > 0: single images have at most 1 + step // N shapes (up to 5), "
                                  "which speeds up learning colour binding; 0 = off",
+             "question_weights": "TYPE=N,...: ask single-image question TYPE N times as often as an unnamed "
+                                 f"type (types: {', '.join(SINGLE_IMAGE_TYPES)})",
+             "init_from": "fine-tune this Hub-layout model folder (same preset) instead of starting from "
+                          "scratch; its tokenizer too unless --tokenizer-dir",
              "perceiver_qk_std": "std of the perceiver's q/k projections at init; ~0.5 (with "
                                  "--latents-std 0.02) lets reading be learned, see docs/training.md"}
     for f in fields(TrainConfig):
