@@ -67,3 +67,27 @@ def test_an_invalid_generation_value_is_a_one_line_error(hub_like_checkpoint: Pa
     assert code == 1
     err = capsys.readouterr().err
     assert err.startswith("idefics2: error:") and "top_p" in err and err.count("\n") == 1
+
+
+def test_chat_carries_the_conversation_in_the_chat_format(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+    import sys
+
+    from idefics2 import cli
+
+    prompts: list[str] = []
+    real_answer = cli.answer
+
+    def spy(model, processor, messages, images, args, stream):  # type: ignore[no-untyped-def]
+        prompts.append(processor.apply_chat_template(messages, add_generation_prompt=True))
+        return real_answer(model, processor, messages, images, args, stream)
+
+    monkeypatch.setattr(cli, "answer", spy)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What color is the circle?\nHow many shapes are there?\n/quit\n"))
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    assert cli.main(["chat", "--image", str(examples / "shapes.png")]) == 0
+    answers = capsys.readouterr().out.splitlines()
+    assert answers[0] == "Red." and answers[1].endswith(".")
+    assert prompts[1] == ("User:<image>What color is the circle?<end_of_utterance>\nAssistant: Red.<end_of_utterance>\n"
+                          "User: How many shapes are there?<end_of_utterance>\nAssistant:")
