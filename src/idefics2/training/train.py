@@ -137,6 +137,16 @@ def sincos_position_table(patches_per_side: int, width: int) -> Tensor:
     return table.reshape(patches_per_side**2, width).float()
 
 
+def _model_position_table(model: Idefics2ForConditionalGeneration) -> Tensor:
+    """`sincos_position_table` in the shape of `model`'s vision position embedding."""
+    vision = model.config.vision_config
+    return sincos_position_table(vision.num_patches_per_side, vision.hidden_size)
+
+
+def _position_embedding(model: Idefics2ForConditionalGeneration) -> Tensor:
+    return model.model.vision_model.embeddings.position_embedding.weight
+
+
 def init_weights(model: Idefics2ForConditionalGeneration, std: float = 0.02, *, latents_std: float = 1.0,
                  perceiver_qk_std: float = 0.02, position_table_scale: float = 0.0) -> None:
     """Reference init (spec §3.2) except the perceiver latents, which get N(0, latents_std): latents
@@ -161,10 +171,8 @@ def init_weights(model: Idefics2ForConditionalGeneration, std: float = 0.02, *, 
         if hasattr(module, "latents") and isinstance(module.latents, nn.Parameter):
             nn.init.normal_(module.latents, 0.0, latents_std)
     if position_table_scale > 0:
-        vision = model.config.vision_config
-        table = sincos_position_table(vision.num_patches_per_side, vision.hidden_size)
         with torch.no_grad():
-            model.model.vision_model.embeddings.position_embedding.weight.copy_(position_table_scale * table)
+            _position_embedding(model).copy_(position_table_scale * _model_position_table(model))
 
 
 def _initial_model(cfg: TrainConfig, config: Idefics2Config) -> Idefics2ForConditionalGeneration:
@@ -183,10 +191,8 @@ def _initial_model(cfg: TrainConfig, config: Idefics2Config) -> Idefics2ForCondi
         raise ValueError(f"--init-from {cfg.init_from} is not a {cfg.preset!r}-preset model with this tokenizer: "
                          "its config.json differs from the one the preset builds; pass the matching --preset")
     if cfg.position_table_scale > 0:
-        vision = config.vision_config
-        table = sincos_position_table(vision.num_patches_per_side, vision.hidden_size)
         with torch.no_grad():
-            model.model.vision_model.embeddings.position_embedding.weight.add_(cfg.position_table_scale * table)
+            _position_embedding(model).add_(cfg.position_table_scale * _model_position_table(model))
     return model
 
 
@@ -448,7 +454,8 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
              "resume": "continue from <out-dir>/checkpoint.pt",
              "latents_std": "std of the perceiver latents at init",
              "position_table_scale": "S > 0: the vision position embedding starts as S x a 2-D sine/cosine "
-                                     "table, without weight decay; 0 = reference init",
+                                     "table (with --init-from: S x the table is added to it), without "
+                                     "weight decay; 0 = reference init",
              "curriculum_steps": "N > 0: single images have at most 1 + step // N shapes (up to 5), "
                                  "which speeds up learning colour binding; 0 = off",
              "question_weights": "TYPE=N,...: ask single-image question TYPE N times as often as an unnamed "
