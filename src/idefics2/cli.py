@@ -47,17 +47,15 @@ def load(model: str | None, dtype: str, device: str) -> tuple[Any, Any]:
 
 
 def open_images(paths: Sequence[str]) -> list[Any]:
-    from PIL import Image, UnidentifiedImageError
+    from idefics2.chat import read_image
 
     images = []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                image.load()
-                images.append(image.copy())
+            images.append(read_image(path))
         except FileNotFoundError:
             raise UserError(f"image not found: {path}") from None
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as err:
+        except ValueError as err:
             raise UserError(f"cannot read image {path}: {err}") from None
     return images
 

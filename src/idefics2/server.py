@@ -23,10 +23,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from idefics2.chat import AssistantTurn
+from idefics2.chat import AssistantTurn, read_image
 
 MAX_IMAGE_BYTES = 20 * 2**20  # per image, after base64 decoding or download
 REMOTE_TIMEOUT_S = 10
@@ -76,10 +76,8 @@ def load_image(url: str, param: str, allow_remote: bool) -> Image.Image:
     if len(data) > MAX_IMAGE_BYTES:
         raise RequestError(f"image larger than {MAX_IMAGE_BYTES // 2**20} MiB", param)
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return image.copy()
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as err:
+        return read_image(io.BytesIO(data))
+    except ValueError as err:
         raise RequestError(f"cannot read the image: {err}", param) from None
 
 
