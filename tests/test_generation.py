@@ -392,6 +392,18 @@ def test_invalid_arguments_raise_before_any_compute(plain_model: Any, kwargs: di
     assert calls == []
 
 
+def test_a_prompt_that_fills_every_position_is_refused_before_any_compute(plain_model: Any) -> None:
+    batch = single(prompt(image_block(), text=512 - len(image_block())), [(30, 25)])
+    assert batch["input_ids"].shape[1] >= 512  # the config's max_position_embeddings
+    calls = count_vision_images(plain_model)
+    try:
+        with pytest.raises(ValueError, match=r"prompt length \(\d+ tokens, images included\) leaves no room"):
+            plain_model.generate(**batch, max_new_tokens=1)
+    finally:
+        del plain_model.model.vision_model.forward
+    assert calls == []
+
+
 def test_thread_tuner_keeps_the_faster_count_and_rechecks_the_other() -> None:
     tuner = ThreadTuner([1, 2], recheck=8)
     step_seconds = {1: 0.030, 2: 0.020}
