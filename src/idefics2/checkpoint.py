@@ -17,7 +17,8 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 from safetensors import safe_open
@@ -231,11 +232,12 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike[str], *, max_sha
     max_bytes = parse_size(max_shard_size)
     config: Idefics2Config = model.config  # type: ignore[assignment]
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if any(".lora_A." in key for key in state):
+        raise ValueError("the model has LoRA adapters attached: save them with training.lora.save_adapter, "
+                         "or fold them in with training.lora.merge_lora before save_pretrained")
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # the reference omits the tied head too
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with write_folder_atomically(folder, owns=_is_model_file) as tmp:
         config.save_pretrained(tmp)
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None and hasattr(generation_config, "to_dict"):
@@ -253,8 +255,19 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike[str], *, max_sha
             total = sum(t.numel() * t.element_size() for t in state.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def write_folder_atomically(folder: Path, owns: Callable[[str], bool]) -> Iterator[Path]:
+    """Yield a new empty folder beside `folder` to write into. When the block succeeds it replaces
+    `folder`, and the old folder's files that `owns` does not claim (a tokenizer saved beside the
+    model) are carried over; when it fails it is deleted and `folder` is left as it was."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        yield tmp
         _set_default_permissions(tmp)
-        _swap_into_place(tmp, folder)
+        _swap_into_place(tmp, folder, owns)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -275,7 +288,7 @@ def _is_model_file(name: str) -> bool:
         name.startswith("model") and name.endswith(".safetensors"))
 
 
-def _swap_into_place(new: Path, folder: Path) -> None:
+def _swap_into_place(new: Path, folder: Path, owns: Callable[[str], bool]) -> None:
     """Replace `folder` by the complete `new` folder; the old one is removed only once the new one is in place."""
     if not folder.exists():
         os.replace(new, folder)
@@ -283,7 +296,7 @@ def _swap_into_place(new: Path, folder: Path) -> None:
     if not folder.is_dir():
         raise ValueError(f"{folder} exists and is not a folder")
     for entry in folder.iterdir():  # keep the processor/tokenizer files saved beside the model
-        if not _is_model_file(entry.name) and not (new / entry.name).exists():
+        if not owns(entry.name) and not (new / entry.name).exists():
             if entry.is_dir():
                 shutil.copytree(entry, new / entry.name)
             else:

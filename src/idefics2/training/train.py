@@ -218,6 +218,18 @@ def build_processor(preset: str, tokenizer: Tokenizer) -> Idefics2Processor:
 
 
 # ---------------------------------------------------------------------------------------------- data
+def assistant_prefix_ids(tokenizer: Tokenizer) -> list[int]:
+    """Token ids of "\nAssistant:" as they are in a chat-template conversation, where they follow the
+    `<end_of_utterance>` that closes the previous turn (spec §6.6). Tokenized after that special token,
+    as in context: a tokenizer that marks a string's first word (Mistral's "▁") gives other ids for
+    "Assistant:" alone, and no answer would be found."""
+    end = tokenizer.token_to_id(END_OF_UTTERANCE_TOKEN)
+    ids = tokenizer(END_OF_UTTERANCE_TOKEN + "\nAssistant:", add_special_tokens=False)["input_ids"]
+    if len(ids) < 2 or ids[0] != end:
+        raise ValueError(f"the tokenizer does not keep {END_OF_UTTERANCE_TOKEN} as one token")
+    return ids[1:]
+
+
 def assistant_labels(input_ids: Tensor, prefix_ids: Sequence[int], end_id: int) -> Tensor:
     """-100 everywhere except the assistant answers: the tokens after each "Assistant:" up to and
     including the `<end_of_utterance>` that closes the turn. Prompts, images and padding never are."""
@@ -253,7 +265,7 @@ class ConversationBatches(Dataset[dict[str, Tensor]]):
         self.processor, self.seed, self.batch_size = processor, seed, batch_size
         self.start, self.stop, self.max_turns = start, stop, max_turns
         self.curriculum_steps, self.types = curriculum_steps, tuple(types)
-        self.prefix_ids = processor.tokenizer("Assistant:", add_special_tokens=False)["input_ids"]
+        self.prefix_ids = assistant_prefix_ids(processor.tokenizer)
         self.end_id = processor.tokenizer.token_to_id(END_OF_UTTERANCE_TOKEN)
 
     def __len__(self) -> int:
