@@ -1,4 +1,4 @@
-"""The `idefics2` command: generate, chat, info (and train, from `idefics2.training`).
+"""The `idefics2` command: generate, chat, serve, info (and train, finetune, from `idefics2.training`).
 
 Thin: each subcommand parses flags, calls library code and prints. Without `--model` it uses the
 small Idefics2 shipped inside the package, so it works offline on a fresh machine. User mistakes
@@ -29,8 +29,9 @@ def shipped_model_path() -> Path:
     return Path(str(resources.files("idefics2") / "assets" / SHIPPED_MODEL))
 
 
-def load(model: str | None, dtype: str, device: str) -> tuple[Any, Any]:
-    """(model, processor) from a Hub-layout folder or repo id; the shipped model by default."""
+def load(model: str | None, dtype: str, device: str, adapter: str | None = None) -> tuple[Any, Any]:
+    """(model, processor) from a Hub-layout folder or repo id; the shipped model by default. A LoRA
+    `adapter` folder (ours or PEFT's) is folded into the weights, so generation costs what it did."""
     import torch
 
     from idefics2.checkpoint import resolve_folder
@@ -43,6 +44,11 @@ def load(model: str | None, dtype: str, device: str) -> tuple[Any, Any]:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device} asked for, but torch sees no CUDA device")
     lm = Idefics2ForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=device, progress=True)
+    if adapter is not None:
+        from idefics2.training.lora import load_adapter, merge_lora
+
+        load_adapter(lm, adapter)
+        merge_lora(lm)
     return lm, Idefics2Processor.from_pretrained(folder)
 
 
@@ -85,7 +91,7 @@ def answer(model: Any, processor: Any, messages: list[dict[str, Any]], images: l
 
 def cmd_generate(args: argparse.Namespace) -> None:
     images = open_images(args.image)
-    model, processor = load(args.model, args.dtype, args.device)
+    model, processor = load(args.model, args.dtype, args.device, args.adapter)
     messages = ([{"role": "system", "content": [{"type": "text", "text": args.system}]}] if args.system else [])
     messages.append(user_turn(args.prompt, len(images)))
     out = answer(model, processor, messages, images, args, stream=not args.json)
@@ -97,7 +103,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     """Multi-turn chat on stdin: `/image PATH` attaches an image to the next question, `/reset`, `/quit`."""
-    model, processor = load(args.model, args.dtype, args.device)
+    model, processor = load(args.model, args.dtype, args.device, args.adapter)
     messages: list[dict[str, Any]] = []
     all_images: list[Any] = []
     pending = open_images(args.image)
@@ -166,7 +172,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UserError(f"the server needs fastapi and uvicorn ({err}): pip install 'idefics2[server]'") from None
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be between 0 and 65535, got {args.port}")
-    model, processor = load(args.model, args.dtype, args.device)
+    model, processor = load(args.model, args.dtype, args.device, args.adapter)
     name = args.served_model_name or (Path(args.model).name if args.model else SHIPPED_MODEL)
     serve(model, processor, name, host=args.host, port=args.port, allow_remote_images=args.allow_remote_images,
           compile=args.compile)
@@ -176,6 +182,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="Hub-layout checkpoint folder or repo id (default: the shipped model)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--adapter", help="a LoRA adapter folder (from `idefics2 finetune` or PEFT) to apply")
 
 
 def add_generation_flags(parser: argparse.ArgumentParser) -> None:
@@ -221,11 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     try:
+        from idefics2.training.finetune import register_finetune_command
         from idefics2.training.train import register_train_command
     except ImportError:
         pass
     else:
         register_train_command(commands)
+        register_finetune_command(commands)
     return parser
 
 

@@ -1,0 +1,331 @@
+"""Fine-tune a Hub-layout Idefics2 checkpoint on your own conversations: LoRA adapters (default) or
+every weight, on one device or on several with torch.distributed.
+
+    idefics2 finetune --model FOLDER --data train.jsonl --out-dir runs/ft            # LoRA, r = 8
+    torchrun --nproc-per-node 2 -m idefics2.training.finetune --model FOLDER --data train.jsonl ...
+
+The data file has one JSON object per line: the conversation in the chat format that
+`processor.apply_chat_template` takes, and the image files in the order of its image parts, as
+paths relative to the data file:
+
+    {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+                  {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}],
+     "images": ["photos/cat.jpg"]}
+
+Only the assistant turns are learned. `<out-dir>/adapter` receives the adapter in PEFT's layout
+(see `lora`), `<out-dir>/model` a full checkpoint (with `--merge` or `--full`), `<out-dir>/history.jsonl`
+the loss per step.
+
+With several processes (torchrun sets WORLD_SIZE), each optimizer step splits `--batch-size` x
+world size x `--grad-accum` conversations across the processes, and the loss is divided by the
+number of answer tokens of the whole step. So the gradient is the same as one process taking the
+whole step alone (tests/test_finetune.py checks the weights agree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from tqdm import tqdm
+
+from idefics2.chat import read_image
+from idefics2.model.idefics2 import Idefics2ForConditionalGeneration, causal_lm_loss
+from idefics2.model.text import positions_from_mask
+from idefics2.processing.processor import END_OF_UTTERANCE_TOKEN, Idefics2Processor
+from idefics2.training.lora import LoRAConfig, add_lora, merge_lora, save_adapter
+from idefics2.training.train import IGNORE_INDEX, assistant_labels, assistant_prefix_ids, lr_factor
+
+logger = logging.getLogger(__name__)
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class FinetuneConfig:
+    """Every knob of a run; written to <out_dir>/finetune_config.json for the record."""
+
+    model: str = ""
+    data: str = ""
+    out_dir: str = "runs/finetune"
+    full: bool = False
+    lora_r: int = 8
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    target_modules: str | None = None
+    merge: bool = False
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int | None = None
+
+
+@dataclass
+class Conversation:
+    messages: list[dict[str, Any]]
+    images: list[Path]
+
+
+def _count_images(content: Any) -> int:
+    return 0 if isinstance(content, str) else sum(part.get("type") == "image" for part in content)
+
+
+def _check_conversation(record: Any) -> str | None:
+    """What is wrong with one parsed line, or None."""
+    if not isinstance(record, dict) or not isinstance(record.get("messages"), list) or not record["messages"]:
+        return 'expected an object with a non-empty "messages" list'
+    images = record.get("images", [])
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        return '"images" must be a list of file paths'
+    for i, message in enumerate(record["messages"]):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            return f"message {i} needs a role, one of {ROLES}"
+        content = message.get("content")
+        if not isinstance(content, str) and not (
+                isinstance(content, list) and all(isinstance(p, dict) and p.get("type") in ("text", "image")
+                                                  for p in content)):
+            return f"message {i}: content must be a string or a list of text/image parts"
+    if not any(m["role"] == "assistant" for m in record["messages"]):
+        return "no assistant turn: there is nothing to learn"
+    n_parts = sum(_count_images(m["content"]) for m in record["messages"])
+    if n_parts != len(images):
+        return f"{n_parts} image parts in the messages but {len(images)} files in \"images\""
+    return None
+
+
+def load_conversations(path: str | os.PathLike[str]) -> list[Conversation]:
+    """Parse and check the whole data file before any training; errors name the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} not found")
+    conversations = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        problem = _check_conversation(record)
+        if problem is not None:
+            raise ValueError(f"{path}:{number}: {problem}")
+        images = [path.parent / p for p in record.get("images", [])]
+        for image in images:
+            if not image.is_file():
+                raise ValueError(f"{path}:{number}: image file {image} not found")
+        messages = [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str)
+                    else m for m in record["messages"]]
+        conversations.append(Conversation(messages, images))
+    if not conversations:
+        raise ValueError(f"{path} holds no conversations")
+    return conversations
+
+
+def make_batch(conversations: Sequence[Conversation], processor: Idefics2Processor,
+               prefix_ids: Sequence[int]) -> dict[str, Tensor]:
+    """Left-padded model inputs with assistant-only labels."""
+    texts = [processor.apply_chat_template(c.messages) for c in conversations]
+    images = [[read_image(str(p)) for p in c.images] for c in conversations]
+    batch = dict(processor(images=images if any(images) else None, text=texts, padding=True,
+                           return_tensors="pt"))
+    labels = assistant_labels(batch["input_ids"], prefix_ids, processor.tokenizer.token_to_id(END_OF_UTTERANCE_TOKEN))
+    if bool(((labels != IGNORE_INDEX).sum(dim=1) == 0).any()):
+        raise ValueError("a conversation has no answer tokens after tokenization (was the answer truncated, "
+                         "or does the chat template not write 'Assistant:' turns?)")
+    batch["labels"] = labels
+    return batch
+
+
+def step_indices(n: int, per_step: int, seed: int) -> Iterator[list[int]]:
+    """Endless stream of `per_step` example indices: epoch after epoch of seeded permutations, so
+    every step is full and each example is seen once per epoch."""
+    rng = random.Random(seed)
+    pool: list[int] = []
+    while True:
+        while len(pool) < per_step:
+            order = list(range(n))
+            rng.shuffle(order)
+            pool += order
+        yield pool[:per_step]
+        pool = pool[per_step:]
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); starts the process group when launched by torchrun with several processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Run the fine-tuning; returns the summary written (by rank 0) to <out_dir>/summary.json."""
+    rank, world = _distributed()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    for name in ("batch_size", "grad_accum"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cfg.device == "cuda" else cfg.device)
+    conversations = load_conversations(cfg.data)
+    processor = Idefics2Processor.from_pretrained(cfg.model)
+    prefix_ids = assistant_prefix_ids(processor.tokenizer)
+    model = Idefics2ForConditionalGeneration.from_pretrained(cfg.model, dtype=cfg.dtype, device=str(device))
+    torch.manual_seed(cfg.seed)  # the adapters' initial values
+    lora = None
+    if cfg.full:
+        model.requires_grad_(True)
+    else:
+        lora = LoRAConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          base_model_name_or_path=cfg.model, **(
+                              {"target_modules": cfg.target_modules} if cfg.target_modules else {}))
+        names = add_lora(model, lora)
+        if rank == 0:
+            logger.info("LoRA r=%d on %d modules", cfg.lora_r, len(names))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if rank == 0:
+        logger.info("%.2f M trainable parameters of %.2f M", sum(p.numel() for p in trainable) / 1e6,
+                    sum(p.numel() for p in model.parameters()) / 1e6)
+    per_step = cfg.batch_size * world * cfg.grad_accum
+    steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(conversations) / per_step))
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    # find_unused_parameters: a micro-batch without images leaves the connector's adapters without gradients
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else None
+    forward = ddp if ddp is not None else model
+    out = Path(cfg.out_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "finetune_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
+        (out / "history.jsonl").unlink(missing_ok=True)
+    model.train()
+    stream = step_indices(len(conversations), per_step, cfg.seed)
+    bar = tqdm(range(steps), desc="finetune", disable=rank != 0, dynamic_ncols=True)
+    loss_value = float("nan")
+    for step in bar:
+        lr = cfg.lr * lr_factor(step / steps, step, cfg.warmup_steps, cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        chosen = next(stream)
+        micro = [[conversations[i] for i in chosen[(m * world + rank) * cfg.batch_size:
+                                                     (m * world + rank + 1) * cfg.batch_size]]
+                 for m in range(cfg.grad_accum)]
+        batches = [make_batch(mb, processor, prefix_ids) for mb in micro]
+        # Answer tokens of the whole step, over every process: each micro-batch's summed loss is divided
+        # by it, times the world size because DDP averages the processes' gradients.
+        tokens = torch.tensor(float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)))
+        if world > 1:
+            dist.all_reduce(tokens)
+        step_loss = 0.0
+        for m, batch in enumerate(batches):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            sync = ddp is None or m == len(batches) - 1
+            with nullcontext() if sync else ddp.no_sync():  # type: ignore[union-attr]
+                logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 position_ids=positions_from_mask(batch["attention_mask"]),
+                                 pixel_values=batch.get("pixel_values"),
+                                 pixel_attention_mask=batch.get("pixel_attention_mask"), use_cache=False).logits
+                n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+                loss = causal_lm_loss(logits, batch["labels"]) * n / tokens.item() * world
+                loss.backward()
+            step_loss += loss.item() / world
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if world > 1:
+            total = torch.tensor(step_loss)
+            dist.all_reduce(total)
+            step_loss = total.item()
+        loss_value = step_loss
+        if rank == 0:
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+            with open(out / "history.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step + 1, "loss": round(loss_value, 6), "lr": lr}) + "\n")
+    bar.close()
+    summary = {"steps": steps, "examples_per_step": per_step, "final_loss": loss_value, "world_size": world}
+    if rank == 0:
+        model.eval()
+        if lora is not None:
+            save_adapter(model, lora, out / "adapter")
+        if cfg.full or cfg.merge:
+            merge_lora(model).save_pretrained(out / "model")
+            processor.save_pretrained(out / "model")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+HELP = {
+    "model": "Hub-layout checkpoint folder to fine-tune", "data": "JSON-lines conversations (see the module doc)",
+    "out_dir": "where adapter/, model/ and history.jsonl go", "full": "train every weight instead of LoRA adapters",
+    "lora_r": "adapter rank", "lora_alpha": "adapter scale numerator (scale = alpha / r)",
+    "target_modules": "regular expression of the module names to adapt (default: decoder, modality "
+                      "projection and perceiver projections)",
+    "merge": "also write <out-dir>/model with the adapters folded into the weights",
+    "max_steps": "optimizer steps (default: --epochs over the data)",
+    "batch_size": "conversations per process per micro-batch", "grad_accum": "micro-batches per optimizer step",
+    "dtype": "weights' dtype (float32, bfloat16, float16)", "device": "cpu or cuda (one GPU per process)",
+    "threads": "CPU threads (default: torch's)",
+}
+
+
+def register_finetune_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `finetune` to the CLI's subparsers; `args.func(args)` runs it."""
+    parser = subparsers.add_parser("finetune", help="fine-tune a checkpoint on your conversations (LoRA)",
+                                   description=__doc__.split("\n\n")[0])
+    defaults = FinetuneConfig()
+    for f in fields(FinetuneConfig):
+        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+        text = HELP.get(f.name, "")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", help=text)
+        elif f.name in ("model", "data"):
+            parser.add_argument(flag, required=True, help=text)
+        else:
+            kind = {"epochs": float, "max_steps": int, "threads": int, "target_modules": str}.get(f.name, type(default))
+            parser.add_argument(flag, type=kind, default=default, help=f"{text} (default {default})".strip())
+    parser.set_defaults(func=run_from_args)
+    return parser
+
+
+def run_from_args(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cfg = FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)})
+    summary = finetune(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        logger.info("done: %s", json.dumps(summary))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m idefics2.training.finetune")
+    subparsers = parser.add_subparsers(required=True)
+    register_finetune_command(subparsers)
+    args = parser.parse_args(["finetune", *(argv if argv is not None else sys.argv[1:])])
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
