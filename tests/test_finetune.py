@@ -16,11 +16,25 @@ from safetensors.torch import load_file
 
 from idefics2 import Idefics2ForConditionalGeneration, Idefics2Processor
 from idefics2.processing.tokenizer import Tokenizer
-from idefics2.training.finetune import FinetuneConfig, finetune, load_conversations, main
-from idefics2.training.lora import (DEFAULT_TARGET_MODULES, LoRAConfig, LoRALinear, add_lora, load_adapter,
-                                    merge_lora, save_adapter)
+from idefics2.training.finetune import (
+    Conversation,
+    FinetuneConfig,
+    finetune,
+    load_conversations,
+    main,
+    make_batch,
+)
+from idefics2.training.lora import (
+    DEFAULT_TARGET_MODULES,
+    LoRAConfig,
+    LoRALinear,
+    add_lora,
+    load_adapter,
+    merge_lora,
+    save_adapter,
+)
 from idefics2.training.synthetic import render, sample_scene
-from idefics2.training.train import build_processor, export, model_config_dict
+from idefics2.training.train import assistant_prefix_ids, build_processor, export, model_config_dict
 
 SHIPPED = Path(__file__).resolve().parents[1] / "src" / "idefics2" / "assets" / "shapes-vqa"
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -222,7 +236,7 @@ def test_two_processes_train_the_same_weights_as_one(checkpoint: Path, data: Pat
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
          "-m", "idefics2.training.finetune", *common, "--batch-size", "2", "--out-dir", str(tmp_path / "two")],
-        env=env, capture_output=True, text=True, timeout=300)
+        env=env, capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
     one = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
@@ -265,3 +279,16 @@ def test_cli_finetune_reports_bad_data_in_one_line_and_generate_applies_an_adapt
     expected = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
     assert answers[1] == expected.strip() and answers[0] != answers[1]
 
+
+
+def test_answers_are_found_with_a_mistral_style_tokenizer() -> None:
+    """Mistral's tokenizer writes "Assistant:" alone as "▁Assistant", ":" but in a conversation as "Ass",
+    "istant", ":" after "<end_of_utterance>", "▁", "<0x0A>": the labels must come from the latter."""
+    processor = Idefics2Processor.from_pretrained(Path(__file__).parent / "fixtures" / "hub-like-tokenizer")
+    conversation = Conversation([{"role": "user", "content": [{"type": "text", "text": "Colour?"}]},
+                                 {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
+                                 {"role": "user", "content": [{"type": "text", "text": "Shape?"}]},
+                                 {"role": "assistant", "content": [{"type": "text", "text": "A square."}]}], [])
+    labels = make_batch([conversation], processor, assistant_prefix_ids(processor.tokenizer))["labels"][0]
+    assert processor.tokenizer.convert_ids_to_tokens(labels[labels != -100].tolist()) == [
+        "▁Red", ".", "<end_of_utterance>", "▁A", "▁square", ".", "<end_of_utterance>"]

@@ -187,7 +187,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     for name in ("batch_size", "grad_accum"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cfg.device == "cuda" else cfg.device)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cfg.device == "cuda" else cfg.device)
     conversations = load_conversations(cfg.data)
     processor = Idefics2Processor.from_pretrained(cfg.model)
     prefix_ids = assistant_prefix_ids(processor.tokenizer)
