@@ -193,6 +193,16 @@ def test_bad_data_lines_are_named(tmp_path: Path, line: str, message: str) -> No
         load_conversations(path)
 
 
+def test_a_conversation_longer_than_the_positions_is_refused_before_training(checkpoint: Path, tmp_path: Path) -> None:
+    long = {"messages": [{"role": "user", "content": "a " * 600}, {"role": "assistant", "content": "b " * 500}]}
+    short = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(short) + "\n" + json.dumps(long) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"d.jsonl:2: the conversation is \d+ tokens long .* at most 1024 positions"):
+        finetune(FinetuneConfig(model=str(checkpoint), data=str(path), out_dir=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
 def _loss_curve(folder: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (folder / "history.jsonl").read_text().splitlines()]
 

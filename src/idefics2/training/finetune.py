@@ -85,6 +85,7 @@ class FinetuneConfig:
 class Conversation:
     messages: list[dict[str, Any]]
     images: list[Path]
+    line: int = 0  # in the data file, for error messages
 
 
 def _count_images(content: Any) -> int:
@@ -136,10 +137,21 @@ def load_conversations(path: str | os.PathLike[str]) -> list[Conversation]:
                 raise ValueError(f"{path}:{number}: image file {image} not found")
         messages = [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str)
                     else m for m in record["messages"]]
-        conversations.append(Conversation(messages, images))
+        conversations.append(Conversation(messages, images, number))
     if not conversations:
         raise ValueError(f"{path} holds no conversations")
     return conversations
+
+
+def check_lengths(conversations: Sequence[Conversation], processor: Idefics2Processor, limit: int,
+                  path: str) -> None:
+    """Refuse, before training, a conversation longer than the model's positions (image tokens
+    counted): the model would run past its rotary range without complaint and learn from garbage."""
+    for c in conversations:
+        n = len(processor(text=processor.apply_chat_template(c.messages))["input_ids"][0])
+        if n > limit:
+            raise ValueError(f"{path}:{c.line}: the conversation is {n} tokens long (image tokens included); "
+                             f"the model takes at most {limit} positions")
 
 
 def make_batch(conversations: Sequence[Conversation], processor: Idefics2Processor,
@@ -192,6 +204,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     processor = Idefics2Processor.from_pretrained(cfg.model)
     prefix_ids = assistant_prefix_ids(processor.tokenizer)
     model = Idefics2ForConditionalGeneration.from_pretrained(cfg.model, dtype=cfg.dtype, device=str(device))
+    check_lengths(conversations, processor, model.config.text_config.max_position_embeddings, cfg.data)
     torch.manual_seed(cfg.seed)  # the adapters' initial values
     lora = None
     if cfg.full:
