@@ -4,8 +4,8 @@ Each side runs in its own subprocess (so peak RSS is that side's alone), builds 
 bench_generate.py's preset with the same per-name weights, attaches rank-r adapters to the same
 modules (the decoder, modality-projection and perceiver projections), fills the adapters from the
 same per-name seeds, and times full optimizer steps (forward with labels, backward, AdamW) on a
-batch of photos with ~20-token prompts. The first step's loss is printed for both sides: equal
-losses mean both trained the same computation. Prints a table, then one JSON line.
+batch of photos with ~20-token prompts. Both sides print the loss of their first step (equal: the
+same forward) and of their last (equal: the same updates as well). Prints a table, then one JSON line.
 
     .venv/bin/python benchmarks/bench_finetune.py                      # CPU, small config, float32
 """
@@ -70,9 +70,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
-        step()
+        last_loss = step()
         times.append(time.perf_counter() - start)
     return {"step_s": min(times), "step_median_s": statistics.median(times), "first_loss": first_loss,
+            "last_loss": last_loss,
             "trainable_m": sum(p.numel() for p in trainable) / 1e6, "peak_gib": peak_rss_gib()}
 
 
@@ -112,6 +113,7 @@ def main() -> None:
     print(f"{'peak RSS GiB':<34}{oracle['peak_gib']:18.3f}{ours['peak_gib']:10.3f}")
     print(f"{'trainable parameters (M)':<34}{oracle['trainable_m']:18.3f}{ours['trainable_m']:10.3f}")
     print(f"{'loss of the first step':<34}{oracle['first_loss']:18.5f}{ours['first_loss']:10.5f}")
+    print(f"{f'loss of step {args.steps + 1}':<34}{oracle['last_loss']:18.5f}{ours['last_loss']:10.5f}")
     print(json.dumps({"oracle": oracle, "ours": ours, "speedup": oracle["step_s"] / ours["step_s"],
                       "batch": args.batch, "rank": args.rank, "preset": args.preset, "threads": args.threads}))
 

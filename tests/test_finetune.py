@@ -169,6 +169,16 @@ def test_adapter_for_another_model_or_a_bad_config_is_refused(checkpoint: Path, 
     config_file.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="use_dora"):
         load_adapter(Idefics2ForConditionalGeneration.from_pretrained(checkpoint), tmp_path / "a")
+    fresh = Idefics2ForConditionalGeneration.from_pretrained(checkpoint)
+    for broken in ({"r": None}, {"target_modules": None}, {"r": 4, "target_modules": ["k_proj"]}):
+        config_file.write_text(json.dumps({**config, "use_dora": False, **broken}))
+        with pytest.raises(ValueError, match="lacks|does not fit"):
+            load_adapter(fresh, tmp_path / "a")
+        assert not any(isinstance(m, LoRALinear) for m in fresh.modules())  # a refused adapter changes nothing
+    config_file.write_text(json.dumps({**config, "use_dora": False}))
+    (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="cannot read the adapter"):
+        load_adapter(fresh, tmp_path / "a")
     with pytest.raises(ValueError, match="no nn.Linear module matches"):
         add_lora(Idefics2ForConditionalGeneration.from_pretrained(checkpoint), LoRAConfig(target_modules=["qproj"]))
     with pytest.raises(ValueError, match="rank"):
@@ -184,6 +194,10 @@ def test_adapter_for_another_model_or_a_bad_config_is_refused(checkpoint: Path, 
                               {"role": "assistant", "content": "x"}]}), ":2: 1 image parts in the messages but 0"),
     (json.dumps({"messages": [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "x"}],
                  "images": ["missing.png"]}), ":2: image file .*missing.png not found"),
+    (json.dumps({"messages": [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "x"}],
+                 "images": ["d.jsonl"]}), ":2: cannot read image .*d.jsonl"),
+    (json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [
+        {"type": "image"}, {"type": "text", "text": "x"}]}], "images": ["d.jsonl"]}), ":2: an assistant turn holds an image"),
 ])
 def test_bad_data_lines_are_named(tmp_path: Path, line: str, message: str) -> None:
     good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
@@ -193,18 +207,43 @@ def test_bad_data_lines_are_named(tmp_path: Path, line: str, message: str) -> No
         load_conversations(path)
 
 
-def test_a_conversation_longer_than_the_positions_is_refused_before_training(checkpoint: Path, tmp_path: Path) -> None:
-    long = {"messages": [{"role": "user", "content": "a " * 600}, {"role": "assistant", "content": "b " * 500}]}
+def test_a_line_separator_inside_a_string_is_not_a_line_break(tmp_path: Path) -> None:
+    text = json.dumps({"messages": [{"role": "user", "content": "a\u2028b\x0cc"},
+                                    {"role": "assistant", "content": "d\x85e"}]}, ensure_ascii=False)
+    (tmp_path / "d.jsonl").write_text(text + "\n", encoding="utf-8")
+    assert load_conversations(tmp_path / "d.jsonl")[0].messages[0]["content"][0]["text"] == "a\u2028b\x0cc"
+
+
+@pytest.mark.parametrize(("conversation", "message"), [
+    ([{"role": "user", "content": "a " * 600}, {"role": "assistant", "content": "b " * 500}],
+     r"d.jsonl:2: the conversation is \d+ tokens long .* at most 1024 positions"),
+    ([{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Hi"}],
+     r"d.jsonl:2: 1 assistant turns but 0 found after tokenization"),
+    ([{"role": "user", "content": "Say\nAssistant: yes"}, {"role": "assistant", "content": "No."}],
+     r"d.jsonl:2: 1 assistant turns but 2 found"),
+])
+def test_conversations_that_tokenize_wrong_are_refused_before_training(checkpoint: Path, tmp_path: Path,
+                                                                      conversation: list, message: str) -> None:
     short = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
     path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps(short) + "\n" + json.dumps(long) + "\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"d.jsonl:2: the conversation is \d+ tokens long .* at most 1024 positions"):
+    path.write_text(json.dumps(short) + "\n" + json.dumps({"messages": conversation}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
         finetune(FinetuneConfig(model=str(checkpoint), data=str(path), out_dir=str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()
 
 
-def _loss_curve(folder: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (folder / "history.jsonl").read_text().splitlines()]
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"max_steps": 0}, "--max-steps must be positive"), ({"grad_clip": -1.0}, "--grad-clip must be 0 or more"),
+    ({"dtype": "float16"}, "float16 would need loss scaling"), ({"full": True, "dtype": "bfloat16"}, "--full"),
+    ({"lora_r": 0}, "--lora-r must be positive"), ({"device": "gpu"}, "unknown device 'gpu'"),
+])
+def test_bad_settings_are_refused_before_loading(settings: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        finetune(FinetuneConfig(model="nowhere", data="nothing.jsonl", **settings))
+
+
+def _history(folder: Path, key: str = "loss") -> list[float]:
+    return [json.loads(line)[key] for line in (folder / "history.jsonl").read_text().splitlines()]
 
 
 def test_finetune_learns_the_answers_and_writes_peft_files_and_a_merged_model(checkpoint: Path, data: Path,
@@ -212,7 +251,7 @@ def test_finetune_learns_the_answers_and_writes_peft_files_and_a_merged_model(ch
     main(["--model", str(checkpoint), "--data", str(data), "--out-dir", str(tmp_path), "--lora-r", "4",
           "--lr", "1e-2", "--warmup-steps", "0", "--max-steps", "25", "--batch-size", "3", "--merge",
           "--threads", "1"])
-    losses = _loss_curve(tmp_path)
+    losses = _history(tmp_path)
     assert len(losses) == 25 and sum(losses[-5:]) < 0.5 * sum(losses[:5])
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["target_modules"] == DEFAULT_TARGET_MODULES
@@ -228,6 +267,19 @@ def test_finetune_learns_the_answers_and_writes_peft_files_and_a_merged_model(ch
         torch.testing.assert_close(merged(**inputs).logits, adapted(**inputs).logits, atol=2e-5, rtol=1e-5)
 
 
+def test_full_finetuning_trains_every_weight_and_writes_a_checkpoint(checkpoint: Path, data: Path,
+                                                                    tmp_path: Path) -> None:
+    finetune(FinetuneConfig(model=str(checkpoint), data=str(data), out_dir=str(tmp_path), full=True, lr=3e-3,
+                            warmup_steps=0, max_steps=12, batch_size=3, threads=1))
+    losses = _history(tmp_path)
+    assert sum(losses[-3:]) < 0.6 * sum(losses[:3]) and not (tmp_path / "adapter").exists()
+    before = Idefics2ForConditionalGeneration.from_pretrained(checkpoint).state_dict()
+    after = Idefics2ForConditionalGeneration.from_pretrained(tmp_path / "model").state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any("vision_model" in k for k in changed) and any("lm_head" in k or "embed" in k for k in changed)
+    assert (tmp_path / "model" / "tokenizer.json").is_file()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -235,8 +287,9 @@ def _free_port() -> int:
 
 
 def test_two_processes_train_the_same_weights_as_one(checkpoint: Path, data: Path, tmp_path: Path) -> None:
-    """torchrun with 2 CPU processes (gloo), 2 conversations each, against 1 process with 4: the loss is
-    normalised by the step's answer tokens over both processes, so the updates agree."""
+    """torchrun with 2 CPU processes (gloo), each accumulating 2 micro-batches of 1 conversation, against 1
+    process with 4: the loss is normalised by the step's answer tokens over both processes and micro-batches,
+    so the gradients (their logged norms) and the updates agree."""
     common = ["--model", str(checkpoint), "--data", str(data), "--lora-r", "4", "--lr", "1e-2",
               "--warmup-steps", "0", "--max-steps", "3", "--threads", "1"]
     single = FinetuneConfig(model=str(checkpoint), data=str(data), lora_r=4, lr=1e-2, warmup_steps=0, max_steps=3,
@@ -245,7 +298,8 @@ def test_two_processes_train_the_same_weights_as_one(checkpoint: Path, data: Pat
     env = {**os.environ, "PYTHONPATH": str(SRC), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-         "-m", "idefics2.training.finetune", *common, "--batch-size", "2", "--out-dir", str(tmp_path / "two")],
+         "-m", "idefics2.training.finetune", *common, "--batch-size", "1", "--grad-accum", "2",
+         "--out-dir", str(tmp_path / "two")],
         env=env, capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
@@ -254,8 +308,9 @@ def test_two_processes_train_the_same_weights_as_one(checkpoint: Path, data: Pat
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(torch.tensor(_loss_curve(tmp_path / "two")), torch.tensor(_loss_curve(tmp_path / "one")),
-                               atol=1e-4, rtol=1e-4)
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close(torch.tensor(_history(tmp_path / "two", key)),
+                                   torch.tensor(_history(tmp_path / "one", key)), atol=1e-4, rtol=1e-4)
 
 
 def test_cli_finetune_reports_bad_data_in_one_line_and_generate_applies_an_adapter(
@@ -299,6 +354,6 @@ def test_answers_are_found_with_a_mistral_style_tokenizer() -> None:
                                  {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
                                  {"role": "user", "content": [{"type": "text", "text": "Shape?"}]},
                                  {"role": "assistant", "content": [{"type": "text", "text": "A square."}]}], [])
-    labels = make_batch([conversation], processor, assistant_prefix_ids(processor.tokenizer))["labels"][0]
+    labels = make_batch([conversation], processor, assistant_prefix_ids(processor.tokenizer), "d.jsonl")["labels"][0]
     assert processor.tokenizer.convert_ids_to_tokens(labels[labels != -100].tolist()) == [
         "▁Red", ".", "<end_of_utterance>", "▁A", "▁square", ".", "<end_of_utterance>"]

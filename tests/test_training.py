@@ -22,7 +22,7 @@ from idefics2.training.evaluate import normalise, score
 from idefics2.training.synthetic import COLORS, SHAPES, make_eval_items, sample_conversation, sample_scene
 from idefics2.training.tokenizer_training import SPECIAL_TOKENS, train_tokenizer
 from idefics2.training.train import (CHECKPOINT_FILE, IGNORE_INDEX, ConversationBatches, TrainConfig,
-                                     _initial_model, _param_groups, assistant_labels, build_processor,
+                                     _initial_model, param_groups, assistant_labels, build_processor,
                                      init_weights, lr_factor, main, model_config_dict, parse_weights,
                                      sincos_position_table, train)
 
@@ -57,7 +57,7 @@ def test_labels_supervise_only_assistant_answers(processor) -> None:  # type: ig
     texts = [processor.apply_chat_template(_conversation()), processor.apply_chat_template(short)]
     batch = processor(images=[[image], [image]], text=texts, padding=True, return_tensors="pt")
     data = ConversationBatches(processor, 0, 1, 0, 1, 1)
-    labels = assistant_labels(batch["input_ids"], data.prefix_ids, data.end_id)
+    labels = assistant_labels(batch["input_ids"], data.prefix_ids, processor.end_of_utterance_id)
     eou = END_OF_UTTERANCE_TOKEN
     supervised = [processor.decode(ids[lab != IGNORE_INDEX]) for ids, lab in zip(batch["input_ids"], labels)]
     assert supervised == [f" Red.{eou} 3.{eou}", f" Blue.{eou}"]
@@ -202,11 +202,11 @@ def test_position_table_init_encodes_row_and_column_and_escapes_weight_decay() -
     vision = model.config.vision_config
     weight = model.model.vision_model.embeddings.position_embedding.weight
     assert torch.equal(weight, 0.5 * sincos_position_table(vision.num_patches_per_side, vision.hidden_size))
-    exempt = _param_groups(model, 0.05, decay_positions=False)[1]["params"]
+    exempt = param_groups(model, 0.05, decay_positions=False)[1]["params"]
     assert any(p is weight for p in exempt)
     init_weights(model)
     assert weight.std().item() == pytest.approx(0.02, rel=0.2)
-    assert not any(p is weight for p in _param_groups(model, 0.05)[1]["params"])
+    assert not any(p is weight for p in param_groups(model, 0.05)[1]["params"])
 
 
 def test_init_flags_reach_the_trained_model(tmp_path: Path) -> None:

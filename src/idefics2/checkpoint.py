@@ -54,6 +54,18 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return _DTYPES[dtype]
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """"cpu", "cuda", "cuda:1", ... as a torch.device. A name torch does not know, or CUDA on a machine
+    without it, is a ValueError here rather than a crash on the first tensor sent there."""
+    try:
+        resolved = torch.device(device if device is not None else "cpu")
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {device!r} ({err}); expected cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but torch sees no CUDA device")
+    return resolved
+
+
 def resolve_folder(folder_or_repo_id: str | os.PathLike[str]) -> Path:
     """A local folder as is; a Hub repo id ("org/name") through huggingface_hub when installed and online."""
     path = Path(folder_or_repo_id)
@@ -306,7 +318,7 @@ def _swap_into_place(new: Path, folder: Path, owns: Callable[[str], bool]) -> No
     try:
         os.replace(new, folder)
     except BaseException:
-        os.replace(backup / folder.name, folder)  # put the good checkpoint back
-        raise
-    finally:
+        os.replace(backup / folder.name, folder)  # put the good checkpoint back (if this fails, it stays in backup)
         shutil.rmtree(backup, ignore_errors=True)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)

@@ -32,18 +32,15 @@ def shipped_model_path() -> Path:
 def load(model: str | None, dtype: str, device: str, adapter: str | None = None) -> tuple[Any, Any]:
     """(model, processor) from a Hub-layout folder or repo id; the shipped model by default. A LoRA
     `adapter` folder (ours or PEFT's) is folded into the weights, so generation costs what it did."""
-    import torch
-
-    from idefics2.checkpoint import resolve_folder
+    from idefics2.checkpoint import resolve_device, resolve_folder
     from idefics2.model.idefics2 import Idefics2ForConditionalGeneration
     from idefics2.processing.processor import Idefics2Processor
 
     if model is None and not (shipped_model_path() / "config.json").is_file():
         raise UserError(f"the shipped model is missing from {shipped_model_path()}; reinstall idefics2 or pass --model")
     folder = resolve_folder(model or shipped_model_path())
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device} asked for, but torch sees no CUDA device")
-    lm = Idefics2ForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=device, progress=True)
+    lm = Idefics2ForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=resolve_device(device),
+                                                          progress=True)
     if adapter is not None:
         from idefics2.training.lora import load_adapter, merge_lora
 

@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import random
-import sys
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -43,11 +42,21 @@ from torch import Tensor
 from tqdm import tqdm
 
 from idefics2.chat import read_image
+from idefics2.checkpoint import resolve_device
 from idefics2.model.idefics2 import Idefics2ForConditionalGeneration, causal_lm_loss
 from idefics2.model.text import positions_from_mask
-from idefics2.processing.processor import END_OF_UTTERANCE_TOKEN, Idefics2Processor
+from idefics2.processing.processor import Idefics2Processor
 from idefics2.training.lora import LoRAConfig, add_lora, merge_lora, save_adapter
-from idefics2.training.train import IGNORE_INDEX, assistant_labels, assistant_prefix_ids, lr_factor
+from idefics2.training.train import (
+    IGNORE_INDEX,
+    add_config_flags,
+    assistant_prefix_ids,
+    export,
+    labelled_batch,
+    lr_factor,
+    param_groups,
+    run_as_script,
+)
 
 logger = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant")
@@ -80,6 +89,26 @@ class FinetuneConfig:
     device: str = "cpu"
     threads: int | None = None
 
+    def __post_init__(self) -> None:
+        """Every value checked before anything is loaded; a mistake names its flag."""
+        positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "lr": self.lr,
+                    "epochs": self.epochs, "lora_r": self.lora_r,
+                    **({"max_steps": self.max_steps} if self.max_steps is not None else {})}
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        for name in ("warmup_steps", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"--dtype must be float32 or bfloat16 (float16 would need loss scaling), got "
+                             f"{self.dtype!r}")
+        if self.full and self.dtype != "float32":
+            raise ValueError("--full trains the weights themselves, which needs --dtype float32: AdamW steps "
+                             "on bfloat16 weights lose small updates (LoRA adapters are float32 on any base)")
+
 
 @dataclass
 class Conversation:
@@ -109,10 +138,26 @@ def _check_conversation(record: Any) -> str | None:
             return f"message {i}: content must be a string or a list of text/image parts"
     if not any(m["role"] == "assistant" for m in record["messages"]):
         return "no assistant turn: there is nothing to learn"
+    if any(m["role"] == "assistant" and _count_images(m["content"]) for m in record["messages"]):
+        return "an assistant turn holds an image part: images belong to user turns"
     n_parts = sum(_count_images(m["content"]) for m in record["messages"])
     if n_parts != len(images):
         return f"{n_parts} image parts in the messages but {len(images)} files in \"images\""
     return None
+
+
+def _image_problem(path: Path) -> str | None:
+    """Whether PIL recognises the file (its header only: decoding every image up front would cost a pass
+    over the data set; a file that is damaged further in is reported, with its line, when it is used)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path):
+            return None
+    except FileNotFoundError:
+        return f"image file {path} not found"
+    except (UnidentifiedImageError, OSError) as err:
+        return f"cannot read image {path}: {err}"
 
 
 def load_conversations(path: str | os.PathLike[str]) -> list[Conversation]:
@@ -121,7 +166,8 @@ def load_conversations(path: str | os.PathLike[str]) -> list[Conversation]:
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} not found")
     conversations = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 and other characters splitlines breaks at
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -133,8 +179,9 @@ def load_conversations(path: str | os.PathLike[str]) -> list[Conversation]:
             raise ValueError(f"{path}:{number}: {problem}")
         images = [path.parent / p for p in record.get("images", [])]
         for image in images:
-            if not image.is_file():
-                raise ValueError(f"{path}:{number}: image file {image} not found")
+            problem = _image_problem(image)
+            if problem is not None:
+                raise ValueError(f"{path}:{number}: {problem}")
         messages = [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str)
                     else m for m in record["messages"]]
         conversations.append(Conversation(messages, images, number))
@@ -143,30 +190,36 @@ def load_conversations(path: str | os.PathLike[str]) -> list[Conversation]:
     return conversations
 
 
-def check_lengths(conversations: Sequence[Conversation], processor: Idefics2Processor, limit: int,
-                  path: str) -> None:
-    """Refuse, before training, a conversation longer than the model's positions (image tokens
-    counted): the model would run past its rotary range without complaint and learn from garbage."""
+def check_tokenized(conversations: Sequence[Conversation], processor: Idefics2Processor, prefix_ids: Sequence[int],
+                    limit: int, path: str) -> None:
+    """Tokenize every conversation (image tokens counted, no pixels) before training and refuse, by line,
+    one longer than the model's positions (it would run past its rotary range without complaint) or one
+    whose assistant turns are not all found as answers (an assistant turn first, or "\nAssistant:"
+    inside a user's text, would shift what is learned)."""
     for c in conversations:
-        n = len(processor(text=processor.apply_chat_template(c.messages))["input_ids"][0])
-        if n > limit:
-            raise ValueError(f"{path}:{c.line}: the conversation is {n} tokens long (image tokens included); "
-                             f"the model takes at most {limit} positions")
+        labels = labelled_batch(processor, [c.messages], None, prefix_ids)["labels"][0]
+        if len(labels) > limit:
+            raise ValueError(f"{path}:{c.line}: the conversation is {len(labels)} tokens long (image tokens "
+                             f"included); the model takes at most {limit} positions")
+        answers = int((labels == processor.end_of_utterance_id).sum())
+        turns = sum(m["role"] == "assistant" for m in c.messages)
+        if answers != turns:
+            raise ValueError(f"{path}:{c.line}: {turns} assistant turns but {answers} found after tokenization; "
+                             "a conversation must not start with an assistant turn, and user text must not "
+                             "contain '\\nAssistant:'")
 
 
-def make_batch(conversations: Sequence[Conversation], processor: Idefics2Processor,
-               prefix_ids: Sequence[int]) -> dict[str, Tensor]:
-    """Left-padded model inputs with assistant-only labels."""
-    texts = [processor.apply_chat_template(c.messages) for c in conversations]
-    images = [[read_image(str(p)) for p in c.images] for c in conversations]
-    batch = dict(processor(images=images if any(images) else None, text=texts, padding=True,
-                           return_tensors="pt"))
-    labels = assistant_labels(batch["input_ids"], prefix_ids, processor.tokenizer.token_to_id(END_OF_UTTERANCE_TOKEN))
-    if bool(((labels != IGNORE_INDEX).sum(dim=1) == 0).any()):
-        raise ValueError("a conversation has no answer tokens after tokenization (was the answer truncated, "
-                         "or does the chat template not write 'Assistant:' turns?)")
-    batch["labels"] = labels
-    return batch
+def make_batch(conversations: Sequence[Conversation], processor: Idefics2Processor, prefix_ids: Sequence[int],
+               path: str) -> dict[str, Tensor]:
+    """Left-padded model inputs with assistant-only labels; an image that cannot be decoded names its line."""
+    images = []
+    for c in conversations:
+        try:
+            images.append([read_image(str(p)) for p in c.images])
+        except (ValueError, FileNotFoundError) as err:
+            raise ValueError(f"{path}:{c.line}: cannot read an image: {err}") from None
+    return labelled_batch(processor, [c.messages for c in conversations], images if any(images) else None,
+                          prefix_ids)
 
 
 def step_indices(n: int, per_step: int, seed: int) -> Iterator[list[int]]:
@@ -183,48 +236,56 @@ def step_indices(n: int, per_step: int, seed: int) -> Iterator[list[int]]:
         pool = pool[per_step:]
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); starts the process group when launched by torchrun with several processes."""
+def _distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, this process's device). Under torchrun with several processes this starts the
+    process group (NCCL for CUDA, gloo for the CPU) and gives each process its own GPU (LOCAL_RANK)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
+    device = resolve_device(device_name)
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        if device.index is not None:
+            raise ValueError(f"--device {device_name} with {world} processes: pass --device cuda, and each process "
+                             "takes the GPU of its LOCAL_RANK")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
 
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run the fine-tuning; returns the summary written (by rank 0) to <out_dir>/summary.json."""
-    rank, world = _distributed()
+    rank, world, device = _distributed(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    for name in ("batch_size", "grad_accum"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cfg.device == "cuda" else cfg.device)
+    lora = None if cfg.full else LoRAConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, base_model_name_or_path=cfg.model,
+        **({"target_modules": cfg.target_modules} if cfg.target_modules else {}))
     conversations = load_conversations(cfg.data)
     processor = Idefics2Processor.from_pretrained(cfg.model)
     prefix_ids = assistant_prefix_ids(processor.tokenizer)
-    model = Idefics2ForConditionalGeneration.from_pretrained(cfg.model, dtype=cfg.dtype, device=str(device))
-    check_lengths(conversations, processor, model.config.text_config.max_position_embeddings, cfg.data)
-    torch.manual_seed(cfg.seed)  # the adapters' initial values
-    lora = None
-    if cfg.full:
+    model = Idefics2ForConditionalGeneration.from_pretrained(cfg.model, dtype=cfg.dtype, device=device)
+    check_tokenized(conversations, processor, prefix_ids, model.config.text_config.max_position_embeddings, cfg.data)
+    if lora is None:
         model.requires_grad_(True)
     else:
-        lora = LoRAConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          base_model_name_or_path=cfg.model, **(
-                              {"target_modules": cfg.target_modules} if cfg.target_modules else {}))
+        torch.manual_seed(cfg.seed)  # the adapters' initial values, the same in every process
         names = add_lora(model, lora)
         if rank == 0:
             logger.info("LoRA r=%d on %d modules", cfg.lora_r, len(names))
+    torch.manual_seed(cfg.seed + rank)  # dropout masks differ between processes
     trainable = [p for p in model.parameters() if p.requires_grad]
     if rank == 0:
         logger.info("%.2f M trainable parameters of %.2f M", sum(p.numel() for p in trainable) / 1e6,
                     sum(p.numel() for p in model.parameters()) / 1e6)
     per_step = cfg.batch_size * world * cfg.grad_accum
-    steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(conversations) / per_step))
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    steps = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * len(conversations) / per_step))
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     # find_unused_parameters: a micro-batch without images leaves the connector's adapters without gradients
-    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else None
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True,
+    ) if world > 1 else None
     forward = ddp if ddp is not None else model
     out = Path(cfg.out_dir)
     if rank == 0:
@@ -243,10 +304,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         micro = [[conversations[i] for i in chosen[(m * world + rank) * cfg.batch_size:
                                                      (m * world + rank + 1) * cfg.batch_size]]
                  for m in range(cfg.grad_accum)]
-        batches = [make_batch(mb, processor, prefix_ids) for mb in micro]
+        batches = [make_batch(mb, processor, prefix_ids, cfg.data) for mb in micro]
         # Answer tokens of the whole step, over every process: each micro-batch's summed loss is divided
         # by it, times the world size because DDP averages the processes' gradients.
-        tokens = torch.tensor(float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)))
+        tokens = torch.tensor(float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)),
+                              device=device)
         if world > 1:
             dist.all_reduce(tokens)
         step_loss = 0.0
@@ -262,18 +324,20 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 loss = causal_lm_loss(logits, batch["labels"]) * n / tokens.item() * world
                 loss.backward()
             step_loss += loss.item() / world
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        # The norm before clipping (0 = no clipping) is logged: with the loss, it shows a scaling mistake.
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if world > 1:
-            total = torch.tensor(step_loss)
+            total = torch.tensor(step_loss, device=device)
             dist.all_reduce(total)
             step_loss = total.item()
         loss_value = step_loss
         if rank == 0:
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
             with open(out / "history.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": step + 1, "loss": round(loss_value, 6), "lr": lr}) + "\n")
+                f.write(json.dumps({"step": step + 1, "loss": round(loss_value, 6), "grad_norm": round(grad_norm, 6),
+                                    "lr": lr}) + "\n")
     bar.close()
     summary = {"steps": steps, "examples_per_step": per_step, "final_loss": loss_value, "world_size": world}
     if rank == 0:
@@ -281,8 +345,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         if lora is not None:
             save_adapter(model, lora, out / "adapter")
         if cfg.full or cfg.merge:
-            merge_lora(model).save_pretrained(out / "model")
-            processor.save_pretrained(out / "model")
+            export(merge_lora(model), processor, out / "model")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     if world > 1:
         dist.barrier()
@@ -300,8 +363,8 @@ HELP = {
     "merge": "also write <out-dir>/model with the adapters folded into the weights",
     "max_steps": "optimizer steps (default: --epochs over the data)",
     "batch_size": "conversations per process per micro-batch", "grad_accum": "micro-batches per optimizer step",
-    "dtype": "weights' dtype (float32, bfloat16, float16)", "device": "cpu or cuda (one GPU per process)",
-    "threads": "CPU threads (default: torch's)",
+    "dtype": "the base weights' dtype: float32 or bfloat16 (LoRA only; adapters stay float32)", "device": "cpu or cuda (one GPU per process)",
+    "threads": "CPU threads (default: torch's)", "grad_clip": "clip the gradient norm to this (0 = no clipping)",
 }
 
 
@@ -309,17 +372,8 @@ def register_finetune_command(subparsers: Any) -> argparse.ArgumentParser:
     """Add `finetune` to the CLI's subparsers; `args.func(args)` runs it."""
     parser = subparsers.add_parser("finetune", help="fine-tune a checkpoint on your conversations (LoRA)",
                                    description=__doc__.split("\n\n")[0])
-    defaults = FinetuneConfig()
-    for f in fields(FinetuneConfig):
-        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
-        text = HELP.get(f.name, "")
-        if isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", help=text)
-        elif f.name in ("model", "data"):
-            parser.add_argument(flag, required=True, help=text)
-        else:
-            kind = {"epochs": float, "max_steps": int, "threads": int, "target_modules": str}.get(f.name, type(default))
-            parser.add_argument(flag, type=kind, default=default, help=f"{text} (default {default})".strip())
+    add_config_flags(parser, FinetuneConfig, HELP, required=("model", "data"), floats=("epochs",),
+                     ints=("max_steps", "threads"))
     parser.set_defaults(func=run_from_args)
     return parser
 
@@ -333,11 +387,7 @@ def run_from_args(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m idefics2.training.finetune")
-    subparsers = parser.add_subparsers(required=True)
-    register_finetune_command(subparsers)
-    args = parser.parse_args(["finetune", *(argv if argv is not None else sys.argv[1:])])
-    args.func(args)
+    run_as_script("finetune", register_finetune_command, argv)
 
 
 if __name__ == "__main__":

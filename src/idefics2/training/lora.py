@@ -17,11 +17,11 @@ import json
 import math
 import os
 import re
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -48,6 +48,7 @@ class LoRAConfig:
     lora_alpha: float = 8.0
     lora_dropout: float = 0.0
     target_modules: str | list[str] = field(default=DEFAULT_TARGET_MODULES)
+    exclude_modules: str | list[str] | None = None
     base_model_name_or_path: str | None = None
 
     def __post_init__(self) -> None:
@@ -55,20 +56,27 @@ class LoRAConfig:
             raise ValueError(f"LoRA rank r must be a positive integer, got {self.r!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if isinstance(self.target_modules, str):
-            try:
-                re.compile(self.target_modules)
-            except re.error as e:
-                raise ValueError(f"target_modules is not a valid regular expression: {e}") from None
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
+            raise ValueError(f"lora_alpha must be a number, got {self.lora_alpha!r}")
+        for key in ("target_modules", "exclude_modules"):
+            value = getattr(self, key)
+            if value is None and key == "exclude_modules":
+                continue
+            if isinstance(value, str):
+                try:
+                    re.compile(value)
+                except re.error as e:
+                    raise ValueError(f"{key} is not a valid regular expression: {e}") from None
+            elif not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+                raise ValueError(f"{key} must be a regular expression or a list of module names, got {value!r}")
 
     @property
     def scaling(self) -> float:
         return self.lora_alpha / self.r
 
     def targets(self, name: str) -> bool:
-        if isinstance(self.target_modules, str):
-            return re.fullmatch(self.target_modules, name) is not None
-        return any(name == t or name.endswith("." + t) for t in self.target_modules)
+        return _matches(self.target_modules, name) and not (
+            self.exclude_modules is not None and _matches(self.exclude_modules, name))
 
     def to_peft_dict(self) -> dict[str, object]:
         return {**asdict(self), "peft_type": "LORA", "task_type": None, "bias": "none", "fan_in_fan_out": False,
@@ -80,18 +88,35 @@ class LoRAConfig:
         """Read an adapter_config.json; options that change the update's form are refused, not ignored."""
         if data.get("peft_type") != "LORA":
             raise ValueError(f"not a LoRA adapter (peft_type={data.get('peft_type')!r})")
+        missing = [key for key in ("r", "lora_alpha", "target_modules") if data.get(key) is None]
+        if missing:
+            raise ValueError(f"the adapter config lacks {missing}")
         unsupported = {key: data.get(key) for key, off in (("use_dora", False), ("use_rslora", False),
                                                           ("fan_in_fan_out", False), ("bias", "none"))
                        if data.get(key, off) != off}
-        for key in ("rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform"):
+        for key in ("rank_pattern", "alpha_pattern", "modules_to_save"):
             if data.get(key):
                 unsupported[key] = data[key]
+        if data.get("layers_to_transform") is not None:
+            unsupported["layers_to_transform"] = data["layers_to_transform"]
         if unsupported:
             raise ValueError(f"adapter options not supported here: {unsupported}")
-        return cls(r=int(data["r"]), lora_alpha=float(data["lora_alpha"]),  # type: ignore[arg-type]
-                   lora_dropout=float(data.get("lora_dropout") or 0.0),  # type: ignore[arg-type]
+        return cls(r=data["r"], lora_alpha=data["lora_alpha"],  # type: ignore[arg-type]
+                   lora_dropout=data.get("lora_dropout") or 0.0,  # type: ignore[arg-type]
                    target_modules=data["target_modules"],  # type: ignore[arg-type]
+                   exclude_modules=data.get("exclude_modules"),  # type: ignore[arg-type]
                    base_model_name_or_path=data.get("base_model_name_or_path"))  # type: ignore[arg-type]
+
+
+def _matches(pattern: str | list[str], name: str) -> bool:
+    """PEFT's rule: a string must match the whole name; a list names modules by their last components."""
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == t or name.endswith("." + t) for t in pattern)
+
+
+def is_lora_key(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
 
 
 class LoRALinear(nn.Module):
@@ -137,17 +162,24 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     Returns the wrapped module names; raises ValueError when nothing matches (a typo in the targets
     would otherwise train nothing) or when adapters are already attached.
     """
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
-        raise ValueError("the model already has LoRA adapters; merge_lora(model) first to stack another")
-    names = [name for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and config.targets(name)]
-    if not names:
-        raise ValueError(f"no nn.Linear module matches target_modules={config.target_modules!r}")
+    names = list(_targets(model, config))
     model.requires_grad_(False)
     for name in names:
         base = model.get_submodule(name)
         _set_module(model, name, LoRALinear(base, config.r, config.scaling, config.lora_dropout))  # type: ignore[arg-type]
     return names
+
+
+def _targets(model: nn.Module, config: LoRAConfig) -> dict[str, nn.Linear]:
+    """The modules `config` adapts, by name; ValueError when none (a typo would train nothing) or when
+    adapters are attached already."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("the model already has LoRA adapters; merge_lora(model) first to stack another")
+    found = {name: module for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and config.targets(name)}
+    if not found:
+        raise ValueError(f"no nn.Linear module matches target_modules={config.target_modules!r}")
+    return found
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -161,7 +193,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The adapter weights under PEFT's saved names: base_model.model.<module>.lora_{A,B}.weight."""
     return {PEFT_PREFIX + name: tensor.detach().contiguous().cpu()
-            for name, tensor in model.state_dict().items() if ".lora_A." in name or ".lora_B." in name}
+            for name, tensor in model.state_dict().items() if is_lora_key(name)}
 
 
 def save_adapter(model: nn.Module, config: LoRAConfig, folder: str | os.PathLike[str]) -> None:
@@ -187,19 +219,22 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike[str]) -> LoRAConfig
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: an adapter folder holds {ADAPTER_CONFIG_FILE} and "
                                     f"{ADAPTER_WEIGHTS_FILE}")
-    config = LoRAConfig.from_peft_dict(json.loads(config_path.read_text(encoding="utf-8")))
-    tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(weights_path).items()}
-    add_lora(model, config)
-    expected = {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+    try:
+        config = LoRAConfig.from_peft_dict(json.loads(config_path.read_text(encoding="utf-8")))
+        tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(weights_path).items()}
+    except (json.JSONDecodeError, SafetensorError, TypeError, AttributeError) as err:
+        raise ValueError(f"cannot read the adapter in {folder}: {err}") from None
+    # Checked before anything is wrapped, so a refused adapter leaves the model as it was.
+    expected = {}
+    for name, module in _targets(model, config).items():
+        expected[f"{name}.lora_A.weight"] = (config.r, module.in_features)
+        expected[f"{name}.lora_B.weight"] = (module.out_features, config.r)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(tensors) if tensors[k].shape != expected[k].shape)
+    wrong = sorted(k for k in set(expected) & set(tensors) if tuple(tensors[k].shape) != expected[k])
     if missing or unexpected or wrong:
-        examples = ", ".join(_first(missing) + _first(unexpected) + _first(wrong))
+        examples = ", ".join(missing[:2] + unexpected[:2] + wrong[:2])
         raise ValueError(f"{weights_path} does not fit this model: {len(missing)} missing, {len(unexpected)} "
                          f"unexpected and {len(wrong)} mis-shaped adapter tensors (e.g. {examples})")
+    add_lora(model, config)
     model.load_state_dict(tensors, strict=False)
     return config
-
-
-def _first(names: Sequence[str], n: int = 2) -> list[str]:
-    return list(names[:n])

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from idefics2.checkpoint import write_folder_atomically
 from idefics2.config import Idefics2Config
 from idefics2.model.connector import PerceiverAttention
 from idefics2.model.idefics2 import Idefics2ForConditionalGeneration
@@ -250,6 +251,16 @@ def assistant_labels(input_ids: Tensor, prefix_ids: Sequence[int], end_id: int) 
     return labels
 
 
+def labelled_batch(processor: Idefics2Processor, conversations: Sequence[list[dict[str, Any]]],
+                   images: Sequence[list[Any]] | None, prefix_ids: Sequence[int]) -> dict[str, Tensor]:
+    """Chat-template conversations (with their images, or None) as left-padded model inputs plus
+    assistant-only `labels`."""
+    texts = [processor.apply_chat_template(messages) for messages in conversations]
+    batch = dict(processor(images=images, text=texts, padding=True, return_tensors="pt"))
+    batch["labels"] = assistant_labels(batch["input_ids"], prefix_ids, processor.end_of_utterance_id)
+    return batch
+
+
 class ConversationBatches(Dataset[dict[str, Tensor]]):
     """Batch `index` is a pure function of (seed, index): workers need no shared state, resumes are exact.
 
@@ -266,7 +277,6 @@ class ConversationBatches(Dataset[dict[str, Tensor]]):
         self.start, self.stop, self.max_turns = start, stop, max_turns
         self.curriculum_steps, self.types = curriculum_steps, tuple(types)
         self.prefix_ids = assistant_prefix_ids(processor.tokenizer)
-        self.end_id = processor.tokenizer.token_to_id(END_OF_UTTERANCE_TOKEN)
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
@@ -284,12 +294,10 @@ class ConversationBatches(Dataset[dict[str, Tensor]]):
         two_images = rng.random() < TWO_IMAGE_BATCH_FRACTION
         samples = [sample_conversation(rng, self.max_turns, two_images, self.max_shapes(step), self.types)
                    for _ in range(self.batch_size)]
-        texts = [self.processor.apply_chat_template(s.messages) for s in samples]
-        batch = dict(self.processor(images=[s.images for s in samples], text=texts, padding=True,
-                                    return_tensors="pt"))
+        batch = labelled_batch(self.processor, [s.messages for s in samples], [s.images for s in samples],
+                               self.prefix_ids)
         # Half the bytes through shared memory; values k/127.5 - 1 lose < 1e-3 in float16.
         batch["pixel_values"] = batch["pixel_values"].half()
-        batch["labels"] = assistant_labels(batch["input_ids"], self.prefix_ids, self.end_id)
         return batch
 
 
@@ -301,12 +309,15 @@ def lr_factor(progress: float, step: int, warmup_steps: int, min_ratio: float) -
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _param_groups(model: nn.Module, weight_decay: float,
+def param_groups(model: nn.Module, weight_decay: float,
                   decay_positions: bool = True) -> list[dict[str, Any]]:
-    """No weight decay on norms, biases and latents (1-D or learned-query tensors), nor on the vision
-    position table unless `decay_positions` (decay would pull a sine/cosine table back to zero)."""
+    """The trainable parameters in two AdamW groups: no weight decay on norms, biases and latents (1-D or
+    learned-query tensors), nor on the vision position table unless `decay_positions` (decay would
+    pull a sine/cosine table back to zero)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
         exempt = param.dim() < 2 or name.endswith("latents") or (
             not decay_positions and name.endswith("position_embedding.weight"))
         (no_decay if exempt else decay).append(param)
@@ -327,14 +338,23 @@ def _load_tokenizer(cfg: TrainConfig) -> Tokenizer:
     return train_tokenizer(seed=cfg.seed)
 
 
-def export(model: Idefics2ForConditionalGeneration, processor: Idefics2Processor, folder: Path) -> None:
-    """Hub layout: config + safetensors, processor files, tokenizer, chat template, generation config."""
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+def export(model: Idefics2ForConditionalGeneration, processor: Idefics2Processor, folder: Path,
+           generation: dict[str, Any] | None = None) -> None:
+    """Hub layout: config + safetensors (+ the model's generation config, or `generation`), processor
+    files, tokenizer, chat template. Written whole into a temporary folder that then replaces `folder`,
+    so a failure never leaves weights without their tokenizer."""
+    with write_folder_atomically(Path(folder), owns=lambda name: True) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if generation is not None:
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+
+
+def shapes_generation_config(model: Idefics2ForConditionalGeneration, processor: Idefics2Processor) -> dict[str, Any]:
+    """Greedy, stopping at `</s>` or `<end_of_utterance>`, 32 new tokens: the shipped model's answers are short."""
     eou = processor.tokenizer.token_to_id(END_OF_UTTERANCE_TOKEN)
-    generation = {"eos_token_id": [model.config.text_config.eos_token_id, eou], "pad_token_id": 0,
-                  "bos_token_id": 1, "max_new_tokens": 32, "do_sample": False}
-    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+    return {"eos_token_id": [model.config.text_config.eos_token_id, eou], "pad_token_id": 0, "bos_token_id": 1,
+            "max_new_tokens": 32, "do_sample": False}
 
 
 def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
@@ -361,7 +381,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     torch.manual_seed(cfg.seed)
     model = _initial_model(cfg, config) if not resuming else Idefics2ForConditionalGeneration(config)
     model.to(device)
-    groups = _param_groups(model, cfg.weight_decay, decay_positions=cfg.position_table_scale <= 0)
+    groups = param_groups(model, cfg.weight_decay, decay_positions=cfg.position_table_scale <= 0)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
     step, elapsed, best = 0, 0.0, {"accuracy": -1.0, "step": 0}
@@ -447,7 +467,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
         final.load_state_dict(best_state)
     else:
         final = model.cpu()
-    export(final.eval(), processor, out / "model")
+    export(final.eval(), processor, out / "model", shapes_generation_config(final, processor))
     summary = {"steps": step, "minutes": round(elapsed / 60, 2), "best": best, "parameters": n_params,
                "config": asdict(cfg)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -456,7 +476,6 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
 
 # ---------------------------------------------------------------------------------------------- CLI
 def _add_flags(parser: argparse.ArgumentParser) -> None:
-    defaults = TrainConfig()
     helps = {"out_dir": "run folder: checkpoint, history.jsonl, model/ (the Hub-layout export)",
              "preset": f"model size, one of {sorted(PRESETS)}", "steps": "optimizer steps (the schedule length)",
              "max_minutes": "wall-clock cap; the cosine schedule is stretched to end by then",
@@ -476,18 +495,36 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
                           "scratch; its tokenizer too unless --tokenizer-dir",
              "perceiver_qk_std": "std of the perceiver's q/k projections at init; ~0.5 (with "
                                  "--latents-std 0.02) lets reading be learned, see docs/training.md"}
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
+    add_config_flags(parser, TrainConfig, helps, choices={"preset": sorted(PRESETS)}, floats=("max_minutes",))
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_class: type, helps: dict[str, str], *,
+                     required: Sequence[str] = (), choices: dict[str, list[str]] | None = None,
+                     floats: Sequence[str] = (), ints: Sequence[str] = ()) -> None:
+    """One `--flag` per field of a config dataclass: booleans are switches; the rest take a value of the
+    default's type (`floats`/`ints` name fields whose default is None), and `--help` shows the default."""
+    defaults = config_class()
+    for f in fields(config_class):
+        flag, default, text = "--" + f.name.replace("_", "-"), getattr(defaults, f.name), helps.get(f.name, "")
         if isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", help=helps.get(f.name))
-        elif f.name == "preset":
-            parser.add_argument(flag, choices=sorted(PRESETS), default=default, help=helps[f.name])
+            parser.add_argument(flag, action="store_true", help=text)
+        elif f.name in required:
+            parser.add_argument(flag, required=True, help=text)
+        elif choices and f.name in choices:
+            parser.add_argument(flag, choices=choices[f.name], default=default, help=text)
         else:
-            kind = float if isinstance(default, float) or f.name == "max_minutes" else (
-                int if isinstance(default, int) else str)
-            parser.add_argument(flag, type=kind, default=default,
-                                help=(helps.get(f.name, "") + f" (default {default})").strip())
+            kind = float if isinstance(default, float) or f.name in floats else (
+                int if isinstance(default, int) or f.name in ints else str)
+            parser.add_argument(flag, type=kind, default=default, help=f"{text} (default {default})".strip())
+
+
+def run_as_script(command: str, register: Callable[[Any], argparse.ArgumentParser],
+                  argv: Sequence[str] | None) -> None:
+    """`python -m idefics2.training.<module> ARGS` runs what `idefics2 <command> ARGS` runs."""
+    parser = argparse.ArgumentParser(prog=f"python -m idefics2.training.{command}")
+    register(parser.add_subparsers(required=True))
+    args = parser.parse_args([command, *(argv if argv is not None else sys.argv[1:])])
+    args.func(args)
 
 
 def run_from_args(args: argparse.Namespace) -> None:
@@ -508,11 +545,7 @@ def register_train_command(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m idefics2.training.train")
-    subparsers = parser.add_subparsers(required=True)
-    register_train_command(subparsers)
-    args = parser.parse_args(["train", *(argv if argv is not None else sys.argv[1:])])
-    args.func(args)
+    run_as_script("train", register_train_command, argv)
 
 
 if __name__ == "__main__":
