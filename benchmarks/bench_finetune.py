@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import PRESETS, build, make_inputs, peak_rss_gib  # noqa: E402
+from bench_generate import PRESETS, build, make_inputs, peak_rss_gib
 
 
 def attach_adapters(model: Any, side: str, rank: int) -> Any:
