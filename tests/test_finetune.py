@@ -250,9 +250,13 @@ def test_finetune_learns_the_answers_and_writes_peft_files_and_a_merged_model(ch
                                                                               tmp_path: Path) -> None:
     main(["--model", str(checkpoint), "--data", str(data), "--out-dir", str(tmp_path), "--lora-r", "4",
           "--lr", "1e-2", "--warmup-steps", "0", "--max-steps", "25", "--batch-size", "3", "--merge",
-          "--threads", "1"])
+          "--threads", "1", "--eval-data", str(data), "--eval-every", "10"])
     losses = _history(tmp_path)
     assert len(losses) == 25 and sum(losses[-5:]) < 0.5 * sum(losses[:5])
+    history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    evaluated = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
+    assert [step for step, _ in evaluated] == [10, 20, 25] and evaluated[2][1] < evaluated[0][1] < 2 * losses[0]
+    assert json.loads((tmp_path / "summary.json").read_text())["eval_loss"] == pytest.approx(evaluated[2][1], abs=1e-6)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["target_modules"] == DEFAULT_TARGET_MODULES
     keys = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
@@ -291,9 +295,9 @@ def test_two_processes_train_the_same_weights_as_one(checkpoint: Path, data: Pat
     process with 4: the loss is normalised by the step's answer tokens over both processes and micro-batches,
     so the gradients (their logged norms) and the updates agree."""
     common = ["--model", str(checkpoint), "--data", str(data), "--lora-r", "4", "--lr", "1e-2",
-              "--warmup-steps", "0", "--max-steps", "3", "--threads", "1"]
+              "--warmup-steps", "0", "--max-steps", "3", "--threads", "1", "--eval-data", str(data)]
     single = FinetuneConfig(model=str(checkpoint), data=str(data), lora_r=4, lr=1e-2, warmup_steps=0, max_steps=3,
-                            threads=1, batch_size=4, out_dir=str(tmp_path / "one"))
+                            threads=1, batch_size=4, out_dir=str(tmp_path / "one"), eval_data=str(data))
     finetune(single)
     env = {**os.environ, "PYTHONPATH": str(SRC), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
@@ -308,6 +312,8 @@ def test_two_processes_train_the_same_weights_as_one(checkpoint: Path, data: Pat
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=2e-5, rtol=1e-4)
+    summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("one", "two")]
+    assert summaries[0]["eval_loss"] == pytest.approx(summaries[1]["eval_loss"], abs=1e-4)  # split over 2 processes
     for key in ("loss", "grad_norm"):
         torch.testing.assert_close(torch.tensor(_history(tmp_path / "two", key)),
                                    torch.tensor(_history(tmp_path / "one", key)), atol=1e-4, rtol=1e-4)

@@ -68,6 +68,8 @@ class FinetuneConfig:
 
     model: str = ""
     data: str = ""
+    eval_data: str | None = None
+    eval_every: int = 0
     out_dir: str = "runs/finetune"
     full: bool = False
     lora_r: int = 8
@@ -97,7 +99,7 @@ class FinetuneConfig:
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        for name in ("warmup_steps", "weight_decay", "grad_clip"):
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "eval_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -222,6 +224,34 @@ def make_batch(conversations: Sequence[Conversation], processor: Idefics2Process
                           prefix_ids)
 
 
+def answer_loss(model: torch.nn.Module, batch: dict[str, Tensor], device: torch.device) -> tuple[Tensor, int]:
+    """(mean cross-entropy over the answer tokens, their number) of one batch."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=positions_from_mask(batch["attention_mask"]), pixel_values=batch.get("pixel_values"),
+                   pixel_attention_mask=batch.get("pixel_attention_mask"), use_cache=False).logits
+    return causal_lm_loss(logits, batch["labels"]), int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def evaluate(model: torch.nn.Module, conversations: Sequence[Conversation], processor: Idefics2Processor,
+             prefix_ids: Sequence[int], path: str, batch_size: int, device: torch.device) -> float:
+    """Mean answer-token loss over held-out conversations; with several processes each takes every
+    world-size-th conversation and the sums are added up, so every process returns the same value."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = list(conversations[rank::world])
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, answer tokens
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(mine), batch_size):
+            loss, n = answer_loss(model, make_batch(mine[i:i + batch_size], processor, prefix_ids, path), device)
+            total += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=device)
+    model.train(was_training)
+    if world > 1:
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
 def step_indices(n: int, per_step: int, seed: int) -> Iterator[list[int]]:
     """Endless stream of `per_step` example indices: epoch after epoch of seeded permutations, so
     every step is full and each example is seen once per epoch."""
@@ -263,10 +293,12 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, base_model_name_or_path=cfg.model,
         **({"target_modules": cfg.target_modules} if cfg.target_modules else {}))
     conversations = load_conversations(cfg.data)
+    held_out = load_conversations(cfg.eval_data) if cfg.eval_data else []
     processor = Idefics2Processor.from_pretrained(cfg.model)
     prefix_ids = assistant_prefix_ids(processor.tokenizer)
     model = Idefics2ForConditionalGeneration.from_pretrained(cfg.model, dtype=cfg.dtype, device=device)
-    check_tokenized(conversations, processor, prefix_ids, model.config.text_config.max_position_embeddings, cfg.data)
+    for path, items in ((cfg.data, conversations), (cfg.eval_data, held_out)):
+        check_tokenized(items, processor, prefix_ids, model.config.text_config.max_position_embeddings, str(path))
     if lora is None:
         model.requires_grad_(True)
     else:
@@ -313,15 +345,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             dist.all_reduce(tokens)
         step_loss = 0.0
         for m, batch in enumerate(batches):
-            batch = {k: v.to(device) for k, v in batch.items()}
             sync = ddp is None or m == len(batches) - 1
             with nullcontext() if sync else ddp.no_sync():  # type: ignore[union-attr]
-                logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 position_ids=positions_from_mask(batch["attention_mask"]),
-                                 pixel_values=batch.get("pixel_values"),
-                                 pixel_attention_mask=batch.get("pixel_attention_mask"), use_cache=False).logits
-                n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-                loss = causal_lm_loss(logits, batch["labels"]) * n / tokens.item() * world
+                mean, n = answer_loss(forward, batch, device)
+                loss = mean * n / tokens.item() * world
                 loss.backward()
             step_loss += loss.item() / world
         # The norm before clipping (0 = no clipping) is logged: with the loss, it shows a scaling mistake.
@@ -333,13 +360,17 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             dist.all_reduce(total)
             step_loss = total.item()
         loss_value = step_loss
+        record = {"step": step + 1, "loss": round(loss_value, 6), "grad_norm": round(grad_norm, 6), "lr": lr}
+        if held_out and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == steps):
+            eval_loss = evaluate(model, held_out, processor, prefix_ids, str(cfg.eval_data), cfg.batch_size, device)
+            record["eval_loss"] = round(eval_loss, 6)
         if rank == 0:
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
             with open(out / "history.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": step + 1, "loss": round(loss_value, 6), "grad_norm": round(grad_norm, 6),
-                                    "lr": lr}) + "\n")
+                f.write(json.dumps(record) + "\n")
     bar.close()
-    summary = {"steps": steps, "examples_per_step": per_step, "final_loss": loss_value, "world_size": world}
+    summary = {"steps": steps, "examples_per_step": per_step, "final_loss": loss_value, "world_size": world,
+               **({"eval_loss": eval_loss} if held_out else {})}
     if rank == 0:
         model.eval()
         if lora is not None:
@@ -356,6 +387,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- CLI
 HELP = {
     "model": "Hub-layout checkpoint folder to fine-tune", "data": "JSON-lines conversations (see the module doc)",
+    "eval_data": "held-out conversations (same format): their answer loss is logged as eval_loss",
+    "eval_every": "evaluate every N steps (0: only after the last step)",
     "out_dir": "where adapter/, model/ and history.jsonl go", "full": "train every weight instead of LoRA adapters",
     "lora_r": "adapter rank", "lora_alpha": "adapter scale numerator (scale = alpha / r)",
     "target_modules": "regular expression of the module names to adapt (default: decoder, modality "
