@@ -387,7 +387,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     step, elapsed, best = 0, 0.0, {"accuracy": -1.0, "step": 0}
     best_state: dict[str, Tensor] | None = None
     if resuming:
-        state = torch.load(out / CHECKPOINT_FILE, map_location=device, weights_only=False)
+        # weights_only: the restricted unpickler (tensors, numbers, dicts), never arbitrary objects
+        state = torch.load(out / CHECKPOINT_FILE, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed, best, best_state = state["step"], state["elapsed"], state["best"], state["best_state"]
