@@ -386,7 +386,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- CLI
 HELP = {
-    "model": "Hub-layout checkpoint folder to fine-tune", "data": "JSON-lines conversations (see the module doc)",
+    "model": "Hub-layout checkpoint folder to fine-tune", "data": 'one conversation per line: {"messages": [chat messages], "images": [paths relative to '
+            'the file]} (README, Fine-tuning)',
     "eval_data": "held-out conversations (same format): their answer loss is logged as eval_loss",
     "eval_every": "evaluate every N steps (0: only after the last step)",
     "out_dir": "where adapter/, model/ and history.jsonl go", "full": "train every weight instead of LoRA adapters",
