@@ -324,6 +324,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "finetune_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
         (out / "history.jsonl").unlink(missing_ok=True)
+        stale = [name for name, written in (("adapter", lora is not None), ("model", cfg.full or cfg.merge))
+                 if not written and (out / name).exists()]
+        if stale:
+            logger.warning("%s in %s come(s) from an earlier run; this run will not replace it",
+                           " and ".join(f"{name}/" for name in stale), out)
     model.train()
     stream = step_indices(len(conversations), per_step, cfg.seed)
     bar = tqdm(range(steps), desc="finetune", disable=rank != 0, dynamic_ncols=True)
