@@ -287,6 +287,31 @@ def test_full_finetuning_trains_every_weight_and_writes_a_checkpoint(
     assert (tmp_path / "model" / "tokenizer.json").is_file()
 
 
+def test_resume_continues_exactly(checkpoint: Path, data: Path, tmp_path: Path) -> None:
+    """3 steps + resume to 6 == 6 straight steps (constant lr; the conversations of a step are a function
+    of the seed and the step), and the history holds each step once."""
+    def config(folder: str, **changes: object) -> FinetuneConfig:
+        settings = {"model": str(checkpoint), "data": str(data), "lora_r": 4, "lr": 1e-2, "warmup_steps": 0,
+                    "min_lr_ratio": 1.0, "batch_size": 2, "threads": 1, "max_steps": 6, "checkpoint_every": 3,
+                    "out_dir": str(tmp_path / folder), **changes}
+        return FinetuneConfig(**settings)  # type: ignore[arg-type]
+
+    finetune(config("straight"))
+    finetune(config("split", max_steps=3))
+    with open(tmp_path / "split" / "history.jsonl", "a") as f:  # as if killed after the checkpoint
+        f.write(json.dumps({"step": 4, "loss": 9.9}) + "\n")
+    finetune(config("split", resume=True))
+    straight = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    split = load_file(tmp_path / "split" / "adapter" / "adapter_model.safetensors")
+    for name, value in straight.items():
+        torch.testing.assert_close(split[name], value, msg=name)
+    assert [json.loads(line)["step"] for line in (tmp_path / "split" / "history.jsonl").read_text().splitlines()] == [
+        1, 2, 3, 4, 5, 6]
+    assert _history(tmp_path / "split")[3:] == _history(tmp_path / "straight")[3:]
+    with pytest.raises(ValueError, match="other trainable tensors"):
+        finetune(config("split", resume=True, lora_r=2, max_steps=7))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

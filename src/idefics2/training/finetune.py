@@ -56,6 +56,7 @@ from idefics2.training.train import (
     lr_factor,
     param_groups,
     run_as_script,
+    truncate_history,
 )
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ class FinetuneConfig:
     lora_dropout: float = 0.0
     target_modules: str | None = None
     merge: bool = False
+    checkpoint_every: int = 0
+    resume: bool = False
     epochs: float = 1.0
     max_steps: int | None = None
     batch_size: int = 1
@@ -99,7 +102,7 @@ class FinetuneConfig:
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "eval_every"):
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -284,6 +287,36 @@ def _distributed(device_name: str) -> tuple[int, int, torch.device]:
     return dist.get_rank(), world, device
 
 
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+    """The trainable tensors (adapters, or every weight with --full), the optimizer state and the step,
+    written beside and then moved over the previous checkpoint."""
+    state = {"trainable": {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad},
+             "optimizer": optimizer.state_dict(), "step": step}
+    torch.save(state, folder / (CHECKPOINT_FILE + ".tmp"))
+    (folder / (CHECKPOINT_FILE + ".tmp")).replace(folder / CHECKPOINT_FILE)
+
+
+def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    device: torch.device) -> int:
+    """Restore what `save_checkpoint` wrote; returns the step to continue from. A checkpoint of other
+    trainable tensors (another rank, targets or --full) is refused rather than half-loaded."""
+    # weights_only: torch's restricted unpickler (tensors, numbers, dicts), never arbitrary objects
+    state = torch.load(folder / CHECKPOINT_FILE, map_location=device, weights_only=True)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    saved = state["trainable"]
+    if saved.keys() != trainable.keys() or any(saved[k].shape != trainable[k].shape for k in saved):
+        raise ValueError(f"{folder / CHECKPOINT_FILE} holds other trainable tensors than this run's (another "
+                         "--lora-r, --target-modules or --full?); resume with the flags of the run that wrote it")
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(saved[name])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"])
+
+
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run the fine-tuning; returns the summary written (by rank 0) to <out_dir>/summary.json."""
     rank, world, device = _distributed(cfg.device)
@@ -314,16 +347,24 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     per_step = cfg.batch_size * world * cfg.grad_accum
     steps = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * len(conversations) / per_step))
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    out = Path(cfg.out_dir)
+    start = 0
+    if cfg.resume and (out / CHECKPOINT_FILE).is_file():  # every process loads it, before DDP wraps the model
+        start = load_checkpoint(out, model, optimizer, device)
+        if rank == 0:
+            logger.info("resumed from step %d", start)
     # find_unused_parameters: a micro-batch without images leaves the connector's adapters without gradients
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True,
     ) if world > 1 else None
     forward = ddp if ddp is not None else model
-    out = Path(cfg.out_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "finetune_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
-        (out / "history.jsonl").unlink(missing_ok=True)
+        if start:
+            truncate_history(out / "history.jsonl", start)  # drop steps logged after the checkpoint
+        else:
+            (out / "history.jsonl").unlink(missing_ok=True)
         stale = [name for name, written in (("adapter", lora is not None), ("model", cfg.full or cfg.merge))
                  if not written and (out / name).exists()]
         if stale:
@@ -331,8 +372,12 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                            " and ".join(f"{name}/" for name in stale), out)
     model.train()
     stream = step_indices(len(conversations), per_step, cfg.seed)
-    bar = tqdm(range(steps), desc="finetune", disable=rank != 0, dynamic_ncols=True)
-    loss_value = float("nan")
+    for _ in range(start):  # the conversations of the steps already taken
+        next(stream)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="finetune", disable=rank != 0,
+               dynamic_ncols=True)
+    loss_value: float | None = None  # these stay None when a resumed run has no steps left
+    eval_loss: float | None = None
     for step in bar:
         lr = cfg.lr * lr_factor(step / steps, step, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
@@ -373,6 +418,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
             with open(out / "history.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+            if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps):
+                save_checkpoint(out, model, optimizer, step + 1)
     bar.close()
     summary = {"steps": steps, "examples_per_step": per_step, "final_loss": loss_value, "world_size": world,
                **({"eval_loss": eval_loss} if held_out else {})}
@@ -400,6 +447,8 @@ HELP = {
     "target_modules": "regular expression of the module names to adapt (default: decoder, modality "
                       "projection and perceiver projections)",
     "merge": "also write <out-dir>/model with the adapters folded into the weights",
+    "checkpoint_every": "save <out-dir>/checkpoint.pt every N steps and after the last (0 = never)",
+    "resume": "continue from <out-dir>/checkpoint.pt (same flags; a larger --max-steps extends the run)",
     "max_steps": "optimizer steps (default: --epochs over the data)",
     "batch_size": "conversations per process per micro-batch", "grad_accum": "micro-batches per optimizer step",
     "dtype": "the base weights' dtype: float32 or bfloat16 (LoRA only; adapters stay float32)", "device": "cpu or cuda (one GPU per process)",

@@ -324,7 +324,7 @@ def param_groups(model: nn.Module, weight_decay: float,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _truncate_history(path: Path, step: int) -> None:
+def truncate_history(path: Path, step: int) -> None:
     """Drop records written after the checkpoint (a run killed between two checkpoints)."""
     if path.is_file():
         lines = [line for line in path.read_text(encoding="utf-8").splitlines()
@@ -393,7 +393,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed, best, best_state = state["step"], state["elapsed"], state["best"], state["best_state"]
         logger.info("resumed from step %d (%.1f min trained)", step, elapsed / 60)
-        _truncate_history(out / HISTORY_FILE, step)
+        truncate_history(out / HISTORY_FILE, step)
     else:
         (out / HISTORY_FILE).unlink(missing_ok=True)  # a fresh run never mixes in an old run's curve
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
