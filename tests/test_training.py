@@ -21,10 +21,23 @@ from idefics2.training import synthetic
 from idefics2.training.evaluate import normalise, score
 from idefics2.training.synthetic import COLORS, SHAPES, make_eval_items, sample_conversation, sample_scene
 from idefics2.training.tokenizer_training import SPECIAL_TOKENS, train_tokenizer
-from idefics2.training.train import (CHECKPOINT_FILE, IGNORE_INDEX, ConversationBatches, TrainConfig,
-                                     _initial_model, param_groups, assistant_labels, build_processor,
-                                     init_weights, lr_factor, main, model_config_dict, parse_weights,
-                                     sincos_position_table, train)
+from idefics2.training.train import (
+    CHECKPOINT_FILE,
+    IGNORE_INDEX,
+    ConversationBatches,
+    TrainConfig,
+    _initial_model,
+    assistant_labels,
+    build_processor,
+    init_weights,
+    lr_factor,
+    main,
+    model_config_dict,
+    param_groups,
+    parse_weights,
+    sincos_position_table,
+    train,
+)
 
 SHIPPED = Path(__file__).resolve().parents[1] / "src" / "idefics2" / "assets" / "shapes-vqa"
 

@@ -48,15 +48,19 @@ from idefics2.model.text import positions_from_mask
 from idefics2.processing.processor import Idefics2Processor
 from idefics2.training.lora import LoRAConfig, add_lora, merge_lora, save_adapter
 from idefics2.training.train import (
+    CHECKPOINT_FILE,
     IGNORE_INDEX,
     add_config_flags,
+    append_history,
     assistant_prefix_ids,
     export,
     labelled_batch,
     lr_factor,
     param_groups,
+    read_checkpoint,
     run_as_script,
-    truncate_history,
+    start_history,
+    write_checkpoint,
 )
 
 logger = logging.getLogger(__name__)
@@ -227,13 +231,18 @@ def make_batch(conversations: Sequence[Conversation], processor: Idefics2Process
                           prefix_ids)
 
 
+def answer_tokens(labels: Tensor) -> int:
+    """How many labels `causal_lm_loss` scores: every position but the first that is not ignored."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
 def answer_loss(model: torch.nn.Module, batch: dict[str, Tensor], device: torch.device) -> tuple[Tensor, int]:
     """(mean cross-entropy over the answer tokens, their number) of one batch."""
     batch = {k: v.to(device) for k, v in batch.items()}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    position_ids=positions_from_mask(batch["attention_mask"]), pixel_values=batch.get("pixel_values"),
                    pixel_attention_mask=batch.get("pixel_attention_mask"), use_cache=False).logits
-    return causal_lm_loss(logits, batch["labels"]), int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return causal_lm_loss(logits, batch["labels"]), answer_tokens(batch["labels"])
 
 
 def evaluate(model: torch.nn.Module, conversations: Sequence[Conversation], processor: Idefics2Processor,
@@ -287,24 +296,18 @@ def _distributed(device_name: str) -> tuple[int, int, torch.device]:
     return dist.get_rank(), world, device
 
 
-CHECKPOINT_FILE = "checkpoint.pt"
-
-
 def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-    """The trainable tensors (adapters, or every weight with --full), the optimizer state and the step,
-    written beside and then moved over the previous checkpoint."""
-    state = {"trainable": {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad},
-             "optimizer": optimizer.state_dict(), "step": step}
-    torch.save(state, folder / (CHECKPOINT_FILE + ".tmp"))
-    (folder / (CHECKPOINT_FILE + ".tmp")).replace(folder / CHECKPOINT_FILE)
+    """The trainable tensors (adapters, or every weight with --full), the optimizer state and the step."""
+    write_checkpoint(folder, {"trainable": {name: p.detach().cpu() for name, p in model.named_parameters()
+                                            if p.requires_grad},
+                              "optimizer": optimizer.state_dict(), "step": step})
 
 
 def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     device: torch.device) -> int:
     """Restore what `save_checkpoint` wrote; returns the step to continue from. A checkpoint of other
     trainable tensors (another rank, targets or --full) is refused rather than half-loaded."""
-    # weights_only: torch's restricted unpickler (tensors, numbers, dicts), never arbitrary objects
-    state = torch.load(folder / CHECKPOINT_FILE, map_location=device, weights_only=True)
+    state = read_checkpoint(folder, device)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     saved = state["trainable"]
     if saved.keys() != trainable.keys() or any(saved[k].shape != trainable[k].shape for k in saved):
@@ -361,10 +364,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "finetune_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
-        if start:
-            truncate_history(out / "history.jsonl", start)  # drop steps logged after the checkpoint
-        else:
-            (out / "history.jsonl").unlink(missing_ok=True)
+        start_history(out, start)
         stale = [name for name, written in (("adapter", lora is not None), ("model", cfg.full or cfg.merge))
                  if not written and (out / name).exists()]
         if stale:
@@ -389,8 +389,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         batches = [make_batch(mb, processor, prefix_ids, cfg.data) for mb in micro]
         # Answer tokens of the whole step, over every process: each micro-batch's summed loss is divided
         # by it, times the world size because DDP averages the processes' gradients.
-        tokens = torch.tensor(float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)),
-                              device=device)
+        tokens = torch.tensor(float(sum(answer_tokens(b["labels"]) for b in batches)), device=device)
         if world > 1:
             dist.all_reduce(tokens)
         step_loss = 0.0
@@ -416,8 +415,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             record["eval_loss"] = round(eval_loss, 6)
         if rank == 0:
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-            with open(out / "history.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            append_history(out, record)
             if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps):
                 save_checkpoint(out, model, optimizer, step + 1)
     bar.close()
@@ -438,8 +436,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- CLI
 HELP = {
-    "model": "Hub-layout checkpoint folder to fine-tune", "data": 'one conversation per line: {"messages": [chat messages], "images": [paths relative to '
-            'the file]} (README, Fine-tuning)',
+    "model": "Hub-layout checkpoint folder to fine-tune",
+    "data": 'one conversation per line: {"messages": [chat messages], "images": [paths relative to the file]} '
+            "(README, Fine-tuning)",
     "eval_data": "held-out conversations (same format): their answer loss is logged as eval_loss",
     "eval_every": "evaluate every N steps (0: only after the last step)",
     "out_dir": "where adapter/, model/ and history.jsonl go", "full": "train every weight instead of LoRA adapters",
@@ -451,7 +450,8 @@ HELP = {
     "resume": "continue from <out-dir>/checkpoint.pt (same flags; a larger --max-steps extends the run)",
     "max_steps": "optimizer steps (default: --epochs over the data)",
     "batch_size": "conversations per process per micro-batch", "grad_accum": "micro-batches per optimizer step",
-    "dtype": "the base weights' dtype: float32 or bfloat16 (LoRA only; adapters stay float32)", "device": "cpu or cuda (one GPU per process)",
+    "dtype": "the base weights' dtype: float32 or bfloat16 (LoRA only; adapters stay float32)",
+    "device": "cpu or cuda (one GPU per process)",
     "threads": "CPU threads (default: torch's)", "grad_clip": "clip the gradient norm to this (0 = no clipping)",
 }
 

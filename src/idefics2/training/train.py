@@ -324,12 +324,32 @@ def param_groups(model: nn.Module, weight_decay: float,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def truncate_history(path: Path, step: int) -> None:
-    """Drop records written after the checkpoint (a run killed between two checkpoints)."""
-    if path.is_file():
+def start_history(folder: Path, resumed_step: int) -> None:
+    """A fresh run starts an empty history.jsonl (never mixing in an old run's curve); a resumed one drops
+    the records written after its checkpoint (a run killed between two checkpoints)."""
+    path = folder / HISTORY_FILE
+    if not resumed_step:
+        path.unlink(missing_ok=True)
+    elif path.is_file():
         lines = [line for line in path.read_text(encoding="utf-8").splitlines()
-                 if line.strip() and json.loads(line)["step"] <= step]
+                 if line.strip() and json.loads(line)["step"] <= resumed_step]
         path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def append_history(folder: Path, record: dict[str, Any]) -> None:
+    with open(folder / HISTORY_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def write_checkpoint(folder: Path, state: dict[str, Any]) -> None:
+    """checkpoint.pt, written beside and then moved over the previous one (a kill mid-write keeps it)."""
+    torch.save(state, folder / (CHECKPOINT_FILE + ".tmp"))
+    (folder / (CHECKPOINT_FILE + ".tmp")).replace(folder / CHECKPOINT_FILE)
+
+
+def read_checkpoint(folder: Path, device: torch.device) -> dict[str, Any]:
+    # weights_only: torch's restricted unpickler (tensors, numbers, dicts), never arbitrary objects
+    return torch.load(folder / CHECKPOINT_FILE, map_location=device, weights_only=True)
 
 
 def _load_tokenizer(cfg: TrainConfig) -> Tokenizer:
@@ -387,15 +407,12 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     step, elapsed, best = 0, 0.0, {"accuracy": -1.0, "step": 0}
     best_state: dict[str, Tensor] | None = None
     if resuming:
-        # weights_only: the restricted unpickler (tensors, numbers, dicts), never arbitrary objects
-        state = torch.load(out / CHECKPOINT_FILE, map_location=device, weights_only=True)
+        state = read_checkpoint(out, device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed, best, best_state = state["step"], state["elapsed"], state["best"], state["best_state"]
         logger.info("resumed from step %d (%.1f min trained)", step, elapsed / 60)
-        truncate_history(out / HISTORY_FILE, step)
-    else:
-        (out / HISTORY_FILE).unlink(missing_ok=True)  # a fresh run never mixes in an old run's curve
+    start_history(out, step)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %s preset, %.2f M parameters", cfg.preset, n_params / 1e6)
@@ -410,15 +427,12 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     def save_checkpoint() -> None:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                  "elapsed": elapsed, "best": best, "best_state": best_state}
-        torch.save(state, out / (CHECKPOINT_FILE + ".tmp"))
-        (out / (CHECKPOINT_FILE + ".tmp")).replace(out / CHECKPOINT_FILE)
+        write_checkpoint(out, state)
 
     def evaluate_now() -> None:
         nonlocal best, best_state
         scores = score(validation, answer_items(model, processor, validation, batch_size=90))
-        record = {"step": step, "eval": scores, "elapsed": round(elapsed, 1)}
-        with open(out / HISTORY_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_history(out, {"step": step, "eval": scores, "elapsed": round(elapsed, 1)})
         logger.info("step %d: validation exact match %.3f", step, scores["all"])
         if scores["all"] >= best["accuracy"]:
             best = {"accuracy": scores["all"], "step": step}
@@ -448,9 +462,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
         step += 1
         loss_value = loss.item()
         bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
-        with open(out / HISTORY_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, "loss": round(loss_value, 5), "lr": lr,
-                                "grad_norm": round(grad_norm, 4), "elapsed": round(elapsed, 2)}) + "\n")
+        append_history(out, {"step": step, "loss": round(loss_value, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
+                             "elapsed": round(elapsed, 2)})
         if on_step is not None:
             on_step(step, loss_value)
         out_of_time = elapsed + (time.monotonic() - clock) >= budget
