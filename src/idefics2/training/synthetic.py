@@ -76,11 +76,13 @@ class Scene:
 
 @dataclass
 class Sample:
-    """One conversation: images in order of their `<image>` placeholders, chat messages, question types."""
+    """One conversation: images in order of their `<image>` placeholders, chat messages, question types,
+    and the scenes the images were rendered from (for the grounding targets, `patch_contents`)."""
 
     images: list[Image.Image]
     messages: list[dict[str, Any]]
     question_types: list[str] = field(default_factory=list)
+    scenes: list[Scene] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,45 @@ def render(scene: Scene) -> Image.Image:
         pixels = np.asarray(image, dtype=np.float32) + noise
         image = Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), "RGB")
     return image
+
+
+def _covers(shape: Shape, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Which points (x, y) in canvas pixels lie inside `shape`, with `render`'s geometry."""
+    dx, dy = x - shape.cx, y - shape.cy
+    if shape.kind == "circle":
+        return dx * dx + dy * dy <= shape.r * shape.r
+    if shape.kind == "square":
+        half = round(shape.r * 0.85)
+        return (np.abs(dx) <= half) & (np.abs(dy) <= half)
+    # apex (0, -r), base at dy = r/2; the half-width grows linearly from the apex to h at the base
+    half_base = shape.r * math.sqrt(3) / 2
+    return (dy >= -shape.r) & (dy <= shape.r / 2) & (np.abs(dx) <= half_base * (dy + shape.r) / (1.5 * shape.r))
+
+
+def patch_contents(scene: Scene, grid: int, samples: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """What lies under each cell of a `grid` x `grid` split of the image, row-major as the vision
+    tower orders its patches (the processor squashes every canvas to a square).
+
+    Each cell is tested at `samples` x `samples` points. Returns (shape_index (grid², ) int64: the
+    index in `scene.shapes` of the shape covering most of the cell's points, -1 for none;
+    on_text (grid², ) bool: some point lies in the printed text's box).
+    """
+    n = grid * samples
+    u = (np.arange(n) + 0.5) / n
+    x = np.broadcast_to(u[None, :] * scene.width, (n, n))  # (n, n) point coordinates, row-major
+    y = np.broadcast_to(u[:, None] * scene.height, (n, n))
+    shape_index = np.full(grid * grid, -1, dtype=np.int64)
+    if scene.shapes:
+        hits = np.stack([_covers(s, x, y).reshape(grid, samples, grid, samples).sum(axis=(1, 3)).reshape(-1)
+                         for s in scene.shapes])  # (shapes, grid²) points covered per cell
+        shape_index = np.where(hits.max(axis=0) > 0, hits.argmax(axis=0), -1)
+    on_text = np.zeros(grid * grid, dtype=bool)
+    if scene.text is not None:
+        left, top, right, bottom = _font(scene.text_size).getbbox(scene.text)
+        x0, y0 = scene.text_xy
+        inside = (x >= x0 + left) & (x <= x0 + right) & (y >= y0 + top) & (y <= y0 + bottom)
+        on_text = inside.reshape(grid, samples, grid, samples).any(axis=(1, 3)).reshape(-1)
+    return shape_index, on_text
 
 
 def _article(shape: Shape) -> str:
@@ -328,7 +369,7 @@ def sample_conversation(rng: random.Random, max_turns: int = 3, two_images: bool
                              _assistant(f"The {'first' if n1 > n2 else 'second'} image.")]
             else:
                 types = types[:1]
-        return Sample([render(first), render(second)], messages, list(types))
+        return Sample([render(first), render(second)], messages, list(types), [first, second])
     scene = sample_scene(rng, max_shapes=max_shapes)
     wanted = ["text"] if scene.text is not None and rng.random() < 0.5 else []
     wanted += [rng.choice(types) for _ in range(rng.randint(1, max_turns) - len(wanted))]
@@ -338,7 +379,7 @@ def sample_conversation(rng: random.Random, max_turns: int = 3, two_images: bool
         question, answer, qtype = _answerable(rng, scene, qtype)
         messages += [_user(question, 1 if turn == 0 else 0), _assistant(answer)]
         types.append(qtype)
-    return Sample([render(scene)], messages, types)
+    return Sample([render(scene)], messages, types, [scene])
 
 
 def make_eval_items(seed: int, n: int) -> list[EvalItem]:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
@@ -35,6 +36,7 @@ from idefics2.processing.image_processor import Idefics2ImageProcessor
 from idefics2.processing.processor import END_OF_UTTERANCE_TOKEN, Idefics2Processor
 from idefics2.processing.tokenizer import Tokenizer
 from idefics2.training.evaluate import answer_items, score
+from idefics2.training.grounding import Grounding, patch_classes, pretrain_vision
 from idefics2.training.synthetic import (
     MAX_SHAPES,
     SINGLE_IMAGE_TYPES,
@@ -48,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 HISTORY_FILE = "history.jsonl"
+VISION_HISTORY_FILE = "vision_history.jsonl"  # `--vision-minutes` pretraining, one record per step
 IGNORE_INDEX = -100
 # Validation questions come from their own seed offset, never from the training stream.
 VALIDATION_SEED_OFFSET = 1_000_003
@@ -58,6 +61,7 @@ PRESETS: dict[str, tuple[int, int, int, int, int, int, int, int]] = {
     "tiny": (32, 1, 8, 32, 4, 1, 32, 1),  # tests only
     "cpu": (128, 3, 16, 128, 16, 1, 128, 3),  # near the team's 2-core CPU experiment; 64 patches per image
     "small": (192, 4, 8, 128, 32, 1, 160, 3),  # the shipped model (trained on a GPU), < 16 MB in float32
+    "cpu64": (128, 3, 16, 128, 64, 1, 128, 3),  # "cpu" with one latent per patch, for --route-weight
 }
 
 
@@ -94,6 +98,9 @@ class TrainConfig:
     num_workers: int = 0
     threads: int = 2
     bf16: bool = False
+    vision_minutes: float = 0.0
+    route_weight: float = 0.0
+    align_weight: float = 0.0
     tokenizer_dir: str | None = None
     resume: bool = False
 
@@ -272,10 +279,12 @@ class ConversationBatches(Dataset[dict[str, Tensor]]):
     """
 
     def __init__(self, processor: Idefics2Processor, seed: int, batch_size: int, start: int, stop: int,
-                 max_turns: int, curriculum_steps: int = 0, types: Sequence[str] = SINGLE_IMAGE_TYPES) -> None:
+                 max_turns: int, curriculum_steps: int = 0, types: Sequence[str] = SINGLE_IMAGE_TYPES,
+                 patch_grid: int = 0) -> None:
         self.processor, self.seed, self.batch_size = processor, seed, batch_size
         self.start, self.stop, self.max_turns = start, stop, max_turns
         self.curriculum_steps, self.types = curriculum_steps, tuple(types)
+        self.patch_grid = patch_grid  # > 0: add each image's `patch_classes` for the grounding losses
         self.prefix_ids = assistant_prefix_ids(processor.tokenizer)
 
     def __len__(self) -> int:
@@ -298,6 +307,10 @@ class ConversationBatches(Dataset[dict[str, Tensor]]):
                                self.prefix_ids)
         # Half the bytes through shared memory; values k/127.5 - 1 lose < 1e-3 in float16.
         batch["pixel_values"] = batch["pixel_values"].half()
+        if self.patch_grid:
+            objects, words = zip(*(patch_classes(scene, self.patch_grid) for s in samples for scene in s.scenes))
+            batch["patch_objects"] = torch.from_numpy(np.stack(objects))  # (R, P) in placeholder order
+            batch["patch_words"] = torch.from_numpy(np.stack(words))
         return batch
 
 
@@ -336,8 +349,8 @@ def start_history(folder: Path, resumed_step: int) -> None:
         path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
-def append_history(folder: Path, record: dict[str, Any]) -> None:
-    with open(folder / HISTORY_FILE, "a", encoding="utf-8") as f:
+def append_history(folder: Path, record: dict[str, Any], name: str = HISTORY_FILE) -> None:
+    with open(folder / name, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
 
@@ -401,6 +414,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     torch.manual_seed(cfg.seed)
     model = _initial_model(cfg, config) if not resuming else Idefics2ForConditionalGeneration(config)
     model.to(device)
+    if cfg.vision_minutes > 0:
+        model.model.vision_model.requires_grad_(False)  # pretrained first (below), then frozen
     groups = param_groups(model, cfg.weight_decay, decay_positions=cfg.position_table_scale <= 0)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
@@ -413,13 +428,26 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
         step, elapsed, best, best_state = state["step"], state["elapsed"], state["best"], state["best_state"]
         logger.info("resumed from step %d (%.1f min trained)", step, elapsed / 60)
     start_history(out, step)
+    if cfg.vision_minutes > 0:
+        if not resuming:  # a checkpoint already holds the pretrained tower
+            (out / VISION_HISTORY_FILE).unlink(missing_ok=True)
+            accuracy = pretrain_vision(model.model.vision_model, processor.image_processor, seed=cfg.seed,
+                                       batch_size=cfg.batch_size, lr=cfg.lr, minutes=cfg.vision_minutes,
+                                       num_workers=cfg.num_workers,
+                                       log=lambda record: append_history(out, record, VISION_HISTORY_FILE))
+            logger.info("vision tower pretrained: patch accuracy %s; frozen from here on", accuracy)
+        model.model.vision_model.requires_grad_(False)
+    grounding = None
+    if cfg.route_weight > 0 or cfg.align_weight > 0:
+        grounding = Grounding(model, tokenizer, cfg.route_weight, cfg.align_weight)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %s preset, %.2f M parameters", cfg.preset, n_params / 1e6)
 
     validation = make_eval_items(cfg.seed + VALIDATION_SEED_OFFSET, cfg.eval_questions)  # [] = no evaluation
     data = ConversationBatches(processor, cfg.seed, cfg.batch_size, step, cfg.steps, cfg.max_turns,
-                               cfg.curriculum_steps, question_mix(parse_weights(cfg.question_weights)))
+                               cfg.curriculum_steps, question_mix(parse_weights(cfg.question_weights)),
+                               patch_grid=grounding.grid if grounding is not None else 0)
     loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.num_workers else None)
     budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
@@ -451,19 +479,21 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
             group["lr"] = lr
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         position_ids=positions_from_mask(batch["attention_mask"]),
-                         pixel_values=batch["pixel_values"], pixel_attention_mask=batch["pixel_attention_mask"],
-                         labels=batch["labels"], use_cache=False).loss
+            answer_loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                position_ids=positions_from_mask(batch["attention_mask"]),
+                                pixel_values=batch["pixel_values"],
+                                pixel_attention_mask=batch["pixel_attention_mask"],
+                                labels=batch["labels"], use_cache=False).loss
+            loss = answer_loss + grounding.loss(batch) if grounding is not None else answer_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         optimizer.step()
         step += 1
-        loss_value = loss.item()
+        loss_value = answer_loss.item()
         bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
         append_history(out, {"step": step, "loss": round(loss_value, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
-                             "elapsed": round(elapsed, 2)})
+                             "elapsed": round(elapsed, 2), **(grounding.last if grounding is not None else {})})
         if on_step is not None:
             on_step(step, loss_value)
         out_of_time = elapsed + (time.monotonic() - clock) >= budget
@@ -476,6 +506,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
             break
     bar.close()
     elapsed += time.monotonic() - clock
+    if grounding is not None:
+        grounding.close()
     if best_state is not None:
         final = copy.deepcopy(model).cpu()
         final.load_state_dict(best_state)
@@ -508,7 +540,13 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
              "init_from": "fine-tune this Hub-layout model folder (same preset) instead of starting from "
                           "scratch; its tokenizer too unless --tokenizer-dir",
              "perceiver_qk_std": "std of the perceiver's q/k projections at init; ~0.5 (with "
-                                 "--latents-std 0.02) lets reading be learned, see docs/training.md"}
+                                 "--latents-std 0.02) lets reading be learned, see docs/training.md",
+             "vision_minutes": "M > 0: first train the vision tower alone for M minutes on per-patch labels "
+                               "(grounding.pretrain_vision), then freeze it; 0 = off",
+             "route_weight": "W > 0: teach latent i to attend to patch i, column by column (needs one "
+                             "latent per patch: --preset cpu64); 0 = off",
+             "align_weight": "W > 0: pull each latent over a shape or text towards the word embeddings of "
+                             "what is there (needs one latent per patch); 0 = off"}
     add_config_flags(parser, TrainConfig, helps, choices={"preset": sorted(PRESETS)}, floats=("max_minutes",))
 
 
