@@ -118,16 +118,20 @@ def test_grounding_needs_one_latent_per_patch() -> None:
         Grounding(model, tokenizer, route_weight=1.0, align_weight=0.0)
 
 
-def test_vision_pretraining_lowers_its_loss() -> None:
+def test_vision_pretraining_lowers_its_loss_and_leaves_a_frozen_tower_frozen() -> None:
     model, processor, _ = _grounded_model("tiny")
+    vision = model.model.vision_model.requires_grad_(False)
+    before = vision.embeddings.patch_embedding.weight.clone()
     records: list[dict] = []
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    pretrain_vision(model.model.vision_model, processor.image_processor, seed=0, batch_size=8, lr=3e-3,
+    pretrain_vision(vision, processor.image_processor, seed=0, batch_size=8, lr=3e-3,
                     minutes=10, max_steps=60, warmup_steps=10, log=records.append)
     assert len(records) == 60
     first, last = records[0]["loss"], np.mean([r["loss"] for r in records[-10:]])
     assert last < 0.6 * first
+    assert not any(p.requires_grad for p in vision.parameters())
+    assert not torch.equal(vision.embeddings.patch_embedding.weight, before)
 
 
 def test_two_stage_run_freezes_the_pretrained_tower(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

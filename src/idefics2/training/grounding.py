@@ -107,7 +107,7 @@ def pretrain_vision(vision: VisionTransformer, image_processor: Idefics2ImagePro
                     batch_size: int, lr: float, minutes: float, max_steps: int | None = None,
                     warmup_steps: int = 100, num_workers: int = 0,
                     log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, float]:
-    """Train every parameter of `vision` (in place) to tell, at every patch, the shape's kind, colour and rank from the left
+    """Train every parameter of `vision` (in place, whatever its `requires_grad`) to tell, at every patch, the shape's kind, colour and rank from the left
     and the printed word under it, for `minutes` of wall clock (or `max_steps`, whichever ends first);
     returns the accuracies over the last 50 steps.
 
@@ -117,12 +117,13 @@ def pretrain_vision(vision: VisionTransformer, image_processor: Idefics2ImagePro
     cfg = vision.config
     grid = cfg.image_size // cfg.patch_size
     device = next(vision.parameters()).device
+    frozen = [p for p in vision.parameters() if not p.requires_grad]  # trained here, frozen again after
     vision.requires_grad_(True)
     heads = nn.ModuleDict({"objects": nn.Linear(cfg.hidden_size, N_OBJECT_CLASSES),
                            "words": nn.Linear(cfg.hidden_size, N_WORD_CLASSES)}).to(device)
     params = [*vision.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
-    data = PatchBatches(image_processor, grid, seed, batch_size, steps=10**9)
+    data = PatchBatches(image_processor, grid, seed, batch_size, steps=max_steps or 10**9)
     loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=num_workers,
                         prefetch_factor=4 if num_workers else None)
     patch_mask = torch.ones(batch_size, grid, grid, dtype=torch.bool, device=device)
@@ -158,6 +159,8 @@ def pretrain_vision(vision: VisionTransformer, image_processor: Idefics2ImagePro
             logger.info("vision step %d: loss %.3f, patch accuracy %s", step, loss.item(), accuracy)
         if elapsed >= minutes * 60 or step == max_steps:
             break
+    for param in frozen:
+        param.requires_grad_(False)
     return accuracy
 
 

@@ -428,15 +428,13 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
         step, elapsed, best, best_state = state["step"], state["elapsed"], state["best"], state["best_state"]
         logger.info("resumed from step %d (%.1f min trained)", step, elapsed / 60)
     start_history(out, step)
-    if cfg.vision_minutes > 0:
-        if not resuming:  # a checkpoint already holds the pretrained tower
-            (out / VISION_HISTORY_FILE).unlink(missing_ok=True)
-            accuracy = pretrain_vision(model.model.vision_model, processor.image_processor, seed=cfg.seed,
-                                       batch_size=cfg.batch_size, lr=cfg.lr, minutes=cfg.vision_minutes,
-                                       num_workers=cfg.num_workers,
-                                       log=lambda record: append_history(out, record, VISION_HISTORY_FILE))
-            logger.info("vision tower pretrained: patch accuracy %s; frozen from here on", accuracy)
-        model.model.vision_model.requires_grad_(False)
+    if cfg.vision_minutes > 0 and not resuming:  # a checkpoint already holds the pretrained tower
+        (out / VISION_HISTORY_FILE).unlink(missing_ok=True)
+        accuracy = pretrain_vision(model.model.vision_model, processor.image_processor, seed=cfg.seed,
+                                   batch_size=cfg.batch_size, lr=cfg.lr, minutes=cfg.vision_minutes,
+                                   num_workers=cfg.num_workers,
+                                   log=lambda record: append_history(out, record, VISION_HISTORY_FILE))
+        logger.info("vision tower pretrained: patch accuracy %s; frozen from here on", accuracy)
     grounding = None
     if cfg.route_weight > 0 or cfg.align_weight > 0:
         grounding = Grounding(model, tokenizer, cfg.route_weight, cfg.align_weight)
