@@ -16,10 +16,17 @@ from idefics2.config import Idefics2Config
 from idefics2.model.idefics2 import Idefics2ForConditionalGeneration
 from idefics2.model.text import positions_from_mask
 from idefics2.processing.tokenizer import Tokenizer
-from idefics2.training import grounding, train as train_module
+from idefics2.training import grounding
+from idefics2.training import train as train_module
 from idefics2.training.grounding import Grounding, latent_patch_order, patch_classes, pretrain_vision
 from idefics2.training.synthetic import COLORS, WORDS, Scene, Shape, patch_contents, render, sample_scene
-from idefics2.training.train import ConversationBatches, TrainConfig, build_processor, model_config_dict, train
+from idefics2.training.train import (
+    ConversationBatches,
+    TrainConfig,
+    build_processor,
+    model_config_dict,
+    train,
+)
 
 SHIPPED = Path(__file__).resolve().parents[1] / "src" / "idefics2" / "assets" / "shapes-vqa"
 
