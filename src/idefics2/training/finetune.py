@@ -320,6 +320,41 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
     return int(state["step"])
 
 
+def optimizer_step(model: torch.nn.Module, ddp: torch.nn.parallel.DistributedDataParallel | None,
+                   batches: Sequence[dict[str, Tensor]], optimizer: torch.optim.Optimizer, grad_clip: float,
+                   world: int, device: torch.device) -> tuple[float, float]:
+    """One optimizer step over this process's micro-batches; returns (the step's answer loss over every
+    process, the gradient norm before clipping).
+
+    Each micro-batch's summed loss is divided by the answer tokens of the whole step over every
+    process, times the world size because DDP averages the processes' gradients: two processes then
+    train the same weights as one process taking the whole step. Gradients are synchronised only
+    on the last micro-batch.
+    """
+    tokens = torch.tensor(float(sum(answer_tokens(b["labels"]) for b in batches)), device=device)
+    if world > 1:
+        dist.all_reduce(tokens)
+    forward = ddp if ddp is not None else model
+    step_loss = 0.0
+    for m, batch in enumerate(batches):
+        sync = ddp is None or m == len(batches) - 1
+        with nullcontext() if sync else ddp.no_sync():  # type: ignore[union-attr]
+            mean, n = answer_loss(forward, batch, device)
+            loss = mean * n / tokens.item() * world
+            loss.backward()
+        step_loss += loss.item() / world
+    # The norm before clipping (0 = no clipping) is logged: with the loss, it shows a scaling mistake.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else math.inf))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if world > 1:
+        total = torch.tensor(step_loss, device=device)
+        dist.all_reduce(total)
+        step_loss = total.item()
+    return step_loss, grad_norm
+
+
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run the fine-tuning; returns the summary written (by rank 0) to <out_dir>/summary.json."""
     rank, world, device = _distributed(cfg.device)
@@ -360,7 +395,6 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True,
     ) if world > 1 else None
-    forward = ddp if ddp is not None else model
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "finetune_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
@@ -387,28 +421,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                                                      (m * world + rank + 1) * cfg.batch_size]]
                  for m in range(cfg.grad_accum)]
         batches = [make_batch(mb, processor, prefix_ids, cfg.data) for mb in micro]
-        # Answer tokens of the whole step, over every process: each micro-batch's summed loss is divided
-        # by it, times the world size because DDP averages the processes' gradients.
-        tokens = torch.tensor(float(sum(answer_tokens(b["labels"]) for b in batches)), device=device)
-        if world > 1:
-            dist.all_reduce(tokens)
-        step_loss = 0.0
-        for m, batch in enumerate(batches):
-            sync = ddp is None or m == len(batches) - 1
-            with nullcontext() if sync else ddp.no_sync():  # type: ignore[union-attr]
-                mean, n = answer_loss(forward, batch, device)
-                loss = mean * n / tokens.item() * world
-                loss.backward()
-            step_loss += loss.item() / world
-        # The norm before clipping (0 = no clipping) is logged: with the loss, it shows a scaling mistake.
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if world > 1:
-            total = torch.tensor(step_loss, device=device)
-            dist.all_reduce(total)
-            step_loss = total.item()
-        loss_value = step_loss
+        loss_value, grad_norm = optimizer_step(model, ddp, batches, optimizer, cfg.grad_clip, world, device)
         record = {"step": step + 1, "loss": round(loss_value, 6), "grad_norm": round(grad_norm, 6), "lr": lr}
         if held_out and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == steps):
             eval_loss = evaluate(model, held_out, processor, prefix_ids, str(cfg.eval_data), cfg.batch_size, device)
