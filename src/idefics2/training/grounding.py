@@ -185,7 +185,8 @@ class Grounding:
         self.model, self.route_weight, self.align_weight = model, route_weight, align_weight
         self.grid = grid
         self.order = latent_patch_order(grid)  # (L,)
-        self.targets = self._target_tables(tokenizer, config.text_config.vocab_size)
+        device = model.lm_head.weight.device  # the tables are built once, where the latents will be
+        self.targets = tuple(t.to(device) for t in self._target_tables(tokenizer, config.text_config.vocab_size))
         self.captured: dict[str, Any] = {}
         self.last: dict[str, float] = {}  # the latest loss terms, for the run's history
         attention = next(m for m in model.model.connector.modules() if isinstance(m, PerceiverAttention))
@@ -237,7 +238,7 @@ class Grounding:
         """Cross-entropy between each latent's tied-embedding logits and its content's word tokens,
         over latents that lie on a shape or on text. objects/words (B, P) classes."""
         latents = self.captured["latents"]  # (B, L, D)
-        object_table, word_table = (t.to(latents.device) for t in self.targets)
+        object_table, word_table = self.targets
         target = object_table[objects[:, self.order]] + word_table[words[:, self.order]]  # (B, L, V)
         mass = target.sum(-1)  # (B, L)
         on_content = mass > 0
