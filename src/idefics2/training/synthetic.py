@@ -32,6 +32,7 @@ WORDS = ("CAT", "DOG", "SUN", "STOP", "GO", "HI", "BOX", "TREE", "MOON", "STAR",
 BACKGROUNDS = ((255, 255, 255), (255, 255, 255), (245, 245, 245), (235, 240, 250), (250, 245, 230),
                (235, 250, 235), (250, 235, 240))
 TEXT_COLORS = ((0, 0, 0), (60, 60, 60), (20, 20, 90))
+TEXT_SIZE = (0.11, 0.15)  # font size range, as a fraction of the canvas's short side
 CANVASES = ((224, 224), (224, 224), (224, 224), (160, 160), (192, 192), (256, 256), (224, 176), (176, 224))
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
 MAX_SHAPES = 5
@@ -142,7 +143,8 @@ def sample_scene(rng: random.Random, n_shapes: int | None = None, with_text: boo
     text, text_xy, text_size, box = None, (0, 0), 0, None
     if has_text:
         text = rng.choice(WORDS)
-        text_size = rng.randint(round(0.11 * min(width, height)), round(0.15 * min(width, height)))
+        low, high = TEXT_SIZE
+        text_size = rng.randint(round(low * min(width, height)), round(high * min(width, height)))
         tw, th = _text_box(text, text_size)
         x, y = rng.randint(4, width - tw - 4), rng.randint(4, height - th - 8)
         text_xy = (x, y)
