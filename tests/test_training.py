@@ -292,7 +292,7 @@ def test_question_weights_set_how_often_each_type_is_asked() -> None:
 
 def test_init_from_fine_tunes_a_saved_model(tmp_path: Path) -> None:
     """`--init-from` starts from a folder's weights (plus the position table when asked) and its
-    tokenizer; a folder of another preset is refused."""
+    tokenizer, `--freeze-vision` keeps its vision tower as loaded; a folder of another preset is refused."""
     from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration
 
     train(_tiny(tmp_path / "base", steps=2))
@@ -307,7 +307,10 @@ def test_init_from_fine_tunes_a_saved_model(tmp_path: Path) -> None:
     for name, value in base.state_dict().items():
         expected = value + table if name.endswith("position_embedding.weight") else value
         torch.testing.assert_close(start.state_dict()[name], expected, msg=name)
-    train(_tiny(tmp_path / "tuned", steps=1, init_from=str(folder), tokenizer_dir=None))
+    train(_tiny(tmp_path / "tuned", steps=1, init_from=str(folder), tokenizer_dir=None, freeze_vision=True))
     assert (tmp_path / "tuned" / "model" / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
+    tuned = Idefics2ForConditionalGeneration.from_pretrained(tmp_path / "tuned" / "model").state_dict()
+    moved = {name for name, value in base.state_dict().items() if not torch.equal(tuned[name], value)}
+    assert moved and not any(name.startswith("model.vision_model.") for name in moved), sorted(moved)
     with pytest.raises(ValueError, match="not a 'cpu'-preset model"):
         train(_tiny(tmp_path / "other", steps=1, preset="cpu", init_from=str(folder)))

@@ -99,6 +99,7 @@ class TrainConfig:
     threads: int = 2
     bf16: bool = False
     vision_minutes: float = 0.0
+    freeze_vision: bool = False
     route_weight: float = 0.0
     align_weight: float = 0.0
     tokenizer_dir: str | None = None
@@ -414,8 +415,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     torch.manual_seed(cfg.seed)
     model = _initial_model(cfg, config) if not resuming else Idefics2ForConditionalGeneration(config)
     model.to(device)
-    if cfg.vision_minutes > 0:
-        model.model.vision_model.requires_grad_(False)  # pretrained first (below), then frozen
+    if cfg.vision_minutes > 0 or cfg.freeze_vision:
+        model.model.vision_model.requires_grad_(False)  # pretrained first (below) or loaded, then frozen
     groups = param_groups(model, cfg.weight_decay, decay_positions=cfg.position_table_scale <= 0)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
@@ -541,6 +542,8 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
                                  "--latents-std 0.02) lets reading be learned, see docs/training.md",
              "vision_minutes": "M > 0: first train the vision tower alone for M minutes on per-patch labels "
                                "(grounding.pretrain_vision), then freeze it; 0 = off",
+             "freeze_vision": "keep the vision tower fixed (as after --vision-minutes), e.g. when fine-tuning "
+                              "a grounded model with --init-from",
              "route_weight": "W > 0: teach latent i to attend to patch i, column by column (needs one "
                              "latent per patch: --preset cpu64); 0 = off",
              "align_weight": "W > 0: pull each latent over a shape or text towards the word embeddings of "
