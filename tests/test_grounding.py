@@ -91,7 +91,7 @@ def _grounded_model(preset: str = "cpu64") -> tuple[Idefics2ForConditionalGenera
 
 def test_routing_and_alignment_losses_at_hand_computable_points() -> None:
     model, processor, tokenizer = _grounded_model()
-    ground = Grounding(model, tokenizer, route_weight=1.0, align_weight=1.0)
+    ground = Grounding(model, tokenizer, route_weight=1.0, align_weight=1.0, background_weight=1.0)
     attention = model.model.connector.perceiver_resampler.layers[0].self_attn
     torch.nn.init.zeros_(attention.q_proj.weight)  # uniform attention over 64 patches + 64 latents
     batch = ConversationBatches(processor, seed=0, batch_size=3, start=0, stop=1, max_turns=1, patch_grid=8)[0]
@@ -113,8 +113,17 @@ def test_routing_and_alignment_losses_at_hand_computable_points() -> None:
         expected = -(0.5 * logp[ids[0][0]] + 0.5 * logp[ids[1][0]])
         only_this = torch.zeros_like(objects)
         only_this[image, order[latent]] = objects[image, order[latent]]
-        assert ground.alignment_loss(only_this, torch.zeros_like(words)).item() == pytest.approx(expected.item(),
-                                                                                                 rel=1e-5)
+        content, background = ground.alignment_losses(only_this, torch.zeros_like(words))
+        assert content.item() == pytest.approx(expected.item(), rel=1e-5)
+        # background: every other latent, scored on <unk>
+        others = torch.ones(objects.shape[0], 64, dtype=torch.bool)
+        others[image, latent] = False
+        all_logp = (ground.captured["latents"] @ model.lm_head.weight.T).log_softmax(-1)
+        assert tokenizer.unk_token_id == 0
+        assert background.item() == pytest.approx(-all_logp[others][:, 0].mean().item(), rel=1e-5)
+        ground.captured["latents"] = torch.zeros_like(ground.captured["latents"])  # equal logits: log V
+        vocab = model.lm_head.weight.shape[0]
+        assert ground.alignment_losses(only_this, torch.zeros_like(words))[1].item() == pytest.approx(math.log(vocab))
     ground.close()
     assert not model.model.connector._forward_hooks
 
@@ -157,12 +166,13 @@ def test_two_stage_run_freezes_the_pretrained_tower(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(train_module, "pretrain_vision", fake_pretraining)
     cfg = TrainConfig(out_dir=str(tmp_path), preset="cpu64", steps=3, batch_size=2, lr=1e-2, warmup_steps=0,
                       eval_questions=0, checkpoint_every=10, tokenizer_dir=str(SHIPPED), max_turns=1, threads=1,
-                      vision_minutes=1.0, route_weight=1.0, align_weight=1.0)
+                      vision_minutes=1.0, route_weight=1.0, align_weight=1.0, background_weight=0.5)
     train(cfg)
     exported = Idefics2ForConditionalGeneration.from_pretrained(tmp_path / "model").model.vision_model.state_dict()
     for name, value in pretrained.items():
         torch.testing.assert_close(exported[name], value, msg=name)
     records = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
-    assert [sorted(r) for r in records] == [["align_loss", "elapsed", "grad_norm", "loss", "lr", "route_loss", "step"]] * 3
+    keys = ["align_loss", "background_loss", "elapsed", "grad_norm", "loss", "lr", "route_loss", "step"]
+    assert [sorted(r) for r in records] == [keys] * 3
     assert (tmp_path / "vision_history.jsonl").read_text().strip() == '{"vision_step": 1, "loss": 1.0}'
     assert grounding.N_OBJECT_CLASSES == 91

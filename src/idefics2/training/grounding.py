@@ -16,6 +16,11 @@ scene geometry (`synthetic.patch_contents`); none of it changes the architecture
    embeddings of that shape's colour and kind (" red", " circle"), and one over printed text towards the
    word's tokens, through the tied output embedding. A question's " circle" then matches the image
    token of the circle from the first step, as it would if the scene were written out in words.
+4. **Background** (`Grounding`, `background_weight`): a latent over empty background is pulled towards
+   the `<unk>` token's embedding, a direction no question word shares. Left free, such latents drift
+   towards words such as " circle" or " purple", and a question about "the circle" then also finds
+   them: the colour answer comes from the wrong image token. (A uniform target would not do: a
+   latent meets it by shrinking, and the decoder's RMSNorm undoes the shrinking.)
 
 Shape letters: B images, P patches, L latents, D text width, V vocabulary.
 """
@@ -176,13 +181,17 @@ class Grounding:
     """
 
     def __init__(self, model: Idefics2ForConditionalGeneration, tokenizer: Any, route_weight: float,
-                 align_weight: float) -> None:
+                 align_weight: float, background_weight: float = 0.0) -> None:
         config = model.config
         grid = config.vision_config.image_size // config.vision_config.patch_size
         if config.perceiver_config.resampler_n_latents != grid * grid:
             raise ValueError(f"routing needs one latent per patch: {grid * grid} latents for a {grid}x{grid} patch "
                              f"grid, the config has {config.perceiver_config.resampler_n_latents}")
         self.model, self.route_weight, self.align_weight = model, route_weight, align_weight
+        self.background_weight = background_weight
+        self.background_id = tokenizer.unk_token_id
+        if background_weight > 0 and self.background_id is None:
+            raise ValueError("the background term needs a tokenizer with an <unk> token")
         self.grid = grid
         self.order = latent_patch_order(grid)  # (L,)
         device = model.lm_head.weight.device  # the tables are built once, where the latents will be
@@ -234,26 +243,33 @@ class Grounding:
         mass = probs[:, torch.arange(L), self.order]  # (B, L)
         return -(mass + 1e-6).log().mean()
 
-    def alignment_loss(self, objects: Tensor, words: Tensor) -> Tensor:
-        """Cross-entropy between each latent's tied-embedding logits and its content's word tokens,
-        over latents that lie on a shape or on text. objects/words (B, P) classes."""
+    def alignment_losses(self, objects: Tensor, words: Tensor) -> tuple[Tensor, Tensor]:
+        """(content, background) cross-entropies of each latent's tied-embedding log-probabilities: with
+        its content's word tokens over latents on a shape or on text, and with `<unk>` over the other
+        latents. objects/words (B, P) classes."""
         latents = self.captured["latents"]  # (B, L, D)
         object_table, word_table = self.targets
         target = object_table[objects[:, self.order]] + word_table[words[:, self.order]]  # (B, L, V)
         mass = target.sum(-1)  # (B, L)
         on_content = mass > 0
-        if not bool(on_content.any()):
-            return latents.sum() * 0.0
         logp = (latents @ self.model.lm_head.weight.T).log_softmax(-1)  # (B, L, V)
-        per_latent = -(target * logp).sum(-1) / mass.clamp(min=1e-6)
-        return per_latent[on_content].mean()
+        per_latent = -(target * logp).sum(-1) / mass.clamp(min=1e-6)  # (B, L)
+        content = per_latent[on_content].mean() if bool(on_content.any()) else latents.sum() * 0.0
+        off_content = ~on_content
+        background = (-logp[off_content][:, self.background_id].mean() if bool(off_content.any())
+                      else latents.sum() * 0.0)
+        return content, background
 
     def loss(self, batch: dict[str, Tensor]) -> Tensor:
         """The weighted sum of the two terms for the forward pass just run on `batch`."""
         terms = {}
         if self.route_weight > 0:
             terms["route"] = self.route_weight * self.routing_loss()
-        if self.align_weight > 0:
-            terms["align"] = self.align_weight * self.alignment_loss(batch["patch_objects"], batch["patch_words"])
+        if self.align_weight > 0 or self.background_weight > 0:
+            content, background = self.alignment_losses(batch["patch_objects"], batch["patch_words"])
+            if self.align_weight > 0:
+                terms["align"] = self.align_weight * content
+            if self.background_weight > 0:
+                terms["background"] = self.background_weight * background
         self.last = {f"{name}_loss": round(term.item(), 5) for name, term in terms.items()}
         return sum(terms.values())

@@ -102,6 +102,7 @@ class TrainConfig:
     freeze_vision: bool = False
     route_weight: float = 0.0
     align_weight: float = 0.0
+    background_weight: float = 0.0
     tokenizer_dir: str | None = None
     resume: bool = False
 
@@ -437,8 +438,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
                                    log=lambda record: append_history(out, record, VISION_HISTORY_FILE))
         logger.info("vision tower pretrained: patch accuracy %s; frozen from here on", accuracy)
     grounding = None
-    if cfg.route_weight > 0 or cfg.align_weight > 0:
-        grounding = Grounding(model, tokenizer, cfg.route_weight, cfg.align_weight)
+    if cfg.route_weight > 0 or cfg.align_weight > 0 or cfg.background_weight > 0:
+        grounding = Grounding(model, tokenizer, cfg.route_weight, cfg.align_weight, cfg.background_weight)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %s preset, %.2f M parameters", cfg.preset, n_params / 1e6)
@@ -547,7 +548,10 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
              "route_weight": "W > 0: teach latent i to attend to patch i, column by column (needs one "
                              "latent per patch: --preset cpu64); 0 = off",
              "align_weight": "W > 0: pull each latent over a shape or text towards the word embeddings of "
-                             "what is there (needs one latent per patch); 0 = off"}
+                             "what is there (needs one latent per patch); 0 = off",
+             "background_weight": "W > 0: pull each latent over empty background towards the <unk> "
+                                  "embedding, so no question's word finds it (needs one latent per "
+                                  "patch); 0 = off"}
     add_config_flags(parser, TrainConfig, helps, choices={"preset": sorted(PRESETS)}, floats=("max_minutes",))
 
 
