@@ -32,7 +32,7 @@ WORDS = ("CAT", "DOG", "SUN", "STOP", "GO", "HI", "BOX", "TREE", "MOON", "STAR",
 BACKGROUNDS = ((255, 255, 255), (255, 255, 255), (245, 245, 245), (235, 240, 250), (250, 245, 230),
                (235, 250, 235), (250, 235, 240))
 TEXT_COLORS = ((0, 0, 0), (60, 60, 60), (20, 20, 90))
-TEXT_SIZE = (0.11, 0.15)  # font size range, as a fraction of the canvas's short side
+TEXT_SIZE = (0.20, 0.24)  # font size range, as a fraction of the canvas's short side: large enough to read at 128 px
 CANVASES = ((224, 224), (224, 224), (224, 224), (160, 160), (192, 192), (256, 256), (224, 176), (176, 224))
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
 MAX_SHAPES = 5
