@@ -295,8 +295,10 @@ class Grounding:
         return content, background
 
     def lookup_loss(self, batch: dict[str, Tensor]) -> Tensor:
-        """-log of the last decoder layer's attention mass (heads averaged) on the asked shape's image
-        tokens, at each colour answer's query position (`batch["lookups"]`, `colour_lookups`)."""
+        """-log of the share of the last decoder layer's image attention (heads averaged) that rests on
+        the asked shape's image tokens, at each colour answer's query position (`batch["lookups"]`,
+        `colour_lookups`). A share, not the raw mass: the raw mass also falls when the layer simply
+        looks at the whole image more, which a CPU fine-tune did instead of selecting the shape."""
         module, x, cos, sin = self.captured["last_layer"]  # normed input (B, T, D); cos, signed sin (B, 1, T, hd)
         if len(batch["lookups"]) == 0:  # no colour question in this batch (e.g. image pairs)
             return x.sum() * 0.0
@@ -312,13 +314,14 @@ class Grounding:
         probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1).mean(1)  # (N, T)
         classes = batch["patch_objects"][image][:, self.order]  # (N, L) per latent
         latent_kind = torch.where(classes > 0, (classes - 1) // MAX_SHAPES // len(COLORS), -1)
+        on_image = batch["input_ids"][rows] == self.image_token_id  # (N, T)
         target = torch.zeros_like(visible)
-        target[batch["input_ids"][rows] == self.image_token_id] = (latent_kind == kind[:, None]).flatten()
+        target[on_image] = (latent_kind == kind[:, None]).flatten()
         covered = target.any(-1)  # a shape too small to own a latent gives no target
         if not bool(covered.any()):
             return x.sum() * 0.0
-        mass = (probs * target).sum(-1)[covered]
-        return -(mass + 1e-6).log().mean()
+        share = (probs * target).sum(-1) / (probs * on_image).sum(-1).clamp(min=1e-6)
+        return -(share[covered] + 1e-6).log().mean()
 
     def loss(self, batch: dict[str, Tensor]) -> Tensor:
         """The weighted sum of the terms switched on, for the forward pass just run on `batch`."""
