@@ -16,31 +16,14 @@ from idefics2.config import Idefics2Config
 from idefics2.model.idefics2 import Idefics2ForConditionalGeneration
 from idefics2.model.text import positions_from_mask
 from idefics2.processing.tokenizer import Tokenizer
-from idefics2.training import grounding, synthetic
+from idefics2.training import grounding
 from idefics2.training import train as train_module
-from idefics2.training.grounding import (
-    Grounding,
-    colour_lookups,
-    latent_patch_order,
-    patch_classes,
-    pretrain_vision,
-)
-from idefics2.training.synthetic import (
-    COLORS,
-    SHAPES,
-    WORDS,
-    Scene,
-    Shape,
-    patch_contents,
-    render,
-    sample_scene,
-)
+from idefics2.training.grounding import Grounding, latent_patch_order, patch_classes, pretrain_vision
+from idefics2.training.synthetic import COLORS, WORDS, Scene, Shape, patch_contents, render, sample_scene
 from idefics2.training.train import (
     ConversationBatches,
     TrainConfig,
-    assistant_prefix_ids,
     build_processor,
-    labelled_batch,
     model_config_dict,
     train,
 )
@@ -194,42 +177,3 @@ def test_two_stage_run_freezes_the_pretrained_tower(tmp_path: Path, monkeypatch:
     assert [sorted(r) for r in records] == [keys] * 3
     assert (tmp_path / "vision_history.jsonl").read_text().strip() == '{"vision_step": 1, "loss": 1.0}'
     assert grounding.N_OBJECT_CLASSES == 91
-
-
-def test_colour_lookup_points_at_the_answer_and_the_named_shape() -> None:
-    """`colour_lookups` finds, for each colour question, the position just before its answer and the
-    kind it names; with the last layer's queries zeroed, attention is uniform over the visible tokens,
-    so the lookup loss is -log(asked shape's image tokens / the image's 64 tokens)."""
-    model, processor, tokenizer = _grounded_model()
-    types = synthetic.question_mix({t: 0 for t in synthetic.SINGLE_IMAGE_TYPES} | {"color": 1})
-    rng = random.Random(1)
-    samples = [synthetic.sample_conversation(rng, max_turns=3, two_images=False, types=types) for _ in range(4)]
-    batch = labelled_batch(processor, [s.messages for s in samples], [s.images for s in samples],
-                           assistant_prefix_ids(processor.tokenizer))
-    lookups = colour_lookups(samples, batch["labels"])
-    asked = [(r, t) for r, s in enumerate(samples) for t, q in enumerate(s.question_types) if q == "color"]
-    assert len(lookups) == len(asked) >= 4
-    for (row, pos, image, kind), (r, turn) in zip(lookups.tolist(), asked, strict=True):
-        assert (row, image) == (r, r)  # one image per conversation
-        answer = samples[r].messages[2 * turn + 1]["content"][0]["text"]  # "Red."
-        assert batch["labels"][row, pos] == -100 and batch["labels"][row, pos + 1] != -100
-        first = tokenizer.decode([int(batch["labels"][row, pos + 1])]).strip()
-        assert first and answer.startswith(first)
-        assert SHAPES[kind] in samples[r].messages[2 * turn]["content"][-1]["text"]
-    batch["patch_objects"] = torch.from_numpy(np.stack([patch_classes(s.scenes[0], 8)[0] for s in samples]))
-    batch["lookups"] = lookups
-    ground = Grounding(model, tokenizer, route_weight=0.0, align_weight=0.0, lookup_weight=1.0)
-    torch.nn.init.zeros_(model.model.text_model.layers[-1].self_attn.q_proj.weight)
-    with torch.no_grad():
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-              position_ids=positions_from_mask(batch["attention_mask"]), pixel_values=batch["pixel_values"],
-              pixel_attention_mask=batch["pixel_attention_mask"])
-        expected = []
-        for row, pos, image, kind in lookups.tolist():
-            classes = batch["patch_objects"][image][latent_patch_order(8)]
-            shapes = (classes[classes > 0] - 1) // 5 // 6
-            if (shapes == kind).any():  # a shape that owns no latent is left out
-                expected.append(-math.log(int((shapes == kind).sum()) / 64 + 1e-6))
-        assert ground.lookup_loss(batch).item() == pytest.approx(sum(expected) / len(expected), rel=1e-5)
-        assert ground.lookup_loss(batch | {"lookups": lookups[:0]}).item() == 0.0  # a batch of image pairs
-    ground.close()

@@ -21,11 +21,6 @@ scene geometry (`synthetic.patch_contents`); none of it changes the architecture
    towards words such as " circle" or " purple", and a question about "the circle" then also finds
    them: the colour answer comes from the wrong image token. (A uniform target would not do: a
    latent meets it by shrinking, and the decoder's RMSNorm undoes the shrinking.)
-5. **Lookup** (`Grounding`, `lookup_weight`): at the position that gives a colour answer, the last
-   decoder layer's attention is taught to rest on the image tokens of the shape the question names.
-   Trained on answers alone, that layer selects the asked shape for "What shape is red?" (80% of its
-   attention) but not for "What color is the circle?" (no better than the other shape), so colour
-   answers name a colour from the wrong shape.
 
 Shape letters: B images, P patches, L latents, D text width, V vocabulary.
 """
@@ -35,7 +30,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -46,7 +41,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from idefics2.model.connector import PerceiverAttention
 from idefics2.model.idefics2 import Idefics2ForConditionalGeneration
-from idefics2.model.layers import apply_rotary
 from idefics2.model.vision import VisionTransformer
 from idefics2.processing.image_processor import Idefics2ImageProcessor
 from idefics2.training.synthetic import (
@@ -54,7 +48,6 @@ from idefics2.training.synthetic import (
     MAX_SHAPES,
     SHAPES,
     WORDS,
-    Sample,
     Scene,
     patch_contents,
     render,
@@ -78,27 +71,6 @@ def patch_classes(scene: Scene, grid: int) -> tuple[np.ndarray, np.ndarray]:
     objects = np.asarray(classes, dtype=np.int64)[shape_index + 1]
     words = np.where(on_text, 1 + WORDS.index(scene.text) if scene.text is not None else 0, 0).astype(np.int64)
     return objects, words
-
-
-def colour_lookups(samples: Sequence[Sample], labels: Tensor) -> Tensor:
-    """(N, 4) int64 rows (batch row, query position, image index, kind index), one per colour question
-    of a single-image conversation: the position whose logits give the answer's first token, the
-    image in placeholder order, and the index in SHAPES of the kind the question names. labels (R, T)
-    with -100 outside the answers, one supervised run per assistant turn."""
-    rows: list[tuple[int, int, int, int]] = []
-    image = 0
-    for r, sample in enumerate(samples):
-        supervised = labels[r] != -100
-        starts = (supervised & ~F.pad(supervised, (1, -1))).nonzero()[:, 0]  # first token of each answer
-        if len(starts) != len(sample.question_types):
-            raise RuntimeError(f"conversation {r}: {len(starts)} answers for {len(sample.question_types)} questions")
-        for turn, qtype in enumerate(sample.question_types):
-            if qtype == "color" and len(sample.images) == 1:
-                question = sample.messages[2 * turn]["content"][-1]["text"]
-                kind = next(i for i, k in enumerate(SHAPES) if f" {k}?" in question)
-                rows.append((r, int(starts[turn]) - 1, image, kind))
-        image += len(sample.images)
-    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 4)
 
 
 def latent_patch_order(grid: int) -> Tensor:
@@ -201,25 +173,22 @@ def pretrain_vision(vision: VisionTransformer, image_processor: Idefics2ImagePro
 
 # ------------------------------------------------------------------------------- 2-3. routing, alignment
 class Grounding:
-    """Routing, alignment, background and lookup losses for a model whose perceiver has one latent per
-    patch.
+    """Routing, alignment and background losses for a model whose perceiver has one latent per patch.
 
-    Hooks capture the first perceiver layer's attention inputs, the connector's output and the last
-    decoder layer's attention inputs during the model's own forward, so the model code is untouched;
-    `loss(batch)` then needs only the batch's per-image `patch_objects`/`patch_words` (`patch_classes`,
-    images in placeholder order) and its `lookups` (`colour_lookups`).
+    Hooks capture the first perceiver layer's attention inputs and the connector's output during the
+    model's own forward, so the model code is untouched; `loss(batch)` then needs only the batch's
+    per-image `patch_objects`/`patch_words` (`patch_classes`, images in placeholder order).
     """
 
     def __init__(self, model: Idefics2ForConditionalGeneration, tokenizer: Any, route_weight: float,
-                 align_weight: float, background_weight: float = 0.0, lookup_weight: float = 0.0) -> None:
+                 align_weight: float, background_weight: float = 0.0) -> None:
         config = model.config
         grid = config.vision_config.image_size // config.vision_config.patch_size
         if config.perceiver_config.resampler_n_latents != grid * grid:
             raise ValueError(f"routing needs one latent per patch: {grid * grid} latents for a {grid}x{grid} patch "
                              f"grid, the config has {config.perceiver_config.resampler_n_latents}")
         self.model, self.route_weight, self.align_weight = model, route_weight, align_weight
-        self.background_weight, self.lookup_weight = background_weight, lookup_weight
-        self.image_token_id = config.image_token_id
+        self.background_weight = background_weight
         self.background_id = tokenizer.unk_token_id
         if background_weight > 0 and self.background_id is None:
             raise ValueError("the background term needs a tokenizer with an <unk> token")
@@ -233,9 +202,6 @@ class Grounding:
         self.hooks = [attention.register_forward_hook(self._keep_attention_inputs),
                       model.model.connector.register_forward_hook(
                           lambda _m, _args, output: self.captured.update(latents=output))]
-        if lookup_weight > 0:
-            self.hooks.append(model.model.text_model.layers[-1].self_attn.register_forward_hook(
-                lambda module, args, _output: self.captured.update(last_layer=(module, *args[:3]))))
 
     def close(self) -> None:
         """Remove the hooks (before the model is copied or exported)."""
@@ -294,35 +260,6 @@ class Grounding:
                       else latents.sum() * 0.0)
         return content, background
 
-    def lookup_loss(self, batch: dict[str, Tensor]) -> Tensor:
-        """-log of the share of the last decoder layer's image attention (heads averaged) that rests on
-        the asked shape's image tokens, at each colour answer's query position (`batch["lookups"]`,
-        `colour_lookups`). A share, not the raw mass: the raw mass also falls when the layer simply
-        looks at the whole image more, which a CPU fine-tune did instead of selecting the shape."""
-        module, x, cos, sin = self.captured["last_layer"]  # normed input (B, T, D); cos, signed sin (B, 1, T, hd)
-        if len(batch["lookups"]) == 0:  # no colour question in this batch (e.g. image pairs)
-            return x.sum() * 0.0
-        rows, pos, image, kind = batch["lookups"].unbind(1)  # each (N,)
-        H, H_kv, hd = module.num_heads, module.num_kv_heads, module.head_dim
-        q = module.q_proj(x[rows, pos]).view(-1, H, hd)  # (N, H, hd)
-        q = apply_rotary(q, cos[rows, 0, pos][:, None], sin[rows, 0, pos][:, None])
-        k = module.k_proj(x[rows]).view(len(rows), -1, H_kv, hd)  # (N, T, H_kv, hd)
-        k = apply_rotary(k, cos[rows, 0][:, :, None], sin[rows, 0][:, :, None]).repeat_interleave(H // H_kv, dim=2)
-        T = x.shape[1]
-        visible = (torch.arange(T, device=x.device)[None] <= pos[:, None]) & batch["attention_mask"][rows].bool()
-        scores = torch.einsum("nhd,nthd->nht", q, k) * hd**-0.5
-        probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1).mean(1)  # (N, T)
-        classes = batch["patch_objects"][image][:, self.order]  # (N, L) per latent
-        latent_kind = torch.where(classes > 0, (classes - 1) // MAX_SHAPES // len(COLORS), -1)
-        on_image = batch["input_ids"][rows] == self.image_token_id  # (N, T)
-        target = torch.zeros_like(visible)
-        target[on_image] = (latent_kind == kind[:, None]).flatten()
-        covered = target.any(-1)  # a shape too small to own a latent gives no target
-        if not bool(covered.any()):
-            return x.sum() * 0.0
-        share = (probs * target).sum(-1) / (probs * on_image).sum(-1).clamp(min=1e-6)
-        return -(share[covered] + 1e-6).log().mean()
-
     def loss(self, batch: dict[str, Tensor]) -> Tensor:
         """The weighted sum of the terms switched on, for the forward pass just run on `batch`."""
         terms = {}
@@ -334,7 +271,5 @@ class Grounding:
                 terms["align"] = self.align_weight * content
             if self.background_weight > 0:
                 terms["background"] = self.background_weight * background
-        if self.lookup_weight > 0:
-            terms["lookup"] = self.lookup_weight * self.lookup_loss(batch)
         self.last = {f"{name}_loss": round(term.item(), 5) for name, term in terms.items()}
         return sum(terms.values())

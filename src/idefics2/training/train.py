@@ -36,7 +36,7 @@ from idefics2.processing.image_processor import Idefics2ImageProcessor
 from idefics2.processing.processor import END_OF_UTTERANCE_TOKEN, Idefics2Processor
 from idefics2.processing.tokenizer import Tokenizer
 from idefics2.training.evaluate import answer_items, score
-from idefics2.training.grounding import Grounding, colour_lookups, patch_classes, pretrain_vision
+from idefics2.training.grounding import Grounding, patch_classes, pretrain_vision
 from idefics2.training.synthetic import (
     MAX_SHAPES,
     SINGLE_IMAGE_TYPES,
@@ -103,7 +103,6 @@ class TrainConfig:
     route_weight: float = 0.0
     align_weight: float = 0.0
     background_weight: float = 0.0
-    lookup_weight: float = 0.0
     tokenizer_dir: str | None = None
     resume: bool = False
 
@@ -314,7 +313,6 @@ class ConversationBatches(Dataset[dict[str, Tensor]]):
             objects, words = zip(*(patch_classes(scene, self.patch_grid) for s in samples for scene in s.scenes))
             batch["patch_objects"] = torch.from_numpy(np.stack(objects))  # (R, P) in placeholder order
             batch["patch_words"] = torch.from_numpy(np.stack(words))
-            batch["lookups"] = colour_lookups(samples, batch["labels"])
         return batch
 
 
@@ -440,9 +438,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
                                    log=lambda record: append_history(out, record, VISION_HISTORY_FILE))
         logger.info("vision tower pretrained: patch accuracy %s; frozen from here on", accuracy)
     grounding = None
-    if cfg.route_weight > 0 or cfg.align_weight > 0 or cfg.background_weight > 0 or cfg.lookup_weight > 0:
-        grounding = Grounding(model, tokenizer, cfg.route_weight, cfg.align_weight, cfg.background_weight,
-                              cfg.lookup_weight)
+    if cfg.route_weight > 0 or cfg.align_weight > 0 or cfg.background_weight > 0:
+        grounding = Grounding(model, tokenizer, cfg.route_weight, cfg.align_weight, cfg.background_weight)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %s preset, %.2f M parameters", cfg.preset, n_params / 1e6)
@@ -554,10 +551,7 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
                              "what is there (needs one latent per patch); 0 = off",
              "background_weight": "W > 0: pull each latent over empty background towards the <unk> "
                                   "embedding, so no question's word finds it (needs one latent per "
-                                  "patch); 0 = off",
-             "lookup_weight": "W > 0: teach the last decoder layer to attend, where a colour answer starts, "
-                              "to the image tokens of the shape the question names (needs one latent "
-                              "per patch); 0 = off"}
+                                  "patch); 0 = off"}
     add_config_flags(parser, TrainConfig, helps, choices={"preset": sorted(PRESETS)}, floats=("max_minutes",))
 
 
