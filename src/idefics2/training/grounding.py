@@ -18,9 +18,9 @@ scene geometry (`synthetic.patch_contents`); none of it changes the architecture
    token of the circle from the first step, as it would if the scene were written out in words.
 4. **Background** (`Grounding`, `background_weight`): a latent over empty background is pulled towards
    the `<unk>` token's embedding, a direction no question word shares. Left free, such latents drift
-   towards words such as " circle" or " purple", and a question about "the circle" then also finds
-   them: the colour answer comes from the wrong image token. (A uniform target would not do: a
-   latent meets it by shrinking, and the decoder's RMSNorm undoes the shrinking.)
+   towards words such as " circle" or " purple", which a question's word can then match. (A uniform
+   target would not do: a latent meets it by shrinking, and the decoder's RMSNorm undoes the
+   shrinking.) This cleans the latents but did not by itself fix colour answers (docs/training.md).
 
 Shape letters: B images, P patches, L latents, D text width, V vocabulary.
 """
@@ -171,7 +171,7 @@ def pretrain_vision(vision: VisionTransformer, image_processor: Idefics2ImagePro
     return accuracy
 
 
-# ------------------------------------------------------------------------------- 2-3. routing, alignment
+# -------------------------------------------------------------------- 2-4. routing, alignment, background
 class Grounding:
     """Routing, alignment and background losses for a model whose perceiver has one latent per patch.
 
