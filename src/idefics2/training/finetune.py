@@ -344,8 +344,8 @@ def optimizer_step(model: torch.nn.Module, ddp: torch.nn.parallel.DistributedDat
             loss.backward()
         step_loss += loss.item() / world
     # The norm before clipping (0 = no clipping) is logged: with the loss, it shows a scaling mistake.
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else math.inf))
+    stepped = [p for group in optimizer.param_groups for p in group["params"]]  # the trainable tensors
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(stepped, grad_clip if grad_clip > 0 else math.inf))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if world > 1:
