@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -134,7 +135,7 @@ def pretrain_vision(vision: VisionTransformer, image_processor: Idefics2ImagePro
     loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=num_workers,
                         prefetch_factor=4 if num_workers else None)
     patch_mask = torch.ones(batch_size, grid, grid, dtype=torch.bool, device=device)
-    recent: dict[str, list[float]] = {"pair": [], "rank": [], "word": []}
+    recent: dict[str, deque[float]] = {name: deque(maxlen=50) for name in ("pair", "rank", "word")}
     vision.train()
     start = time.monotonic()
     for step, batch in enumerate(loader, start=1):
@@ -158,7 +159,7 @@ def pretrain_vision(vision: VisionTransformer, image_processor: Idefics2ImagePro
             if bool(on_text.any()):
                 recent["word"].append((logits["words"].argmax(-1)[on_text] == batch["words"][on_text])
                                       .float().mean().item())
-        accuracy = {name: round(float(np.mean(values[-50:])), 4) if values else 0.0 for name, values in recent.items()}
+        accuracy = {name: round(float(np.mean(values)), 4) if values else 0.0 for name, values in recent.items()}
         elapsed = time.monotonic() - start
         if log is not None:
             log({"vision_step": step, "loss": round(loss.item(), 5), **accuracy, "elapsed": round(elapsed, 2)})
