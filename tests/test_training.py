@@ -177,6 +177,25 @@ def _tiny(tmp_path: Path, **overrides: object) -> TrainConfig:
     return TrainConfig(**settings)  # type: ignore[arg-type]
 
 
+def test_presets_set_heads_and_key_value_heads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Text heads are 64 wide; `text_kv_heads` sets the decoder's key/value heads and nothing else (the
+    perceiver keeps half its heads), and a count that does not divide the heads is refused."""
+    import idefics2.training.train as train_module
+
+    def heads(preset: str) -> tuple[int, int, int, int]:
+        config = model_config_dict(preset, 495, 4)
+        text, perceiver = config["text_config"], config["perceiver_config"]
+        return (text["num_attention_heads"], text["num_key_value_heads"],
+                perceiver["resampler_n_heads"], perceiver["num_key_value_heads"])
+
+    assert heads("cpu64") == (2, 1, 2, 1)
+    assert heads("cpu64kv2") == (2, 2, 2, 1)
+    assert heads("gpu64") == (4, 4, 4, 2)
+    monkeypatch.setitem(train_module.PRESETS, "bad", train_module.PRESETS["gpu64"]._replace(text_kv_heads=3))
+    with pytest.raises(ValueError, match="3 key/value heads do not divide 4 heads"):
+        model_config_dict("bad", 495, 4)
+
+
 def test_init_draws_the_perceiver_query_key_and_latents_at_the_asked_scales() -> None:
     """The from-scratch knobs touch only the perceiver's q/k and latents; the rest stays at 0.02."""
     from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration
