@@ -1,9 +1,8 @@
 """The model shipped in `idefics2/assets/shapes-vqa` answers held-out questions about fresh images.
 
-Thresholds follow what the shipped model measurably reaches (docs/training.md), minus a margin:
-colour, shape, counting and two-image questions are learned (>= 95% on 500 questions); position,
-printed text and full descriptions are not yet (46%, 2%, 38%), so they only count towards the
-overall floor. Raise the thresholds when a better-trained model is shipped.
+The issue's fast test: at least 90% of 60 held-out questions right (56 of 60 measured). Every type but
+the full description (91% on 500 questions, docs/training.md) also has to reach 90% on its own
+(52 of 54 measured: two digits misread).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from idefics2.training.synthetic import EvalItem, make_eval_items
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "src" / "idefics2" / "assets" / "shapes-vqa"
-LEARNED_TYPES = {"color", "shape", "count", "count_kind", "difference", "more"}
+LEARNED_TYPES = {"color", "shape", "count", "count_kind", "position", "text", "difference", "more"}
 HELD_OUT_SEED = 424242  # training used seed 0, validation 1_000_003, docs/training.md 12345
 
 
@@ -43,7 +42,7 @@ def test_held_out_accuracy(shipped: tuple[Idefics2ForConditionalGeneration, Idef
     correct = [normalise(a) == normalise(i.answer) for i, a in zip(items, answers, strict=True)]
     learned = [c for c, i in zip(correct, items, strict=True) if i.question_type in LEARNED_TYPES]
     assert sum(learned) / len(learned) >= 0.9, list(zip(answers, [i.answer for i in items]))
-    assert sum(correct) / len(correct) >= 0.65
+    assert sum(correct) / len(correct) >= 0.9
 
 
 def test_readme_example(shipped: tuple[Idefics2ForConditionalGeneration, Idefics2Processor]) -> None:
