@@ -191,6 +191,7 @@ def test_presets_set_heads_and_key_value_heads(monkeypatch: pytest.MonkeyPatch) 
     assert heads("cpu64") == (2, 1, 2, 1)
     assert heads("cpu64kv2") == (2, 2, 2, 1)
     assert heads("gpu64") == (4, 4, 4, 2)
+    assert heads("gpu64-text128") == (2, 2, 2, 1)
     monkeypatch.setitem(train_module.PRESETS, "bad", train_module.PRESETS["gpu64"]._replace(text_kv_heads=3))
     with pytest.raises(ValueError, match="3 key/value heads do not divide 4 heads"):
         model_config_dict("bad", 495, 4)

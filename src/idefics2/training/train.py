@@ -80,8 +80,8 @@ PRESETS: dict[str, Preset] = {
     "cpu64kv2": Preset(128, 3, 16, 128, 64, 1, 128, 3, text_kv_heads=2),
     # a wider and deeper cpu64 for a GPU, where the data loader sets the pace and width is free; < 25 MB
     "gpu64": Preset(192, 4, 16, 128, 64, 1, 256, 3, text_kv_heads=4),
-    # gpu64's tower before cpu64kv2's perceiver and decoder (scripts/stitch_shapes_model.py)
-    "stitch64": Preset(192, 4, 16, 128, 64, 1, 128, 3, text_kv_heads=2),
+    # gpu64's tower under cpu64kv2's perceiver and decoder: the next GPU run (docs/training.md, ninth session)
+    "gpu64-text128": Preset(192, 4, 16, 128, 64, 1, 128, 3, text_kv_heads=2),
 }
 
 
