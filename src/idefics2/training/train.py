@@ -74,11 +74,11 @@ class Preset(NamedTuple):
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(32, 1, 8, 32, 4, 1, 32, 1),  # tests only
     "cpu": Preset(128, 3, 16, 128, 16, 1, 128, 3),  # near the team's 2-core CPU experiment; 64 patches per image
-    "small": Preset(192, 4, 8, 128, 32, 1, 160, 3),  # the shipped model (trained on a GPU), < 16 MB in float32
+    "small": Preset(192, 4, 8, 128, 32, 1, 160, 3),  # the first shipped model (until the ninth session), 14 MB
     "cpu64": Preset(128, 3, 16, 128, 64, 1, 128, 3),  # "cpu" with one latent per patch, for --route-weight
     # cpu64 with a key/value head per query head in the decoder (docs/training.md, ninth session)
     "cpu64kv2": Preset(128, 3, 16, 128, 64, 1, 128, 3, text_kv_heads=2),
-    # a wider and deeper cpu64 for a GPU, where the data loader sets the pace and width is free; < 25 MB
+    # the shipped model: a wider cpu64 for a GPU, where the data loader sets the pace and width is free; < 25 MB
     "gpu64": Preset(192, 4, 16, 128, 64, 1, 256, 3, text_kv_heads=4),
     # gpu64's tower under cpu64kv2's perceiver and decoder: the next GPU run (docs/training.md, ninth session)
     "gpu64-text128": Preset(192, 4, 16, 128, 64, 1, 128, 3, text_kv_heads=2),
@@ -87,7 +87,8 @@ PRESETS: dict[str, Preset] = {
 
 @dataclass
 class TrainConfig:
-    """Every knob of a run (defaults: the shipped model's recipe, docs/training.md, minus the GPU flags).
+    """Every knob of a run (defaults: the first shipped model's recipe, docs/training.md "History", minus
+    the GPU flags; the current one's command is at the top of that page).
 
     Written to train_config.json for the record; `--resume` takes the flags again, so a larger
     `--steps` or `--max-minutes` extends a finished run.
@@ -189,9 +190,9 @@ def init_weights(model: Idefics2ForConditionalGeneration, std: float = 0.02, *, 
     near-uniform and averages a small object such as a printed word away, and reading is never
     learned; ~0.5 with `latents_std=0.02` lets it be (docs/training.md). `position_table_scale` > 0
     starts the vision position embedding as that multiple of `sincos_position_table`: at the
-    reference's N(0, 0.02) it is ~30x smaller than the patch features and stays so, and the shipped
-    model never learned left from right (55% held-out; a GPU run with the table at scale 1 and a
-    deeper perceiver reached 66%). The defaults are the shipped model's recipe.
+    reference's N(0, 0.02) it is ~30x smaller than the patch features and stays so, and the first
+    shipped model never learned left from right (55% held-out; a GPU run with the table at scale 1
+    and a deeper perceiver reached 66%). The defaults are that model's recipe.
     """
     query_key = {id(proj) for m in model.modules() if isinstance(m, PerceiverAttention)
                  for proj in (m.q_proj, m.k_proj)}
