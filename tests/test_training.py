@@ -19,7 +19,14 @@ from idefics2.processing.processor import END_OF_UTTERANCE_TOKEN
 from idefics2.processing.tokenizer import Tokenizer
 from idefics2.training import synthetic
 from idefics2.training.evaluate import normalise, score
-from idefics2.training.synthetic import COLORS, SHAPES, make_eval_items, sample_conversation, sample_scene
+from idefics2.training.synthetic import (
+    COLORS,
+    SHAPES,
+    make_colour_binding_items,
+    make_eval_items,
+    sample_conversation,
+    sample_scene,
+)
 from idefics2.training.tokenizer_training import SPECIAL_TOKENS, train_tokenizer
 from idefics2.training.train import (
     CHECKPOINT_FILE,
@@ -97,6 +104,22 @@ def test_synthetic_data_is_deterministic_by_seed() -> None:
     first, again = make_eval_items(3, 18), make_eval_items(3, 18)
     assert [(i.question, i.answer) for i in first] == [(i.question, i.answer) for i in again]
     assert [(i.question, i.answer) for i in first] != [(i.question, i.answer) for i in make_eval_items(4, 18)]
+
+
+def test_colour_binding_items_ask_about_one_of_several_distinct_shapes() -> None:
+    """2 and 3 shapes alternately, kinds and colours all different, the answer the colour of the one
+    shape of the asked kind; another colour of the image is always a wrong answer to have."""
+    items = make_colour_binding_items(5, 12)
+    assert [len(i.scenes[0].shapes) for i in items] == [2, 3] * 6
+    for item in items:
+        (scene,) = item.scenes
+        assert scene.text is None and item.question_type == "color"
+        assert len({s.kind for s in scene.shapes}) == len({s.color for s in scene.shapes}) == len(scene.shapes)
+        (asked,) = [s for s in scene.shapes if item.question == f"What color is the {s.kind}?"]
+        assert item.answer == asked.color.capitalize() + "."
+        assert item.images[0].size == (scene.width, scene.height)
+    assert [i.answer for i in items] == [i.answer for i in make_colour_binding_items(5, 12)]
+    assert {i.answer for i in items} != {i.answer for i in items[:1]}  # not one colour for all
 
 
 def test_answers_match_the_drawn_scene() -> None:

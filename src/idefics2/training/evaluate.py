@@ -3,7 +3,8 @@
 Answers are decoded greedily with `idefics2.generation.generate` (image-feature cache off, since the
 weights change between evaluations during training) and compared after lower-casing and dropping
 punctuation. Used by the training loop (periodic evaluation), the shipped-model test and as a script:
-`python -m idefics2.training.evaluate MODEL_DIR --seed 12345 --n 500`.
+`python -m idefics2.training.evaluate MODEL_DIR --seed 12345 --n 500` (add `--colour-binding --seed 5 --n 120`
+for the colour-binding check).
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ import torch
 
 from idefics2.model.idefics2 import Idefics2ForConditionalGeneration
 from idefics2.processing.processor import END_OF_UTTERANCE_TOKEN, Idefics2Processor
-from idefics2.training.synthetic import GROUPS, QUESTION_TYPES, EvalItem, make_eval_items
+from idefics2.training.synthetic import (
+    GROUPS,
+    QUESTION_TYPES,
+    EvalItem,
+    make_colour_binding_items,
+    make_eval_items,
+)
 
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}’]")
 
@@ -90,11 +97,14 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--show-errors", type=int, default=10)
+    parser.add_argument("--colour-binding", action="store_true",
+                        help="only colour questions about 2-3 shapes of distinct kinds and colours "
+                             "(the shipping check of docs/training.md: --seed 5 --n 120)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     model = Idefics2ForConditionalGeneration.from_pretrained(args.model_dir).eval()
     processor = Idefics2Processor.from_pretrained(args.model_dir)
-    items = make_eval_items(args.seed, args.n)
+    items = (make_colour_binding_items if args.colour_binding else make_eval_items)(args.seed, args.n)
     start = time.monotonic()
     answers = answer_items(model, processor, items, batch_size=args.batch_size)
     print(format_table(score(items, answers), items))
