@@ -257,8 +257,8 @@ class Grounding:
         per_latent = -(target * logp).sum(-1) / mass.clamp(min=1e-6)  # (B, L)
         content = per_latent[on_content].mean() if bool(on_content.any()) else latents.sum() * 0.0
         off_content = ~on_content
-        background = (-logp[off_content][:, self.background_id].mean() if bool(off_content.any())
-                      else latents.sum() * 0.0)
+        background = (-logp[..., self.background_id][off_content].mean() if bool(off_content.any())
+                      else latents.sum() * 0.0)  # the <unk> column first: no (B·L, V) copy of the rows
         return content, background
 
     def loss(self, batch: dict[str, Tensor]) -> Tensor:
