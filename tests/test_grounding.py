@@ -129,6 +129,18 @@ def test_routing_and_alignment_losses_at_hand_computable_points() -> None:
     assert not model.model.connector._forward_hooks
 
 
+def test_target_rows_give_every_word_full_weight_even_with_a_repeated_piece() -> None:
+    """A word class's row sums to 1 and a shape class's to 0.5 + 0.5; "11" is one token twice in the
+    shipped vocabulary, so that token's share must be the whole row, not half of it."""
+    tokenizer = Tokenizer.from_pretrained(SHIPPED)
+    objects, words = Grounding._target_tables(tokenizer, len(tokenizer))
+    assert torch.allclose(objects[1:].sum(-1), torch.ones(objects.shape[0] - 1))
+    assert torch.allclose(words[1:].sum(-1), torch.ones(words.shape[0] - 1))
+    pieces = tokenizer("11", add_special_tokens=False)["input_ids"]
+    assert len(pieces) == 2 and pieces[0] == pieces[1]
+    assert words[WORDS.index("11") + 1, pieces[0]].item() == pytest.approx(1.0)
+
+
 def test_grounding_needs_one_latent_per_patch() -> None:
     model, _, tokenizer = _grounded_model("cpu")
     with pytest.raises(ValueError, match="one latent per patch: 64 latents"):

@@ -123,7 +123,7 @@ def pretrain_vision(vision: VisionTransformer, image_processor: Idefics2ImagePro
     chance for far longer (docs/training.md).
     """
     cfg = vision.config
-    grid = cfg.image_size // cfg.patch_size
+    grid = cfg.num_patches_per_side
     device = next(vision.parameters()).device
     frozen = [p for p in vision.parameters() if not p.requires_grad]  # trained here, frozen again after
     vision.requires_grad_(True)
@@ -184,7 +184,7 @@ class Grounding:
     def __init__(self, model: Idefics2ForConditionalGeneration, tokenizer: Any, route_weight: float,
                  align_weight: float, background_weight: float = 0.0) -> None:
         config = model.config
-        grid = config.vision_config.image_size // config.vision_config.patch_size
+        grid = config.vision_config.num_patches_per_side
         if config.perceiver_config.resampler_n_latents != grid * grid:
             raise ValueError(f"routing needs one latent per patch: {grid * grid} latents for a {grid}x{grid} patch "
                              f"grid, the config has {config.perceiver_config.resampler_n_latents}")
@@ -196,6 +196,7 @@ class Grounding:
         self.grid = grid
         device = model.lm_head.weight.device  # the tables are built once, where the latents will be
         self.order = latent_patch_order(grid).to(device)  # (L,)
+        self.latent_index = torch.arange(grid * grid, device=device)  # (L,)
         self.targets = tuple(t.to(device) for t in self._target_tables(tokenizer, config.text_config.vocab_size))
         self.captured: dict[str, Any] = {}
         self.last: dict[str, float] = {}  # the latest loss terms, for the run's history
@@ -216,20 +217,20 @@ class Grounding:
     @staticmethod
     def _target_tables(tokenizer: Any, vocab_size: int) -> tuple[Tensor, Tensor]:
         """Rows of token probabilities per object class (half on the colour word's tokens, half on the
-        kind's, as they are written inside a sentence: " red", " circle") and per word class."""
-        def ids(text: str) -> list[int]:
-            return tokenizer(text, add_special_tokens=False)["input_ids"]
+        kind's, as they are written inside a sentence: " red", " circle") and per word class. A piece
+        that occurs twice in a word ("11") gets twice the share."""
+        def add(row: Tensor, text: str, weight: float) -> None:
+            pieces = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+            row.index_add_(0, pieces, torch.full((len(pieces),), weight / len(pieces)))
 
         objects = torch.zeros(N_OBJECT_CLASSES, vocab_size)
         for cls in range(1, N_OBJECT_CLASSES):
             pair = (cls - 1) // MAX_SHAPES
             for word in (" " + SHAPES[pair // len(COLORS)], " " + list(COLORS)[pair % len(COLORS)]):
-                pieces = ids(word)
-                objects[cls, pieces] += 0.5 / len(pieces)
+                add(objects[cls], word, 0.5)
         words = torch.zeros(N_WORD_CLASSES, vocab_size)
         for cls, word in enumerate(WORDS, start=1):
-            pieces = ids(word)
-            words[cls, pieces] += 1.0 / len(pieces)
+            add(words[cls], word, 1.0)
         return objects, words
 
     def routing_loss(self) -> Tensor:
@@ -241,7 +242,7 @@ class Grounding:
         k = module.k_proj(kv_in).view(B, -1, module.num_kv_heads, module.head_dim).transpose(1, 2)
         k = k.repeat_interleave(module.num_heads // module.num_kv_heads, dim=1)  # (B, H, P+L, hd)
         probs = ((q @ k.transpose(-1, -2)) * module.head_dim**-0.5).softmax(-1).mean(1)  # (B, L, P+L)
-        mass = probs[:, torch.arange(L, device=probs.device), self.order]  # (B, L)
+        mass = probs[:, self.latent_index, self.order]  # (B, L)
         return -(mass + 1e-6).log().mean()
 
     def alignment_losses(self, objects: Tensor, words: Tensor) -> tuple[Tensor, Tensor]:
