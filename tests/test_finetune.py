@@ -198,6 +198,13 @@ def test_adapter_for_another_model_or_a_bad_config_is_refused(checkpoint: Path, 
                  "images": ["d.jsonl"]}), ":2: cannot read image .*d.jsonl"),
     (json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [
         {"type": "image"}, {"type": "text", "text": "x"}]}], "images": ["d.jsonl"]}), ":2: an assistant turn holds an image"),
+    # HF-style prompts that already spell the image out would put bare image tokens in the sequence
+    (json.dumps({"messages": [{"role": "user", "content": "<image>What is this?"}, {"role": "assistant", "content": "x"}]}),
+     ":2: message 0: the text holds <image>, which the chat template writes itself"),
+    (json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [
+        {"type": "text", "text": "Yes.<end_of_utterance>"}]}]}), ":2: message 1: the text holds <end_of_utterance>"),
+    (json.dumps({"messages": [{"role": "user", "content": [{"type": "text"}]}, {"role": "assistant", "content": "x"}]}),
+     ':2: message 0: a text part needs a "text" string'),
 ])
 def test_bad_data_lines_are_named(tmp_path: Path, line: str, message: str) -> None:
     good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
@@ -236,6 +243,7 @@ def test_conversations_that_tokenize_wrong_are_refused_before_training(checkpoin
     ({"max_steps": 0}, "--max-steps must be positive"), ({"grad_clip": -1.0}, "--grad-clip must be 0 or more"),
     ({"dtype": "float16"}, "float16 would need loss scaling"), ({"full": True, "dtype": "bfloat16"}, "--full"),
     ({"lora_r": 0}, "--lora-r must be positive"), ({"device": "gpu"}, "unknown device 'gpu'"),
+    ({"resume": True, "out_dir": "no-such-run"}, "--resume: no-such-run/checkpoint.pt does not exist"),
 ])
 def test_bad_settings_are_refused_before_loading(settings: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -297,11 +297,11 @@ def test_training_lowers_the_loss_and_exports_a_loadable_model(tmp_path: Path) -
 
 def test_resume_continues_exactly(tmp_path: Path) -> None:
     """4 steps + resume to 8 == 8 straight steps (constant lr, data indexed by step); records written
-    after the last checkpoint are dropped, so the history has each step once."""
+    after the last checkpoint are dropped, and so is a line cut short, so the history has each step once."""
     train(_tiny(tmp_path / "straight"))
     train(_tiny(tmp_path / "split", steps=4))
-    with open(tmp_path / "split" / "history.jsonl", "a") as f:  # as if killed after the checkpoint
-        f.write(json.dumps({"step": 5, "loss": 9.9}) + "\n")
+    with open(tmp_path / "split" / "history.jsonl", "a") as f:  # as if killed after the checkpoint, mid-write
+        f.write(json.dumps({"step": 5, "loss": 9.9}) + "\n" + '{"step": 6, "lo')
     train(_tiny(tmp_path / "split", resume=True))
     straight = torch.load(tmp_path / "straight" / CHECKPOINT_FILE, weights_only=False)
     split = torch.load(tmp_path / "split" / CHECKPOINT_FILE, weights_only=False)
@@ -311,6 +311,26 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "history.jsonl").read_text().splitlines()
              if "loss" in line]
     assert steps == list(range(1, 9))
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"eval_every": 0}, "--eval-every must be positive"), ({"checkpoint_every": -1}, "--checkpoint-every must be"),
+    ({"max_turns": 0}, "--max-turns must be positive"), ({"max_minutes": -1.0}, "--max-minutes must be positive"),
+    ({"min_lr_ratio": 1.5}, r"--min-lr-ratio must be in \[0, 1\]"), ({"preset": "huge"}, "--preset must be one of"),
+    ({"route_weight": -1.0}, "--route-weight must be 0 or more"),
+])
+def test_bad_settings_are_refused_when_the_config_is_made(settings: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**settings)
+
+
+def test_resume_without_a_checkpoint_is_refused_and_keeps_the_folder(tmp_path: Path) -> None:
+    (tmp_path / "history.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match="--resume: .*checkpoint.pt does not exist"):
+        train(_tiny(tmp_path, resume=True))
+    assert (tmp_path / "history.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        train(_tiny(tmp_path, device="gpu"))
 
 
 def test_question_weights_set_how_often_each_type_is_asked() -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from idefics2.model.idefics2 import Idefics2ForConditionalGeneration
-from idefics2.processing.processor import END_OF_UTTERANCE_TOKEN, Idefics2Processor
+from idefics2.processing.processor import Idefics2Processor
 from idefics2.training.synthetic import (
     GROUPS,
     QUESTION_TYPES,
@@ -47,7 +47,6 @@ def answer_items(model: Idefics2ForConditionalGeneration, processor: Idefics2Pro
     by_images: dict[int, list[int]] = defaultdict(list)
     for index, item in enumerate(items):
         by_images[len(item.images)].append(index)
-    eou = processor.tokenizer.token_to_id(END_OF_UTTERANCE_TOKEN)
     for indices in by_images.values():
         for start in range(0, len(indices), batch_size):
             chunk = [items[i] for i in indices[start:start + batch_size]]
@@ -56,7 +55,7 @@ def answer_items(model: Idefics2ForConditionalGeneration, processor: Idefics2Pro
             inputs = processor(images=[list(item.images) for item in chunk], text=prompts, padding=True,
                                return_tensors="pt")
             inputs = {key: value.to(model.device) for key, value in inputs.items()}
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, extra_eos_token_ids=[eou],
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, extra_eos_token_ids=[processor.end_of_utterance_id],
                                  do_sample=False, vision_cache=False)
             new_tokens = out[:, inputs["input_ids"].shape[1]:]
             for i, text in zip(indices[start:start + batch_size],
@@ -101,6 +100,9 @@ def main() -> None:
                         help="only colour questions about 2-3 shapes of distinct kinds and colours "
                              "(the shipping check of docs/training.md: --seed 5 --n 120)")
     args = parser.parse_args()
+    for flag, value in (("--n", args.n), ("--batch-size", args.batch_size)):
+        if value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
     torch.set_num_threads(2)
     model = Idefics2ForConditionalGeneration.from_pretrained(args.model_dir).eval()
     processor = Idefics2Processor.from_pretrained(args.model_dir)

@@ -45,7 +45,12 @@ from idefics2.chat import read_image
 from idefics2.checkpoint import resolve_device
 from idefics2.model.idefics2 import Idefics2ForConditionalGeneration, causal_lm_loss
 from idefics2.model.text import positions_from_mask
-from idefics2.processing.processor import Idefics2Processor
+from idefics2.processing.processor import (
+    END_OF_UTTERANCE_TOKEN,
+    FAKE_IMAGE_TOKEN,
+    IMAGE_TOKEN,
+    Idefics2Processor,
+)
 from idefics2.training.lora import LoRAConfig, add_lora, merge_lora, save_adapter
 from idefics2.training.train import (
     CHECKPOINT_FILE,
@@ -145,6 +150,14 @@ def _check_conversation(record: Any) -> str | None:
                 isinstance(content, list) and all(isinstance(p, dict) and p.get("type") in ("text", "image")
                                                   for p in content)):
             return f"message {i}: content must be a string or a list of text/image parts"
+        texts = [content] if isinstance(content, str) else [p.get("text") for p in content if p["type"] == "text"]
+        if not all(isinstance(text, str) for text in texts):
+            return f'message {i}: a text part needs a "text" string'
+        reserved = [token for token in (IMAGE_TOKEN, FAKE_IMAGE_TOKEN, END_OF_UTTERANCE_TOKEN)
+                    if any(token in text for text in texts)]
+        if reserved:
+            return (f"message {i}: the text holds {reserved[0]}, which the chat template writes itself; "
+                    'mark an image with an {"type": "image"} part instead')
     if not any(m["role"] == "assistant" for m in record["messages"]):
         return "no assistant turn: there is nothing to learn"
     if any(m["role"] == "assistant" and _count_images(m["content"]) for m in record["messages"]):
@@ -335,12 +348,13 @@ def optimizer_step(model: torch.nn.Module, ddp: torch.nn.parallel.DistributedDat
     if world > 1:
         dist.all_reduce(tokens)
     forward = ddp if ddp is not None else model
+    scale = world / tokens.item()
     step_loss = 0.0
     for m, batch in enumerate(batches):
         sync = ddp is None or m == len(batches) - 1
         with nullcontext() if sync else ddp.no_sync():  # type: ignore[union-attr]
             mean, n = answer_loss(forward, batch, device)
-            loss = mean * n / tokens.item() * world
+            loss = mean * n * scale
             loss.backward()
         step_loss += loss.item() / world
     # The norm before clipping (0 = no clipping) is logged: with the loss, it shows a scaling mistake.
@@ -357,6 +371,9 @@ def optimizer_step(model: torch.nn.Module, ddp: torch.nn.parallel.DistributedDat
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run the fine-tuning; returns the summary written (by rank 0) to <out_dir>/summary.json."""
+    if cfg.resume and not (Path(cfg.out_dir) / CHECKPOINT_FILE).is_file():
+        raise ValueError(f"--resume: {Path(cfg.out_dir) / CHECKPOINT_FILE} does not exist; drop --resume to start "
+                         "a new run (which replaces that folder's history)")
     rank, world, device = _distributed(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -387,7 +404,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     out = Path(cfg.out_dir)
     start = 0
-    if cfg.resume and (out / CHECKPOINT_FILE).is_file():  # every process loads it, before DDP wraps the model
+    if cfg.resume:  # every process loads it, before DDP wraps the model
         start = load_checkpoint(out, model, optimizer, device)
         if rank == 0:
             logger.info("resumed from step %d", start)

@@ -36,6 +36,7 @@ TEXT_SIZE = (0.20, 0.24)  # font size range, as a fraction of the canvas's short
 CANVASES = ((224, 224), (224, 224), (224, 224), (160, 160), (192, 192), (256, 256), (224, 176), (176, 224))
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
 MAX_SHAPES = 5
+TWO_IMAGE_FRACTION = 0.2  # of conversations, or of batches in training (one image count per batch)
 
 # Question types; evaluation reports accuracy per type and per group.
 SINGLE_IMAGE_TYPES = ("color", "shape", "count", "count_kind", "position", "text", "describe")
@@ -103,9 +104,10 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
-def _text_box(text: str, size: int) -> tuple[int, int]:
+def _text_box(text: str, size: int, xy: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the inked pixels of `text` drawn at `xy`."""
     left, top, right, bottom = _font(size).getbbox(text)
-    return right - left, bottom - top
+    return xy[0] + left, xy[1] + top, xy[0] + right, xy[1] + bottom
 
 
 def _fits(cx: int, cy: int, r: int, placed: list[tuple[int, int, int]], box: tuple[int, int, int, int] | None,
@@ -146,11 +148,9 @@ def sample_scene(rng: random.Random, n_shapes: int | None = None, with_text: boo
         text = rng.choice(WORDS)
         low, high = TEXT_SIZE
         text_size = rng.randint(round(low * min(width, height)), round(high * min(width, height)))
-        tw, th = _text_box(text, text_size)
-        x, y = rng.randint(4, width - tw - 4), rng.randint(4, height - th - 8)
-        text_xy = (x, y)
-        left, top, _, _ = _font(text_size).getbbox(text)
-        box = (x + left, y + top, x + left + tw, y + top + th)
+        left, top, right, bottom = _text_box(text, text_size, (0, 0))
+        text_xy = (rng.randint(4, width - (right - left) - 4), rng.randint(4, height - (bottom - top) - 8))
+        box = _text_box(text, text_size, text_xy)
     pairs = rng.sample([(k, c) for k in SHAPES for c in COLORS], n)
     placed: list[tuple[int, int, int]] = []
     shapes: list[Shape] = []
@@ -221,9 +221,8 @@ def patch_contents(scene: Scene, grid: int, samples: int = 4) -> tuple[np.ndarra
         shape_index = np.where(hits.max(axis=0) > 0, hits.argmax(axis=0), -1)
     on_text = np.zeros(grid * grid, dtype=bool)
     if scene.text is not None:
-        left, top, right, bottom = _font(scene.text_size).getbbox(scene.text)
-        x0, y0 = scene.text_xy
-        inside = (x >= x0 + left) & (x <= x0 + right) & (y >= y0 + top) & (y <= y0 + bottom)
+        left, top, right, bottom = _text_box(scene.text, scene.text_size, scene.text_xy)
+        inside = (x >= left) & (x <= right) & (y >= top) & (y <= bottom)
         on_text = inside.reshape(grid, samples, grid, samples).any(axis=(1, 3)).reshape(-1)
     return shape_index, on_text
 
@@ -287,11 +286,7 @@ def _modified_scene(rng: random.Random, scene: Scene) -> tuple[Scene, str]:
     options = ["recolor", "add"] + (["remove"] if len(shapes) > 1 else [])
     change = rng.choice(options)
     if change == "add" and len(shapes) < MAX_SHAPES:
-        box = None
-        if scene.text is not None:
-            left, top, right, bottom = _font(scene.text_size).getbbox(scene.text)
-            box = (scene.text_xy[0] + left, scene.text_xy[1] + top, scene.text_xy[0] + right,
-                   scene.text_xy[1] + bottom)
+        box = _text_box(scene.text, scene.text_size, scene.text_xy) if scene.text is not None else None
         kind, color = rng.choice([(k, c) for k in SHAPES for c in COLORS if (k, c) not in used])
         new = _place(rng, kind, color, [(s.cx, s.cy, s.r) for s in shapes], box, scene.width, scene.height)
         if new is not None:
@@ -359,13 +354,13 @@ def question_mix(weights: dict[str, int]) -> tuple[str, ...]:
 def sample_conversation(rng: random.Random, max_turns: int = 3, two_images: bool | None = None,
                         max_shapes: int = MAX_SHAPES, types: Sequence[str] = SINGLE_IMAGE_TYPES) -> Sample:
     """A training conversation: 1-`max_turns` questions about one image, or 1-2 about an image pair
-    (`two_images`; None draws it, 20% pairs).
+    (`two_images`; None draws it, `TWO_IMAGE_FRACTION` pairs).
 
     Several answers per image give more supervised tokens per (expensive) image encoding.
     `max_shapes` caps the shapes of a single image (the training curriculum); image pairs keep
     the full range. Single-image questions are drawn uniformly from `types` (`question_mix`).
     """
-    if two_images if two_images is not None else rng.random() < 0.2:
+    if two_images if two_images is not None else rng.random() < TWO_IMAGE_FRACTION:
         types = rng.sample(TWO_IMAGE_TYPES, rng.randint(1, 2))
         first, second, question, answer = two_image_question(rng, types[0])
         messages = [_user(question, 2), _assistant(answer)]

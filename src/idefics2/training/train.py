@@ -17,7 +17,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from idefics2.checkpoint import write_folder_atomically
+from idefics2.checkpoint import resolve_device, write_folder_atomically
 from idefics2.config import Idefics2Config
 from idefics2.model.connector import PerceiverAttention
 from idefics2.model.idefics2 import Idefics2ForConditionalGeneration
@@ -40,6 +40,7 @@ from idefics2.training.grounding import Grounding, patch_classes, pretrain_visio
 from idefics2.training.synthetic import (
     MAX_SHAPES,
     SINGLE_IMAGE_TYPES,
+    TWO_IMAGE_FRACTION,
     make_eval_items,
     question_mix,
     sample_conversation,
@@ -54,7 +55,7 @@ VISION_HISTORY_FILE = "vision_history.jsonl"  # `--vision-minutes` pretraining, 
 IGNORE_INDEX = -100
 # Validation questions come from their own seed offset, never from the training stream.
 VALIDATION_SEED_OFFSET = 1_000_003
-TWO_IMAGE_BATCH_FRACTION = 0.2
+
 
 class Preset(NamedTuple):
     """Model sizes of a `train --preset`. Text heads are 64 wide (two below 128); the perceiver has as many
@@ -126,6 +127,24 @@ class TrainConfig:
     background_weight: float = 0.0
     tokenizer_dir: str | None = None
     resume: bool = False
+
+    def __post_init__(self) -> None:
+        """Every value checked before anything is built; a mistake names its flag."""
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        positive = {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "max_turns": self.max_turns,
+                    "eval_every": self.eval_every, "checkpoint_every": self.checkpoint_every,
+                    "threads": self.threads, **({"max_minutes": self.max_minutes} if self.max_minutes is not None
+                                                else {})}
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "curriculum_steps", "eval_questions",
+                     "num_workers", "vision_minutes", "route_weight", "align_weight", "background_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -325,7 +344,7 @@ class ConversationBatches(Dataset[dict[str, Tensor]]):
         step = self.start + index
         rng = random.Random(self.seed * 1_000_000_007 + step)
         # One image count per batch: no all-zero padding images to ship between processes.
-        two_images = rng.random() < TWO_IMAGE_BATCH_FRACTION
+        two_images = rng.random() < TWO_IMAGE_FRACTION
         samples = [sample_conversation(rng, self.max_turns, two_images, self.max_shapes(step), self.types)
                    for _ in range(self.batch_size)]
         batch = labelled_batch(self.processor, [s.messages for s in samples], [s.images for s in samples],
@@ -369,9 +388,14 @@ def start_history(folder: Path, resumed_step: int) -> None:
     if not resumed_step:
         path.unlink(missing_ok=True)
     elif path.is_file():
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines()
-                 if line.strip() and json.loads(line)["step"] <= resumed_step]
-        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= resumed_step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError):  # blank, or cut short by a kill mid-write
+                continue
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def append_history(folder: Path, record: dict[str, Any], name: str = HISTORY_FILE) -> None:
@@ -410,8 +434,7 @@ def export(model: Idefics2ForConditionalGeneration, processor: Idefics2Processor
 
 def shapes_generation_config(model: Idefics2ForConditionalGeneration, processor: Idefics2Processor) -> dict[str, Any]:
     """Greedy, stopping at `</s>` or `<end_of_utterance>`, 32 new tokens: the shipped model's answers are short."""
-    eou = processor.tokenizer.token_to_id(END_OF_UTTERANCE_TOKEN)
-    return {"eos_token_id": [model.config.text_config.eos_token_id, eou], "pad_token_id": 0, "bos_token_id": 1,
+    return {"eos_token_id": [model.config.text_config.eos_token_id, processor.end_of_utterance_id], "pad_token_id": 0, "bos_token_id": 1,
             "max_new_tokens": 32, "do_sample": False}
 
 
@@ -422,16 +445,19 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     cap that hits mid-decay never ships a worse model than one already seen.
     """
     out = Path(cfg.out_dir)
+    device = resolve_device(cfg.device)
+    resuming = cfg.resume
+    if resuming and not (out / CHECKPOINT_FILE).is_file():
+        raise ValueError(f"--resume: {out / CHECKPOINT_FILE} does not exist; drop --resume to start a new run "
+                         "(which replaces that folder's history)")
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.device)
     torch.set_float32_matmul_precision("high")  # TF32 on GPUs; no effect on CPU
     tokenizer_dir = out / "tokenizer"
-    resuming = cfg.resume and (out / CHECKPOINT_FILE).is_file()
     if resuming:
-        cfg.tokenizer_dir = str(tokenizer_dir)
+        cfg = replace(cfg, tokenizer_dir=str(tokenizer_dir))
     elif cfg.init_from is not None and cfg.tokenizer_dir is None:
-        cfg.tokenizer_dir = cfg.init_from
+        cfg = replace(cfg, tokenizer_dir=cfg.init_from)
     tokenizer = _load_tokenizer(cfg)
     tokenizer.save_pretrained(tokenizer_dir)
     processor = build_processor(cfg.preset, tokenizer)
@@ -464,7 +490,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     if cfg.route_weight > 0 or cfg.align_weight > 0 or cfg.background_weight > 0:
         grounding = Grounding(model, tokenizer, cfg.route_weight, cfg.align_weight, cfg.background_weight)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = model.num_parameters()
     logger.info("model: %s preset, %.2f M parameters", cfg.preset, n_params / 1e6)
 
     validation = make_eval_items(cfg.seed + VALIDATION_SEED_OFFSET, cfg.eval_questions)  # [] = no evaluation
@@ -476,12 +502,19 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
 
     def save_checkpoint() -> None:
+        nonlocal elapsed, clock
+        now = time.monotonic()  # the time up to this save (the step and any evaluation) counts as trained
+        elapsed += now - clock
+        clock = now
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                  "elapsed": elapsed, "best": best, "best_state": best_state}
         write_checkpoint(out, state)
 
     def evaluate_now() -> None:
-        nonlocal best, best_state
+        nonlocal best, best_state, elapsed, clock
+        now = time.monotonic()
+        elapsed += now - clock
+        clock = now
         scores = score(validation, answer_items(model, processor, validation, batch_size=90))
         append_history(out, {"step": step, "eval": scores, "elapsed": round(elapsed, 1)})
         logger.info("step %d: validation exact match %.3f", step, scores["all"])
