@@ -38,6 +38,7 @@ def test_info_prints_parameter_counts_and_files(hub_like_checkpoint: Path,  # no
 
 @pytest.mark.parametrize("argv, message", [
     (["generate", "--image", "no/such.png", "hi"], "idefics2: error: image not found: no/such.png"),
+    (["generate", "<image>What is this?"], "idefics2: error: the prompt holds <image>"),
     (["generate", "--model", "no/such/folder/x", "hi"], "idefics2: error: 'no/such/folder/x' is not a checkpoint folder"),
 ])
 def test_user_mistakes_end_in_one_line_and_exit_code_1(argv: list[str], message: str,
@@ -84,10 +85,13 @@ def test_chat_carries_the_conversation_in_the_chat_format(monkeypatch: pytest.Mo
         return real_answer(model, processor, messages, images, args, stream)
 
     monkeypatch.setattr(cli, "answer", spy)
-    monkeypatch.setattr(sys, "stdin", io.StringIO("What color is the circle?\nHow many shapes are there?\n/quit\n"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What color is the circle?\nWhat is <image>?\n"
+                                                  "How many shapes are there?\n/quit\n"))
     examples = Path(__file__).resolve().parents[1] / "examples"
     assert cli.main(["chat", "--image", str(examples / "shapes.png")]) == 0
-    answers = capsys.readouterr().out.splitlines()
-    assert answers[0] == "Red." and answers[1].endswith(".")
+    captured = capsys.readouterr()
+    answers = captured.out.splitlines()
+    assert answers[0] == "Red." and answers[1].endswith(".") and len(answers) == 2
+    assert "idefics2: error: the prompt holds <image>" in captured.err  # that line is refused, the chat goes on
     assert prompts[1] == ("User:<image>What color is the circle?<end_of_utterance>\nAssistant: Red.<end_of_utterance>\n"
                           "User: How many shapes are there?<end_of_utterance>\nAssistant:")

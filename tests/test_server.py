@@ -121,6 +121,7 @@ BAD_REQUESTS = [
      "messages[0].content[0].image_url", 400),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
      "messages[1].role", 400),
+    ({"messages": [{"role": "user", "content": "What is in <image>?"}]}, "messages[0].content[0].text", 400),
     ({"n": 2}, "n", 400),
     ({"temperature": -1}, "temperature", 400),
     ({"top_p": 0}, "top_p", 400),

@@ -65,6 +65,12 @@ def open_images(paths: Sequence[str]) -> list[Any]:
 
 def user_turn(text: str, num_images: int) -> dict[str, Any]:
     """A chat message with the images first, then the question (the layout Idefics2 was tuned on)."""
+    from idefics2.processing.processor import reserved_token_in
+
+    reserved = reserved_token_in(text)
+    if reserved:
+        raise UserError(f"the prompt holds {reserved}, which the chat template writes itself; pass images "
+                        "with --image")
     return {"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": text}]}
 
 
@@ -125,7 +131,11 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if line == "/reset":
             messages, all_images, pending = [], [], []
             continue
-        messages.append(user_turn(line, len(pending)))
+        try:
+            messages.append(user_turn(line, len(pending)))
+        except UserError as err:  # the conversation so far is kept
+            print(f"idefics2: error: {err}", file=sys.stderr)
+            continue
         all_images += pending
         pending = []
         out = answer(model, processor, messages, all_images, args, stream=True)

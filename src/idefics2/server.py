@@ -27,6 +27,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from idefics2.chat import AssistantTurn, read_image
+from idefics2.processing.processor import reserved_token_in
 
 MAX_IMAGE_BYTES = 20 * 2**20  # per image, after base64 decoding or download
 REMOTE_TIMEOUT_S = 10
@@ -101,6 +102,10 @@ def convert_messages(raw: Any, allow_remote: bool) -> tuple[list[dict[str, Any]]
             at = f"{where}.content[{j}]"
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
+                reserved = reserved_token_in(part["text"])
+                if reserved:
+                    raise RequestError(f"{at}.text holds {reserved}, which the chat template writes itself; "
+                                       "send an image as an image_url part", f"{at}.text")
                 parts.append({"type": "text", "text": part["text"]})
             elif kind == "image_url":
                 url = part.get("image_url")

@@ -28,6 +28,13 @@ PROCESSOR_CONFIG_FILE = "processor_config.json"
 SPLIT_IMAGES_PER_IMAGE = 5
 
 
+def reserved_token_in(text: str) -> str | None:
+    """The first of the tokens the chat template writes itself (`<image>`, the fake token,
+    `<end_of_utterance>`) that a message's text spells out, or None. The tokenizer reads such text as
+    the special token, so it would add an image slot or end a turn where the user meant neither."""
+    return next((token for token in (IMAGE_TOKEN, FAKE_IMAGE_TOKEN, END_OF_UTTERANCE_TOKEN) if token in text), None)
+
+
 def expand_image_tokens(sample: str, *, image_seq_len: int, do_image_splitting: bool) -> str:
     """The 4.x text rule (spec §6.3 step 4): replace each `<image>` and merge the fakes of adjacent images."""
     block = FAKE_IMAGE_TOKEN + IMAGE_TOKEN * image_seq_len + FAKE_IMAGE_TOKEN

@@ -45,12 +45,7 @@ from idefics2.chat import read_image
 from idefics2.checkpoint import resolve_device
 from idefics2.model.idefics2 import Idefics2ForConditionalGeneration, causal_lm_loss
 from idefics2.model.text import positions_from_mask
-from idefics2.processing.processor import (
-    END_OF_UTTERANCE_TOKEN,
-    FAKE_IMAGE_TOKEN,
-    IMAGE_TOKEN,
-    Idefics2Processor,
-)
+from idefics2.processing.processor import Idefics2Processor, reserved_token_in
 from idefics2.training.lora import LoRAConfig, add_lora, merge_lora, save_adapter
 from idefics2.training.train import (
     CHECKPOINT_FILE,
@@ -153,10 +148,9 @@ def _check_conversation(record: Any) -> str | None:
         texts = [content] if isinstance(content, str) else [p.get("text") for p in content if p["type"] == "text"]
         if not all(isinstance(text, str) for text in texts):
             return f'message {i}: a text part needs a "text" string'
-        reserved = [token for token in (IMAGE_TOKEN, FAKE_IMAGE_TOKEN, END_OF_UTTERANCE_TOKEN)
-                    if any(token in text for text in texts)]
+        reserved = next((token for token in map(reserved_token_in, texts) if token), None)
         if reserved:
-            return (f"message {i}: the text holds {reserved[0]}, which the chat template writes itself; "
+            return (f"message {i}: the text holds {reserved}, which the chat template writes itself; "
                     'mark an image with an {"type": "image"} part instead')
     if not any(m["role"] == "assistant" for m in record["messages"]):
         return "no assistant turn: there is nothing to learn"
