@@ -79,9 +79,9 @@ PRESETS: dict[str, Preset] = {
     "cpu64": Preset(128, 3, 16, 128, 64, 1, 128, 3),  # "cpu" with one latent per patch, for --route-weight
     # cpu64 with a key/value head per query head in the decoder (docs/training.md, ninth session)
     "cpu64kv2": Preset(128, 3, 16, 128, 64, 1, 128, 3, text_kv_heads=2),
-    # the shipped model: a wider cpu64 for a GPU, where the data loader sets the pace and width is free; < 25 MB
+    # a wider cpu64 for a GPU, where the data loader sets the pace and width is free (shipped in the ninth session)
     "gpu64": Preset(192, 4, 16, 128, 64, 1, 256, 3, text_kv_heads=4),
-    # gpu64's tower under cpu64kv2's perceiver and decoder: the next GPU run (docs/training.md, ninth session)
+    # gpu64's tower under cpu64kv2's perceiver and decoder: the shipped model (scripts/stitch_shapes_model.py)
     "gpu64-text128": Preset(192, 4, 16, 128, 64, 1, 128, 3, text_kv_heads=2),
 }
 
