@@ -434,8 +434,8 @@ def export(model: Idefics2ForConditionalGeneration, processor: Idefics2Processor
 
 def shapes_generation_config(model: Idefics2ForConditionalGeneration, processor: Idefics2Processor) -> dict[str, Any]:
     """Greedy, stopping at `</s>` or `<end_of_utterance>`, 32 new tokens: the shipped model's answers are short."""
-    return {"eos_token_id": [model.config.text_config.eos_token_id, processor.end_of_utterance_id], "pad_token_id": 0, "bos_token_id": 1,
-            "max_new_tokens": 32, "do_sample": False}
+    return {"eos_token_id": [model.config.text_config.eos_token_id, processor.end_of_utterance_id],
+            "pad_token_id": 0, "bos_token_id": 1, "max_new_tokens": 32, "do_sample": False}
 
 
 def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
@@ -446,15 +446,14 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     """
     out = Path(cfg.out_dir)
     device = resolve_device(cfg.device)
-    resuming = cfg.resume
-    if resuming and not (out / CHECKPOINT_FILE).is_file():
+    if cfg.resume and not (out / CHECKPOINT_FILE).is_file():
         raise ValueError(f"--resume: {out / CHECKPOINT_FILE} does not exist; drop --resume to start a new run "
                          "(which replaces that folder's history)")
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     torch.set_float32_matmul_precision("high")  # TF32 on GPUs; no effect on CPU
     tokenizer_dir = out / "tokenizer"
-    if resuming:
+    if cfg.resume:
         cfg = replace(cfg, tokenizer_dir=str(tokenizer_dir))
     elif cfg.init_from is not None and cfg.tokenizer_dir is None:
         cfg = replace(cfg, tokenizer_dir=cfg.init_from)
@@ -463,7 +462,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     processor = build_processor(cfg.preset, tokenizer)
     config = Idefics2Config.from_dict(model_config_dict(cfg.preset, len(tokenizer), processor.image_token_id))
     torch.manual_seed(cfg.seed)
-    model = _initial_model(cfg, config) if not resuming else Idefics2ForConditionalGeneration(config)
+    model = _initial_model(cfg, config) if not cfg.resume else Idefics2ForConditionalGeneration(config)
     model.to(device)
     if cfg.vision_minutes > 0 or cfg.freeze_vision:
         model.model.vision_model.requires_grad_(False)  # pretrained first (below) or loaded, then frozen
@@ -472,14 +471,14 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
                                   fused=device.type == "cuda")
     step, elapsed, best = 0, 0.0, {"accuracy": -1.0, "step": 0}
     best_state: dict[str, Tensor] | None = None
-    if resuming:
+    if cfg.resume:
         state = read_checkpoint(out, device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed, best, best_state = state["step"], state["elapsed"], state["best"], state["best_state"]
         logger.info("resumed from step %d (%.1f min trained)", step, elapsed / 60)
     start_history(out, step)
-    if cfg.vision_minutes > 0 and not resuming:  # a checkpoint already holds the pretrained tower
+    if cfg.vision_minutes > 0 and not cfg.resume:  # a checkpoint already holds the pretrained tower
         (out / VISION_HISTORY_FILE).unlink(missing_ok=True)
         accuracy = pretrain_vision(model.model.vision_model, processor.image_processor, seed=cfg.seed,
                                    batch_size=cfg.batch_size, lr=cfg.lr, minutes=cfg.vision_minutes,
@@ -499,22 +498,25 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
                                patch_grid=grounding.grid if grounding is not None else 0)
     loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.num_workers else None)
-    budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+    budget = cfg.max_minutes * 60 if cfg.max_minutes is not None else math.inf
 
-    def save_checkpoint() -> None:
+    def advance_clock() -> None:
+        """Count the wall time since the last call as trained: data waits, steps, evaluations and saves
+        all use up the `--max-minutes` budget, which a checkpoint carries over to a resume."""
         nonlocal elapsed, clock
-        now = time.monotonic()  # the time up to this save (the step and any evaluation) counts as trained
+        now = time.monotonic()
         elapsed += now - clock
         clock = now
+
+    def save_checkpoint() -> None:
+        advance_clock()
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                  "elapsed": elapsed, "best": best, "best_state": best_state}
         write_checkpoint(out, state)
 
     def evaluate_now() -> None:
-        nonlocal best, best_state, elapsed, clock
-        now = time.monotonic()
-        elapsed += now - clock
-        clock = now
+        nonlocal best, best_state
+        advance_clock()
         scores = score(validation, answer_items(model, processor, validation, batch_size=90))
         append_history(out, {"step": step, "eval": scores, "elapsed": round(elapsed, 1)})
         logger.info("step %d: validation exact match %.3f", step, scores["all"])
@@ -526,9 +528,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     clock = time.monotonic()
     bar = tqdm(loader, initial=step, total=cfg.steps, desc="train", dynamic_ncols=True)
     for batch in bar:
-        now = time.monotonic()
-        elapsed += now - clock
-        clock = now
+        advance_clock()
         progress = max(step / cfg.steps, elapsed / budget)
         lr = cfg.lr * lr_factor(progress, step, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
@@ -552,7 +552,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
                              "elapsed": round(elapsed, 2), **(grounding.last if grounding is not None else {})})
         if on_step is not None:
             on_step(step, loss_value)
-        out_of_time = elapsed + (time.monotonic() - clock) >= budget
+        advance_clock()
+        out_of_time = elapsed >= budget
         if validation and (step % cfg.eval_every == 0 or step == cfg.steps or out_of_time):
             evaluate_now()
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time:
@@ -561,7 +562,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
             logger.info("wall-clock cap reached at step %d", step)
             break
     bar.close()
-    elapsed += time.monotonic() - clock
+    advance_clock()
     if grounding is not None:
         grounding.close()
     if best_state is not None:
