@@ -28,6 +28,8 @@ from idefics2.training.grounding import PatchBatches
 from idefics2.training.train import PRESETS, export, init_weights, model_config_dict, shapes_generation_config
 
 logger = logging.getLogger("stitch")
+# the projection's layers that read the tower's features: the only weights that are fitted anew
+PROJECTION_INPUT = ("model.connector.modality_projection.gate", "model.connector.modality_projection.up")
 
 
 def stitched_model(vision_from: Idefics2ForConditionalGeneration, rest_from: Idefics2ForConditionalGeneration,
@@ -38,11 +40,12 @@ def stitched_model(vision_from: Idefics2ForConditionalGeneration, rest_from: Ide
     own = model.state_dict()
     taken = {name: value for name, value in vision_from.state_dict().items() if ".vision_model." in name}
     taken |= {name: value for name, value in rest_from.state_dict().items()
-              if ".vision_model." not in name and not name.startswith(("model.connector.modality_projection.gate",
-                                                                         "model.connector.modality_projection.up"))}
-    mismatched = [name for name, value in taken.items() if own[name].shape != value.shape]
-    if mismatched:
-        raise ValueError(f"the preset does not fit the two models: {mismatched[:3]} differ in shape")
+              if ".vision_model." not in name and not name.startswith(PROJECTION_INPUT)}
+    mismatched = [name for name, value in taken.items() if name not in own or own[name].shape != value.shape]
+    left_out = [name for name in own if name not in taken and not name.startswith(PROJECTION_INPUT)]
+    if mismatched or left_out:
+        raise ValueError(f"the preset does not fit the two models: {(mismatched + left_out)[:3]} are missing on "
+                         "one side or differ in shape")
     model.load_state_dict(taken, strict=False)
     model.tie_weights()
     return model
