@@ -55,8 +55,9 @@ def answer_items(model: Idefics2ForConditionalGeneration, processor: Idefics2Pro
             inputs = processor(images=[list(item.images) for item in chunk], text=prompts, padding=True,
                                return_tensors="pt")
             inputs = {key: value.to(model.device) for key, value in inputs.items()}
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, extra_eos_token_ids=[processor.end_of_utterance_id],
-                                 do_sample=False, vision_cache=False)
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens,
+                                 extra_eos_token_ids=[processor.end_of_utterance_id], do_sample=False,
+                                 vision_cache=False)
             new_tokens = out[:, inputs["input_ids"].shape[1]:]
             for i, text in zip(indices[start:start + batch_size],
                                processor.batch_decode(new_tokens.cpu(), skip_special_tokens=True), strict=True):

@@ -53,6 +53,7 @@ from idefics2.training.train import (
     add_config_flags,
     append_history,
     assistant_prefix_ids,
+    check_resumable,
     export,
     labelled_batch,
     lr_factor,
@@ -365,9 +366,8 @@ def optimizer_step(model: torch.nn.Module, ddp: torch.nn.parallel.DistributedDat
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run the fine-tuning; returns the summary written (by rank 0) to <out_dir>/summary.json."""
-    if cfg.resume and not (Path(cfg.out_dir) / CHECKPOINT_FILE).is_file():
-        raise ValueError(f"--resume: {Path(cfg.out_dir) / CHECKPOINT_FILE} does not exist; drop --resume to start "
-                         "a new run (which replaces that folder's history)")
+    if cfg.resume:
+        check_resumable(Path(cfg.out_dir))
     rank, world, device = _distributed(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -398,6 +398,14 @@ def start_history(folder: Path, resumed_step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
+def check_resumable(folder: Path) -> None:
+    """`--resume` needs the folder's checkpoint; without one it is refused rather than starting over, which
+    would replace the history a mistyped `--out-dir` was meant to continue."""
+    if not (folder / CHECKPOINT_FILE).is_file():
+        raise ValueError(f"--resume: {folder / CHECKPOINT_FILE} does not exist; drop --resume to start a new run "
+                         "(which replaces that folder's history)")
+
+
 def append_history(folder: Path, record: dict[str, Any], name: str = HISTORY_FILE) -> None:
     with open(folder / name, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
@@ -446,9 +454,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     """
     out = Path(cfg.out_dir)
     device = resolve_device(cfg.device)
-    if cfg.resume and not (out / CHECKPOINT_FILE).is_file():
-        raise ValueError(f"--resume: {out / CHECKPOINT_FILE} does not exist; drop --resume to start a new run "
-                         "(which replaces that folder's history)")
+    if cfg.resume:
+        check_resumable(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     torch.set_float32_matmul_precision("high")  # TF32 on GPUs; no effect on CPU
