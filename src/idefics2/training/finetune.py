@@ -53,6 +53,7 @@ from idefics2.training.train import (
     add_config_flags,
     append_history,
     assistant_prefix_ids,
+    check_flag_ranges,
     check_resumable,
     export,
     labelled_batch,
@@ -101,17 +102,9 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         """Every value checked before anything is loaded; a mistake names its flag."""
-        positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "lr": self.lr,
-                    "epochs": self.epochs, "lora_r": self.lora_r,
-                    **({"max_steps": self.max_steps} if self.max_steps is not None else {})}
-        for name, value in positive.items():
-            if not value > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "eval_every", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        check_flag_ranges(self, positive=("batch_size", "grad_accum", "lr", "epochs", "lora_r", "max_steps"),
+                          non_negative=("warmup_steps", "weight_decay", "grad_clip", "eval_every",
+                                        "checkpoint_every"))
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"--dtype must be float32 or bfloat16 (float16 would need loss scaling), got "
                              f"{self.dtype!r}")

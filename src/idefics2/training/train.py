@@ -132,19 +132,24 @@ class TrainConfig:
         """Every value checked before anything is built; a mistake names its flag."""
         if self.preset not in PRESETS:
             raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-        positive = {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "max_turns": self.max_turns,
-                    "eval_every": self.eval_every, "checkpoint_every": self.checkpoint_every,
-                    "threads": self.threads, **({"max_minutes": self.max_minutes} if self.max_minutes is not None
-                                                else {})}
-        for name, value in positive.items():
-            if not value > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "curriculum_steps", "eval_questions",
-                     "num_workers", "vision_minutes", "route_weight", "align_weight", "background_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        check_flag_ranges(self, positive=("steps", "batch_size", "lr", "max_turns", "eval_every", "checkpoint_every",
+                                          "threads", "max_minutes"),
+                          non_negative=("warmup_steps", "weight_decay", "grad_clip", "curriculum_steps",
+                                        "eval_questions", "num_workers", "vision_minutes", "route_weight",
+                                        "align_weight", "background_weight"))
+
+
+def check_flag_ranges(config: Any, positive: Sequence[str], non_negative: Sequence[str] = ()) -> None:
+    """A ValueError naming the `--flag` of the first config field out of range (None, unset, passes), and
+    the shared check of `min_lr_ratio` in [0, 1]: the checks `train` and `finetune` both make."""
+    for names, in_range, expected in ((positive, lambda v: v > 0, "positive"),
+                                      (non_negative, lambda v: v >= 0, "0 or more")):
+        for name in names:
+            value = getattr(config, name)
+            if value is not None and not in_range(value):
+                raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {value}")
+    if not 0 <= config.min_lr_ratio <= 1:
+        raise ValueError(f"--min-lr-ratio must be in [0, 1], got {config.min_lr_ratio}")
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -523,7 +528,6 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
 
     def evaluate_now() -> None:
         nonlocal best, best_state
-        advance_clock()
         scores = score(validation, answer_items(model, processor, validation, batch_size=90))
         append_history(out, {"step": step, "eval": scores, "elapsed": round(elapsed, 1)})
         logger.info("step %d: validation exact match %.3f", step, scores["all"])
