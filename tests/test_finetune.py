@@ -115,7 +115,9 @@ def test_adapter_starts_as_a_no_op_and_merging_keeps_the_outputs(checkpoint: Pat
         assert (adapted - base).abs().max() > 0.1
         merged = merge_lora(model)(**inputs).logits
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
-    torch.testing.assert_close(merged, adapted, atol=2e-5, rtol=1e-5)
+    # W + BA in float32 sums in another order than Wx + B(Ax): float32 noise relative to the logits' scale
+    # (here up to 5; 2.7e-5 apart at most on a 2-core AVX2 machine)
+    torch.testing.assert_close(merged, adapted, atol=1e-5 * float(adapted.abs().max()), rtol=1e-5)
 
 
 @pytest.mark.oracle
