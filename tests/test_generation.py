@@ -432,6 +432,9 @@ def test_decode_step_traces_as_one_graph_with_the_threaded_products(plain_model:
     # products must stay the threaded split (a batched product), not fall back to F.linear.
     from idefics2.generation import decode_step
     from idefics2.kv_cache import KVCache
+    from idefics2.model.layers import prepare_for_compile
+
+    prepare_for_compile()  # what generate(compile=True) does before compiling
 
     text_model = plain_model.model.text_model
     cache = KVCache(len(text_model.layers), 16)

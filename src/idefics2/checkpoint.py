@@ -136,11 +136,11 @@ def _keep(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
 
 
 def _checkpoint_key_map(cls: type[nn.Module], keys: list[str]) -> dict[str, str]:
-    """Checkpoint key -> our key. `Idefics2Model` drops the LM head and the `model.` prefix."""
-    from idefics2.model.idefics2 import Idefics2Model
-
-    if cls is Idefics2Model and any(k.startswith("model.") for k in keys):
-        return {k: k[len("model."):] for k in keys if k.startswith("model.")}
+    """Checkpoint key -> our key. A class whose `checkpoint_prefix` is set (the headless
+    `Idefics2Model`: "model.") loads a full checkpoint's keys under that prefix and drops the rest."""
+    prefix = getattr(cls, "checkpoint_prefix", "")
+    if prefix and any(k.startswith(prefix) for k in keys):
+        return {k: k[len(prefix):] for k in keys if k.startswith(prefix)}
     return {k: k for k in keys}
 
 

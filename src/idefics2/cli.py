@@ -9,6 +9,7 @@ non-zero exit code, never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -202,7 +203,16 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Commands whose flags come from their module: name -> (one-line help, "module:function adding its parser").
+TRAINING_COMMANDS = {
+    "train": ("train the small shapes model from scratch", "idefics2.training.train:register_train_command"),
+    "finetune": ("fine-tune a checkpoint on your conversations (LoRA)",
+                 "idefics2.training.finetune:register_finetune_command"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; of the `TRAINING_COMMANDS`, only `command` gets its flags (and its import)."""
     parser = argparse.ArgumentParser(prog="idefics2", description="Ask Idefics2 about images.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -234,19 +244,18 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--model", help="checkpoint folder or repo id (default: the shipped model)")
     info.set_defaults(func=cmd_info)
 
-    try:
-        from idefics2.training.finetune import register_finetune_command
-        from idefics2.training.train import register_train_command
-    except ImportError:
-        pass
-    else:
-        register_train_command(commands)
-        register_finetune_command(commands)
+    for name, (text, target) in TRAINING_COMMANDS.items():
+        if name == command:  # import the module (torch training code, its flags) only for its command
+            module, _, register = target.partition(":")
+            getattr(importlib.import_module(module), register)(commands)
+        else:
+            commands.add_parser(name, help=text)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     try:
         args.func(args)

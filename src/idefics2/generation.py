@@ -27,7 +27,7 @@ from idefics2.generation_config import (
     validate,
 )
 from idefics2.kv_cache import KVCache
-from idefics2.model.layers import linear
+from idefics2.model.layers import linear, prepare_for_compile
 from idefics2.model.text import positions_from_mask
 from idefics2.sampling import BadWords, apply_repetition_penalty, choose_tokens, filter_logits, seen_tokens
 from idefics2.streaming import Decoder, TextIteratorStreamer
@@ -71,6 +71,7 @@ def _step_function(model: nn.Module, compile: bool) -> Callable[..., Tensor]:
         return decode_step
     compiled = model.__dict__.get("_compiled_decode_step")
     if compiled is None:
+        prepare_for_compile()
         compiled = torch.compile(decode_step, dynamic=True)
         model.__dict__["_compiled_decode_step"] = compiled
     return compiled

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from idefics2.model.idefics2 import check_pixel_inputs
+from idefics2.model.vision import check_pixel_inputs
 
 logger = logging.getLogger(__name__)
 

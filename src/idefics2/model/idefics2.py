@@ -21,7 +21,7 @@ from idefics2.config import Idefics2Config
 from idefics2.kv_cache import KVCache
 from idefics2.model.connector import Connector
 from idefics2.model.text import MistralDecoder
-from idefics2.model.vision import VisionTransformer, patch_mask_from_pixels
+from idefics2.model.vision import VisionTransformer, check_pixel_inputs, patch_mask_from_pixels
 
 if TYPE_CHECKING:
     from idefics2.generation import GenerationConfig
@@ -55,18 +55,10 @@ class _PretrainedMixin:
         save_pretrained(self, folder, max_shard_size=max_shard_size)  # type: ignore[arg-type]
 
 
-def check_pixel_inputs(pixel_values: Tensor, pixel_attention_mask: Tensor | None) -> None:
-    if pixel_values.dim() != 5:
-        raise ValueError(f"pixel_values must have 5 dimensions (batch, images, channels, height, width), got "
-                         f"shape {tuple(pixel_values.shape)}; the processor returns this layout")
-    if pixel_attention_mask is not None:
-        B, M, _, H, W = pixel_values.shape
-        if tuple(pixel_attention_mask.shape) != (B, M, H, W):
-            raise ValueError(f"pixel_attention_mask has shape {tuple(pixel_attention_mask.shape)}, expected "
-                             f"{(B, M, H, W)} to match pixel_values {tuple(pixel_values.shape)}")
-
-
 class Idefics2Model(_PretrainedMixin, nn.Module):
+    # In a checkpoint of the whole Idefics2ForConditionalGeneration these weights sit under "model."
+    checkpoint_prefix = "model."
+
     def __init__(self, config: Idefics2Config) -> None:
         super().__init__()
         self.config = config

@@ -58,8 +58,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     (`_split_matvec`). Inference only (grad mode keeps F.linear). Results can differ from
     F.linear in the last bits (another summation order), never more. Called ~85 times per decode
     step, so it is kept to a few cheap checks. Under `torch.compile` the same branches are traced;
-    the split uses the thread count at compile time (`_threads`), and batch size 1 is its own
-    graph anyway (torch specialises sizes 0 and 1).
+    the split uses the thread count at compile time (`_threads`, see `prepare_for_compile`), and
+    batch size 1 is its own graph anyway (torch specialises sizes 0 and 1).
     """
     if (x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu"
             or torch.is_grad_enabled() or x.stride(-1) != 1):
@@ -79,12 +79,21 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-@torch.compiler.assume_constant_result
 def _threads() -> int:
-    """torch's intra-op thread count. Eager: read at each call. Compiled: read once, while tracing,
-    and kept in the graph (reading it inside a graph is a graph break); a different count later
-    still gives right results, split into the old number of blocks."""
+    """torch's intra-op thread count. Eager: read at each call. Compiled (after
+    `prepare_for_compile`): read once, while tracing, and kept in the graph (reading it inside a
+    graph is a graph break); a different count later still gives right results, split into the old
+    number of blocks."""
     return torch.get_num_threads()
+
+
+def prepare_for_compile() -> None:
+    """Mark `_threads` as a constant for `torch.compile`; call before compiling code that runs `linear`.
+
+    Not done at import: marking imports `torch._dynamo` (about a second), which a run that never
+    compiles should not pay for. Marking is idempotent.
+    """
+    torch.compiler.assume_constant_result(_threads)
 
 
 def _split_matvec(x: Tensor, weight: Tensor, parts: int) -> Tensor:

@@ -52,6 +52,18 @@ def patch_mask_from_pixels(pixel_mask: Tensor, patch_size: int) -> Tensor:
     return blocks.sum(dim=(2, 4), dtype=torch.int64) == p * p
 
 
+def check_pixel_inputs(pixel_values: Tensor, pixel_attention_mask: Tensor | None) -> None:
+    """ValueError unless pixel_values is (B, M, 3, H, W) and the mask, when given, (B, M, H, W)."""
+    if pixel_values.dim() != 5:
+        raise ValueError(f"pixel_values must have 5 dimensions (batch, images, channels, height, width), got "
+                         f"shape {tuple(pixel_values.shape)}; the processor returns this layout")
+    if pixel_attention_mask is not None:
+        B, M, _, H, W = pixel_values.shape
+        if tuple(pixel_attention_mask.shape) != (B, M, H, W):
+            raise ValueError(f"pixel_attention_mask has shape {tuple(pixel_attention_mask.shape)}, expected "
+                             f"{(B, M, H, W)} to match pixel_values {tuple(pixel_values.shape)}")
+
+
 class VisionEmbeddings(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
