@@ -33,8 +33,8 @@ from idefics2.sampling import BadWords, apply_repetition_penalty, choose_tokens,
 from idefics2.streaming import Decoder, TextIteratorStreamer
 from idefics2.vision_cache import VisionFeatureCache, encode_images
 
-__all__ = ["BUILTIN_DEFAULTS", "GenerateOutput", "GenerationConfig", "TextIteratorStreamer", "ThreadTuner",
-           "decode_step", "generate", "load_generation_config"]
+__all__ = ["BUILTIN_DEFAULTS", "GenerateOutput", "GenerationConfig", "Generator", "TextIteratorStreamer",
+           "ThreadTuner", "decode_step", "load_generation_config"]
 
 
 @dataclass
@@ -65,107 +65,111 @@ def decode_step(model: nn.Module, tokens: Tensor, positions: Tensor, attention_m
     return linear(hidden[:, -1], model.lm_head.weight).float()  # (B, V)
 
 
-def _step_function(model: nn.Module, compile: bool) -> Callable[..., Tensor]:
-    """`decode_step`, or its `torch.compile`d form kept on the model so it compiles once."""
-    if not compile:
-        return decode_step
-    compiled = model.__dict__.get("_compiled_decode_step")
-    if compiled is None:
-        prepare_for_compile()
-        compiled = torch.compile(decode_step, dynamic=True)
-        model.__dict__["_compiled_decode_step"] = compiled
-    return compiled
-
-
-def _vision_cache(model: nn.Module, choice: bool | VisionFeatureCache | None) -> VisionFeatureCache | None:
-    """True: the model's own cache (`model.vision_feature_cache`, set it to None to switch caching
-    off for every call); False/None: no cache for this call; or a cache object to use."""
-    if isinstance(choice, VisionFeatureCache):
-        return choice
-    if not choice:
-        return None
-    if "vision_feature_cache" not in model.__dict__:
-        model.__dict__["vision_feature_cache"] = VisionFeatureCache()
-    return model.__dict__["vision_feature_cache"]
-
-
 def _hits_stop_string(tokenizer: Decoder, ids: list[int], stop_strings: list[str]) -> bool:
     """A stop string anywhere in the new text; checked after every token, so it ends with the last one."""
     text = tokenizer.decode(ids, skip_special_tokens=False)
     return any(s in text for s in stop_strings)
 
 
-@torch.no_grad()
-def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
-             pixel_values: Tensor | None = None, pixel_attention_mask: Tensor | None = None, *,
-             max_new_tokens: int | None = None, min_new_tokens: int | None = None,
-             do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
-             top_p: float | None = None, repetition_penalty: float | None = None,
-             eos_token_id: int | Sequence[int] | None = None, extra_eos_token_ids: Sequence[int] = (),
-             stop_strings: str | Sequence[str] | None = None,
-             bad_words_ids: Sequence[Sequence[int]] | None = None, pad_token_id: int | None = None,
-             generator: torch.Generator | None = None, seed: int | None = None,
-             tokenizer: Decoder | None = None, streamer: Streamer | None = None,
-             output_scores: bool | None = None, return_dict_in_generate: bool | None = None,
-             compile: bool = False, vision_cache: bool | VisionFeatureCache | None = True,
-             decode_threads: int | None | str = "auto") -> Tensor | GenerateOutput:
-    """Prompt + new tokens (B, T + N) for left-padded `input_ids` (B, T) and optional images.
-
-    Unset arguments come from `model.generation_config`, then from the built-in defaults
-    (`BUILTIN_DEFAULTS`: 20 new tokens, greedy) and the model config (EOS, pad). `eos_token_id`
-    may be a list; `extra_eos_token_ids` adds to it (e.g. `<end_of_utterance>` for chat).
-    `temperature=0` means greedy. `stop_strings` need `tokenizer` (anything with `decode`).
-    Randomness comes from `generator`, or a new one seeded with `seed`, else torch's global RNG.
-    `streamer` receives the prompt ids, then each step's new ids (B,) (`TextIteratorStreamer`:
-    batch 1).
-    `compile=True` runs the decode step through `torch.compile`. Off by default because the
-    first call compiles for up to a minute on a 2-core CPU (small config); after that a step
-    takes 29 ms instead of 44 ms there (the ~300 small ops fuse into a few kernels; README), so it
-    pays off for a server or a batch job, not for one question.
-    `vision_cache`: see `_vision_cache`.
-    `decode_threads`: torch intra-op threads for the CPU decode steps: "auto" times 1 and
-    torch's setting and keeps the faster (`ThreadTuner`), an int fixes it, None leaves torch's
-    setting; torch's setting is restored afterwards. With `compile=True`, "auto" keeps torch's
-    setting: every thread count is a graph of its own (`layers.linear`), compiled on first use.
+class Generator:
+    """Generation for one model, and what outlives a single call: the decode step (compiled once, on
+    the first call that asks for it) and the model's vision-feature cache. `model.generate` builds
+    one on first use (`model.generator`); each call times its own decode threads (`ThreadTuner`).
     """
-    cfg = resolve(model, {
-        "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "do_sample": do_sample,
-        "temperature": temperature, "top_k": top_k, "top_p": top_p, "repetition_penalty": repetition_penalty,
-        "eos_token_id": eos_token_id, "pad_token_id": pad_token_id, "output_scores": output_scores,
-        "bad_words_ids": bad_words_ids, "return_dict_in_generate": return_dict_in_generate,
-        "stop_strings": [stop_strings] if isinstance(stop_strings, str) else stop_strings,
-    })
-    text_config = model.config.text_config
-    V = text_config.vocab_size
-    eos_ids = list(dict.fromkeys(as_id_list(cfg.eos_token_id) + as_id_list(list(extra_eos_token_ids))))
-    device = model.device
-    input_ids = input_ids.to(device)
-    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
-    check_inputs(input_ids, attention_mask, pixel_values, pixel_attention_mask)
-    B, T = input_ids.shape
-    validate(cfg, eos_ids, V, text_config.max_position_embeddings, T)
-    stops = list(cfg.stop_strings or [])
-    if stops and tokenizer is None:
-        raise ValueError("stop_strings need a tokenizer to decode the new tokens: pass tokenizer=")
-    if generator is not None and seed is not None:
-        raise ValueError("pass either generator or seed, not both")
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
-    sampling = bool(cfg.do_sample) and cfg.temperature != 0
-    if isinstance(streamer, TextIteratorStreamer):
-        streamer.add_stop_strings(stops)
 
-    plan = _Plan(cfg, eos_ids, pad, sampling, stops, generator, tokenizer, streamer,
-                 _step_function(model, compile), _vision_cache(model, vision_cache),
-                 _decode_threads(decode_threads, device, compile))
-    try:
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
-        return _run(model, input_ids, attention_mask.long(), pixel_values, pixel_attention_mask, plan)
-    finally:
-        if streamer is not None:
-            streamer.end()
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.vision_cache: VisionFeatureCache | None = VisionFeatureCache()  # None: no caching by default
+        self._compiled_step: Callable[..., Tensor] | None = None
+
+    def step_function(self, compile: bool) -> Callable[..., Tensor]:
+        """`decode_step`, or its `torch.compile`d form, compiled once for this generator."""
+        if not compile:
+            return decode_step
+        if self._compiled_step is None:
+            prepare_for_compile()
+            self._compiled_step = torch.compile(decode_step, dynamic=True)
+        return self._compiled_step
+
+    def vision_cache_for(self, choice: bool | VisionFeatureCache | None) -> VisionFeatureCache | None:
+        """True: this generator's cache (`vision_cache`; set it to None to switch caching off for
+        every call); False/None: no cache for this call; or a cache object to use."""
+        if isinstance(choice, VisionFeatureCache):
+            return choice
+        return self.vision_cache if choice else None
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                 pixel_values: Tensor | None = None, pixel_attention_mask: Tensor | None = None, *,
+                 max_new_tokens: int | None = None, min_new_tokens: int | None = None,
+                 do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, repetition_penalty: float | None = None,
+                 eos_token_id: int | Sequence[int] | None = None, extra_eos_token_ids: Sequence[int] = (),
+                 stop_strings: str | Sequence[str] | None = None,
+                 bad_words_ids: Sequence[Sequence[int]] | None = None, pad_token_id: int | None = None,
+                 generator: torch.Generator | None = None, seed: int | None = None,
+                 tokenizer: Decoder | None = None, streamer: Streamer | None = None,
+                 output_scores: bool | None = None, return_dict_in_generate: bool | None = None,
+                 compile: bool = False, vision_cache: bool | VisionFeatureCache | None = True,
+                 decode_threads: int | None | str = "auto") -> Tensor | GenerateOutput:
+        """Prompt + new tokens (B, T + N) for left-padded `input_ids` (B, T) and optional images.
+
+        Unset arguments come from `model.generation_config`, then from the built-in defaults
+        (`BUILTIN_DEFAULTS`: 20 new tokens, greedy) and the model config (EOS, pad). `eos_token_id`
+        may be a list; `extra_eos_token_ids` adds to it (e.g. `<end_of_utterance>` for chat).
+        `temperature=0` means greedy. `stop_strings` need `tokenizer` (anything with `decode`).
+        Randomness comes from `generator`, or a new one seeded with `seed`, else torch's global RNG.
+        `streamer` receives the prompt ids, then each step's new ids (B,) (`TextIteratorStreamer`:
+        batch 1).
+        `compile=True` runs the decode step through `torch.compile`. Off by default because the
+        first call compiles for up to a minute on a 2-core CPU (small config); after that a step
+        takes 29 ms instead of 44 ms there (the ~300 small ops fuse into a few kernels; README), so it
+        pays off for a server or a batch job, not for one question.
+        `vision_cache`: see `vision_cache_for`.
+        `decode_threads`: torch intra-op threads for the CPU decode steps: "auto" times 1 and
+        torch's setting and keeps the faster (`ThreadTuner`), an int fixes it, None leaves torch's
+        setting; torch's setting is restored afterwards. With `compile=True`, "auto" keeps torch's
+        setting: every thread count is a graph of its own (`layers.linear`), compiled on first use.
+        """
+        model = self.model
+        cfg = resolve(model, {
+            "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "do_sample": do_sample,
+            "temperature": temperature, "top_k": top_k, "top_p": top_p, "repetition_penalty": repetition_penalty,
+            "eos_token_id": eos_token_id, "pad_token_id": pad_token_id, "output_scores": output_scores,
+            "bad_words_ids": bad_words_ids, "return_dict_in_generate": return_dict_in_generate,
+            "stop_strings": [stop_strings] if isinstance(stop_strings, str) else stop_strings,
+        })
+        text_config = model.config.text_config
+        V = text_config.vocab_size
+        eos_ids = list(dict.fromkeys(as_id_list(cfg.eos_token_id) + as_id_list(list(extra_eos_token_ids))))
+        device = model.device
+        input_ids = input_ids.to(device)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+        check_inputs(input_ids, attention_mask, pixel_values, pixel_attention_mask)
+        B, T = input_ids.shape
+        validate(cfg, eos_ids, V, text_config.max_position_embeddings, T)
+        stops = list(cfg.stop_strings or [])
+        if stops and tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer to decode the new tokens: pass tokenizer=")
+        if generator is not None and seed is not None:
+            raise ValueError("pass either generator or seed, not both")
+        if seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+        sampling = bool(cfg.do_sample) and cfg.temperature != 0
+        if isinstance(streamer, TextIteratorStreamer):
+            streamer.add_stop_strings(stops)
+
+        plan = _Plan(cfg, eos_ids, pad, sampling, stops, generator, tokenizer, streamer,
+                     self.step_function(compile), self.vision_cache_for(vision_cache),
+                     _decode_threads(decode_threads, device, compile))
+        try:
+            if streamer is not None:
+                streamer.put(input_ids.cpu())
+            return _run(model, input_ids, attention_mask.long(), pixel_values, pixel_attention_mask, plan)
+        finally:
+            if streamer is not None:
+                streamer.end()
 
 
 @dataclass

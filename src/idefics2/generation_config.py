@@ -1,6 +1,6 @@
 """Generation settings: `GenerationConfig` (generation_config.json), defaults and argument checks.
 
-Read by `generation.generate` before any compute: call arguments > `model.generation_config` (set
+Read by `Generator.generate` before any compute: call arguments > `model.generation_config` (set
 by the checkpoint loader from generation_config.json) > `BUILTIN_DEFAULTS` and the model config
 (EOS, pad; spec §2.7). Field names and meanings follow transformers' GenerationConfig; every
 invalid value raises a ValueError naming the argument and its allowed range.

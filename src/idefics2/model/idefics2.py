@@ -24,7 +24,7 @@ from idefics2.model.text import MistralDecoder
 from idefics2.model.vision import VisionTransformer, check_pixel_inputs, patch_mask_from_pixels
 
 if TYPE_CHECKING:
-    from idefics2.generation import GenerationConfig
+    from idefics2.generation import GenerationConfig, Generator
 
 
 @dataclass
@@ -167,6 +167,7 @@ class Idefics2ForConditionalGeneration(_PretrainedMixin, nn.Module):
         # Decoding defaults from the checkpoint's generation_config.json (set by the loader); None:
         # `generate` derives them from the config (EOS, pad) and its built-in defaults.
         self.generation_config: GenerationConfig | None = None
+        self.generator: Generator | None = None  # built by the first `generate` call
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -212,10 +213,12 @@ class Idefics2ForConditionalGeneration(_PretrainedMixin, nn.Module):
         return out
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """See `idefics2.generation.generate`."""
-        from idefics2.generation import generate
+        """See `idefics2.generation.Generator.generate`; the first call builds this model's `generator`."""
+        from idefics2.generation import Generator
 
-        return generate(self, *args, **kwargs)
+        if self.generator is None:
+            self.generator = Generator(self)
+        return self.generator.generate(*args, **kwargs)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # a tied head is counted once

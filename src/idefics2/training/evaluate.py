@@ -1,6 +1,6 @@
 """Exact-match evaluation of a shapes model on held-out synthetic questions, per question type.
 
-Answers are decoded greedily with `idefics2.generation.generate` (image-feature cache off, since the
+Answers are decoded greedily with `model.generate` (image-feature cache off, since the
 weights change between evaluations during training) and compared after lower-casing and dropping
 punctuation. Used by the training loop (periodic evaluation), the shipped-model test and as a script:
 `python -m idefics2.training.evaluate MODEL_DIR --seed 12345 --n 500` (add `--colour-binding --seed 5 --n 120`
