@@ -359,7 +359,7 @@ def test_two_processes_train_the_same_weights_as_one(checkpoint: Path, data: Pat
 
 def test_cli_finetune_reports_bad_data_in_one_line_and_generate_applies_an_adapter(
         checkpoint: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from idefics2.chat import read_image
+    from idefics2.processing.image_file import read_image
     from idefics2.cli import EXIT_USER_ERROR
     from idefics2.cli import main as cli
 

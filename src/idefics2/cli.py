@@ -51,7 +51,7 @@ def load(model: str | None, dtype: str, device: str, adapter: str | None = None)
 
 
 def open_images(paths: Sequence[str]) -> list[Any]:
-    from idefics2.chat import read_image
+    from idefics2.processing.image_file import read_image
 
     images = []
     for path in paths:

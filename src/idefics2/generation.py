@@ -26,7 +26,7 @@ from idefics2.generation_config import (
     resolve,
     validate,
 )
-from idefics2.kv_cache import KVCache
+from idefics2.model.kv_cache import KVCache
 from idefics2.model.layers import linear, prepare_for_compile
 from idefics2.model.text import positions_from_mask
 from idefics2.sampling import BadWords, apply_repetition_penalty, choose_tokens, filter_logits, seen_tokens

@@ -26,7 +26,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from idefics2.chat import AssistantTurn, read_image
+from idefics2.chat import AssistantTurn
+from idefics2.processing.image_file import read_image
 from idefics2.processing.processor import reserved_token_in
 
 MAX_IMAGE_BYTES = 20 * 2**20  # per image, after base64 decoding or download

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from idefics2.config import TextConfig
-from idefics2.kv_cache import KVCache
+from idefics2.model.kv_cache import KVCache
 from idefics2.model.layers import (
     GatedMLP,
     Linear,

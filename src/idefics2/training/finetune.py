@@ -41,10 +41,10 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
-from idefics2.chat import read_image
 from idefics2.checkpoint import resolve_device
 from idefics2.model.idefics2 import Idefics2ForConditionalGeneration, causal_lm_loss
 from idefics2.model.text import positions_from_mask
+from idefics2.processing.image_file import read_image
 from idefics2.processing.processor import Idefics2Processor, reserved_token_in
 from idefics2.training.lora import LoRAConfig, add_lora, merge_lora, save_adapter
 from idefics2.training.train import (

@@ -1,7 +1,7 @@
 """Key/value cache for the Mistral decoder: one preallocated buffer pair per layer.
 
-Lives outside the model (the decoder receives it, it never allocates one on its own) so that
-generation controls its size: `prompt + max_new_tokens` up front, no reallocation while decoding.
+The decoder receives it and never allocates one on its own, so that generation controls its
+size: `prompt + max_new_tokens` up front, no reallocation while decoding.
 Keys are stored after RoPE. The sliding window is applied by the attention mask, not by evicting
 entries, which stays correct at any length (spec §4.9).
 Buffers: (B, H_kv, S_max, hd); `length` tokens are filled, the same count for every row
