@@ -42,7 +42,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                         "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "sliding_window": 4096,
                         "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     },
-    "idefics2-8b": {  # spec §2: the real shapes
+    "idefics2-8b": {  # docs/numerics.md §2: the real shapes
         "image_token_id": 32001,
         "vision_config": {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
                           "num_attention_heads": 16, "image_size": 980, "patch_size": 14},

@@ -1,4 +1,4 @@
-"""Chat templates: spec §6.6 strings, transformers' Jinja settings, strict errors, template lookup."""
+"""Chat templates: docs/numerics.md §6.6 strings, transformers' Jinja settings, strict errors, template lookup."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def test_spec_example_renders_exactly(add_generation_prompt: bool) -> None:
 
 
 def test_template_quirks_are_kept() -> None:
-    """A plain-string content loses its text and a system role is just capitalised (spec §6.6)."""
+    """A plain-string content loses its text and a system role is just capitalised (docs/numerics.md §6.6)."""
     assert render_chat([{"role": "user", "content": "Hello"}]) == "User: <end_of_utterance>\n"
     system = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}]
     assert render_chat(system) == "System: Be brief.<end_of_utterance>\n"

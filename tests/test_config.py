@@ -1,4 +1,4 @@
-"""Config parsing: every spelling of spec §2.6, round trips, and errors that name the field."""
+"""Config parsing: every spelling of docs/numerics.md §2.6, round trips, and errors that name the field."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Image processor: bit-exact parity with transformers' PIL path, shape rules, strict errors, config I/O.
 
-The oracle is transformers 5.24 `Idefics2ImageProcessorPil` (spec §5); oracle tests are marked and
+The oracle is transformers 5.24 `Idefics2ImageProcessorPil` (docs/numerics.md §5); oracle tests are marked and
 skip without transformers. Real photographs come from scikit-image (shipped files, no download).
 """
 
@@ -84,7 +84,7 @@ def test_real_photographs_match_reference(name: str) -> None:
     assert_bit_exact(photo(name))
 
 
-# spec §5.4 table: input W×H -> output H×W (the last row is the 5.24 result; 4.57 misread it)
+# docs/numerics.md §5.4 table: input W×H -> output H×W (the last row is the 5.24 result; 4.57 misread it)
 RESIZE_TABLE = [
     ((640, 480), (480, 640)),
     ((2000, 1000), (490, 980)),

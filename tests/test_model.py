@@ -182,7 +182,7 @@ def test_position_buckets_equal_the_reference_for_every_size_up_to_70() -> None:
         expected = embeddings(torch.zeros(N, 3, N, N), masks)[..., 0].long()
     got = bucket_position_ids(masks, N)
     assert torch.equal(got, expected)
-    # spot-check a float32 exception of spec §4.3.2: n = 25 gives 13 (not 14) at i = 5
+    # spot-check a float32 exception of docs/numerics.md §4.3.2: n = 25 gives 13 (not 14) at i = 5
     assert got[24].view(N, N)[5, 0] == 13 * N
 
 

@@ -1,8 +1,8 @@
 """Idefics2Processor and Tokenizer: 4.x ids on the Hub-like tokenizer, image matching, errors, round trips.
 
-Expected ids are built independently of the package: the text is split at `<image>` as spec §6.3 says,
+Expected ids are built independently of the package: the text is split at `<image>` as docs/numerics.md §6.3 says,
 each text segment is encoded with the raw `tokenizers` library and the image blocks are written as ids.
-The golden list of spec §6.2 (transformers 4.57.1) anchors the whole chain.
+The golden list of docs/numerics.md §6.2 (transformers 4.57.1) anchors the whole chain.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "hub-like-tokenizer"
 PAD, BOS, EOS, FAKE, IMG, EOU = 0, 1, 2, 32000, 32001, 32002
 SEQ = 2  # image_seq_len used throughout, as in the transformers processor tests
 
-# spec §6.2: transformers 4.57.1 on the rendered 3-image chat, image_seq_len=2 [verified there].
+# docs/numerics.md §6.2: transformers 4.57.1 on the rendered 3-image chat, image_seq_len=2 [verified there].
 # fmt: off
 GOLDEN_CHAT_IDS = [
     1, 1247, 28747, 1824, 511, 1167, 6203, 1347, 28804, 32000, 32001, 32001, 32000, 32001, 32001, 32000,
@@ -37,7 +37,7 @@ GOLDEN_CHAT_IDS = [
     32001, 32000, 1015, 456, 624, 28804, 32002, 28705, 13, 7226, 11143, 28747,
 ]
 # fmt: on
-CHAT = SPEC_MESSAGES  # the multi-turn, multi-image chat of spec §6.6
+CHAT = SPEC_MESSAGES  # the multi-turn, multi-image chat of docs/numerics.md §6.6
 CHAT_TEXT = SPEC_RENDERED + "Assistant:"
 
 
@@ -244,7 +244,7 @@ def test_truncation_through_an_image_is_refused(processor: Idefics2Processor, ma
         processor(text=["a", "<image>b"], truncation=True, max_length=max_length, padding=True)
 
 
-# ---------------------------------------- errors (spec §6.4)
+# ---------------------------------------- errors (docs/numerics.md §6.4)
 ERROR_CASES = [
     ("no_input", None, None, "You must provide either `text` or `images`."),
     ("text_not_str", "img", 3, "Invalid input text"),

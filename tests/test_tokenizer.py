@@ -1,7 +1,7 @@
 """Tokenizer: the 4.x fast-tokenizer behaviour on the Hub-like files (BOS, left padding, truncation, decode).
 
 The oracle is transformers loading the same tokenizer.json verbatim (`PreTrainedTokenizerFast`), which
-is what 4.x `LlamaTokenizerFast` did with the Hub file (spec §6.2).
+is what 4.x `LlamaTokenizerFast` did with the Hub file (docs/numerics.md §6.2).
 """
 
 from __future__ import annotations

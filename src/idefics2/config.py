@@ -1,7 +1,7 @@
 """Model configuration: the vision tower, the perceiver resampler, the Mistral decoder and the whole.
 
 Frozen dataclasses whose field names are the keys of an Idefics2 `config.json`. `from_dict` is the
-one place that knows the legacy spellings of spec §2.6 (Hub, transformers 4.x and 5.x); keys we do
+one place that knows the legacy spellings of docs/numerics.md §2.6 (Hub, transformers 4.x and 5.x); keys we do
 not model are kept in `extra` and written back, so a load/save round trip loses nothing.
 """
 
@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 # Keys every transformers version writes for its own bookkeeping; never meaningful to the model.
 _BOOKKEEPING_KEYS = {"_attn_implementation_autoset", "_name_or_path", "transformers_version", "model_type"}
-# Generic PretrainedConfig fields that v4 serialises inside every sub-config (spec §2.6): dropped.
+# Generic PretrainedConfig fields that v4 serialises inside every sub-config (docs/numerics.md §2.6): dropped.
 _V4_GENERIC_KEYS = {
     "return_dict", "output_hidden_states", "output_attentions", "torchscript", "use_bfloat16",
     "tf_legacy_loss", "pruned_heads", "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder",
@@ -71,7 +71,7 @@ class _SubConfig:
 
 @dataclass(frozen=True)
 class VisionConfig(_SubConfig):
-    """SigLIP-style vision tower at native resolution (spec §2.2)."""
+    """SigLIP-style vision tower at native resolution (docs/numerics.md §2.2)."""
 
     hidden_size: int = 768
     intermediate_size: int = 3072
@@ -105,11 +105,11 @@ class VisionConfig(_SubConfig):
 
 @dataclass(frozen=True)
 class PerceiverConfig(_SubConfig):
-    """Perceiver resampler: `resampler_n_latents` learned queries per image (spec §2.3)."""
+    """Perceiver resampler: `resampler_n_latents` learned queries per image (docs/numerics.md §2.3)."""
 
     hidden_act: str = "silu"
     hidden_size: int = 4096  # must equal TextConfig.hidden_size
-    rms_norm_eps: float = 1e-6  # transformers >= 4.46 default when the key is absent (spec §2.6)
+    rms_norm_eps: float = 1e-6  # transformers >= 4.46 default when the key is absent (docs/numerics.md §2.6)
     resampler_n_latents: int = 64
     resampler_depth: int = 3
     resampler_n_heads: int = 16
@@ -130,7 +130,7 @@ class PerceiverConfig(_SubConfig):
 
 @dataclass(frozen=True)
 class TextConfig(_SubConfig):
-    """Mistral decoder (spec §2.4). Defaults are transformers' MistralConfig defaults; a config.json
+    """Mistral decoder (docs/numerics.md §2.4). Defaults are transformers' MistralConfig defaults; a config.json
     without any text_config gets the Idefics2 overrides of `IDEFICS2_TEXT_DEFAULTS` instead."""
 
     vocab_size: int = 32000
@@ -215,7 +215,7 @@ class Idefics2Config:
         """Parse a config.json dict, accepting the Hub, transformers 4.x and 5.x spellings.
 
         `perceiver_eps_from_text=True` reproduces transformers <= 4.45, whose perceiver RMSNorms
-        used `text_config.rms_norm_eps` (spec §2.6); the default follows 4.46+ and 5.x.
+        used `text_config.rms_norm_eps` (docs/numerics.md §2.6); the default follows 4.46+ and 5.x.
         """
         raw = dict(raw)
         text = TextConfig.from_dict(raw.pop("text_config", None) or IDEFICS2_TEXT_DEFAULTS)

@@ -2,7 +2,7 @@
 
 Data flow: (input_ids, pixels) -> `encode_images` (once per request, cached per image) -> prefill
 forward with `image_hidden_states`, filling a `KVCache` sized prompt + max_new_tokens -> decode
-steps with mask-aware positions (spec §4.8-4.9) -> `sampling` -> ids. Must give the tokens of
+steps with mask-aware positions (docs/numerics.md §4.8-4.9) -> `sampling` -> ids. Must give the tokens of
 transformers 5.24's `generate` (greedy; same processors and order when sampling). Rows that finish
 leave the batch; the output pads them with `pad_token_id`, like the reference.
 """

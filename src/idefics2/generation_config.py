@@ -2,7 +2,7 @@
 
 Read by `Generator.generate` before any compute: call arguments > `model.generation_config` (set
 by the checkpoint loader from generation_config.json) > `BUILTIN_DEFAULTS` and the model config
-(EOS, pad; spec §2.7). Field names and meanings follow transformers' GenerationConfig; every
+(EOS, pad; docs/numerics.md §2.7). Field names and meanings follow transformers' GenerationConfig; every
 invalid value raises a ValueError naming the argument and its allowed range.
 """
 
@@ -162,7 +162,7 @@ def check_inputs(input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor
     real = attention_mask != 0
     if not bool(real.any(dim=1).all()):
         raise ValueError("attention_mask has a row with no real token; every row needs at least one")
-    # Left padding only: once a row's real tokens start, they run to the end (spec §4.8).
+    # Left padding only: once a row's real tokens start, they run to the end (docs/numerics.md §4.8).
     if bool((real.int().diff(dim=1) < 0).any()):
         raise ValueError("attention_mask has padding after real tokens: pad on the left for generation "
                          "(the processor and tokenizer do by default)")

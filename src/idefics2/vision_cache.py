@@ -2,7 +2,7 @@
 
 First stage of `generate`: pixel_values (B, M, 3, H, W) + pixel_attention_mask -> features
 (R, L, D) of the real images, in the (sample, image) order `Idefics2Model.get_image_features`
-gives (spec §4.3 steps 1-2, 6). Each image is cropped to its valid patch grid, so no canvas
+gives (docs/numerics.md §4.3 steps 1-2, 6). Each image is cropped to its valid patch grid, so no canvas
 padding is computed and the same photo has the same cache key in any batch; mathematically equal
 to the reference's padded computation (padded patches are never attended to), float noise aside.
 """

@@ -2,7 +2,7 @@
 
 Second stage of the image path: patch features (R, P, D_v) -> L latents per image (R, L, D),
 which later replace the L `<image>` token embeddings. Must match transformers'
-`Idefics2Connector` (spec §4.3.5-4.3.6); names equal `model.connector.*`.
+`Idefics2Connector` (docs/numerics.md §4.3.5-4.3.6); names equal `model.connector.*`.
 Shape letters: R images, P patches, L latents, D text width, H/H_kv heads, hd head dim.
 """
 

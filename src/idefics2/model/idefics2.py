@@ -2,7 +2,7 @@
 
 Data flow: pixels -> vision tower -> connector -> image features (R, L, D), scattered in order into
 the `<image>` token positions of the embeddings -> Mistral decoder -> (LM head -> logits, loss).
-Must match transformers' classes of the same names (spec §4); `from_pretrained`, `save_pretrained`
+Must match transformers' classes of the same names (docs/numerics.md §4); `from_pretrained`, `save_pretrained`
 and `generate` forward to `idefics2.checkpoint` and `idefics2.generation`, which own file I/O and
 decoding. Shape letters: B batch, M images per sample, R real images, L latents, T tokens, D width.
 """
@@ -82,7 +82,7 @@ class Idefics2Model(_PretrainedMixin, nn.Module):
         (R, 3, H, W) in the model dtype and their patch masks (R, H//p, W//p).
 
         Padding images (every value exactly 0 after the dtype cast) are dropped; the rest keep
-        their (sample, image) row-major order (spec §4.3 steps 1-3).
+        their (sample, image) row-major order (docs/numerics.md §4.3 steps 1-3).
         """
         check_pixel_inputs(pixel_values, pixel_attention_mask)
         B, M, C, H, W = pixel_values.shape
@@ -150,7 +150,7 @@ class Idefics2Model(_PretrainedMixin, nn.Module):
             past_key_values = KVCache(self.config.text_config.num_hidden_layers, T)
         cache = past_key_values if use_cache else None
         if position_ids is None:
-            # Not mask-aware, like the reference's forward; generate() passes mask-aware ones (spec §4.8).
+            # Not mask-aware, like the reference's forward; generate() passes mask-aware ones (docs/numerics.md §4.8).
             past = cache.length if cache is not None else 0
             position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None].expand(B, T)
         hidden = self.text_model(inputs_embeds, position_ids, attention_mask, cache)
@@ -196,7 +196,7 @@ class Idefics2ForConditionalGeneration(_PretrainedMixin, nn.Module):
                 logits_to_keep: int | Tensor = 0) -> Idefics2Output:
         """Logits (B, T', V) in the model dtype; T' = T, or the last `logits_to_keep` positions
         (or the indices it holds when a tensor). With `labels` (B, T), the mean shifted
-        cross-entropy over targets != -100 (spec §4.7): mask padding and prompt tokens yourself."""
+        cross-entropy over targets != -100 (docs/numerics.md §4.7): mask padding and prompt tokens yourself."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask,
                          image_hidden_states=image_hidden_states, inputs_embeds=inputs_embeds,

@@ -3,7 +3,7 @@
 The decoder receives it and never allocates one on its own, so that generation controls its
 size: `prompt + max_new_tokens` up front, no reallocation while decoding.
 Keys are stored after RoPE. The sliding window is applied by the attention mask, not by evicting
-entries, which stays correct at any length (spec §4.9).
+entries, which stays correct at any length (docs/numerics.md §4.9).
 Buffers: (B, H_kv, S_max, hd); `length` tokens are filled, the same count for every row
 (left padding keeps rows aligned).
 """

@@ -26,7 +26,7 @@ def activation(name: str):  # noqa: ANN201 - a plain callable Tensor -> Tensor
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm with the reference's cast rule (spec §4.3.6).
+    """Root-mean-square norm with the reference's cast rule (docs/numerics.md §4.3.6).
 
     Statistics in float32, the normalised value cast back to the input dtype *before* the weight
     multiply: in bf16/fp16 this ordering changes the last bits, so it is kept exactly.
@@ -138,7 +138,7 @@ class GatedMLP(nn.Module):
 def rotary_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos/sin tables for RoPE at integer `positions` (B, T) -> each (B, 1, T, hd).
 
-    Computed in float32 as the reference does (spec §4.5), then cast to the activation dtype.
+    Computed in float32 as the reference does (docs/numerics.md §4.5), then cast to the activation dtype.
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device)
                                 .float() / head_dim))

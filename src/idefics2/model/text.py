@@ -1,7 +1,7 @@
 """Mistral decoder: RoPE, grouped-query attention, sliding window, RMSNorm.
 
 Last stage: token embeddings (image rows already replaced by perceiver latents) -> hidden states
-(B, T, D). Must match transformers' `MistralModel` (spec §4.5); names equal `model.text_model.*`.
+(B, T, D). Must match transformers' `MistralModel` (docs/numerics.md §4.5); names equal `model.text_model.*`.
 The decoder takes explicit positions and an optional `KVCache`; it never allocates a cache itself.
 Shape letters: B batch, T new tokens, S = cached + new tokens, D width, H/H_kv heads, hd head dim.
 """
@@ -25,7 +25,7 @@ from idefics2.model.layers import (
 
 
 def positions_from_mask(attention_mask: Tensor) -> Tensor:
-    """RoPE positions that skip left padding: cumsum(mask) - 1, padding at 0 (spec §4.8).
+    """RoPE positions that skip left padding: cumsum(mask) - 1, padding at 0 (docs/numerics.md §4.8).
 
     What `generate` (and training, so that it sees the same positions) uses instead of the
     plain `arange` of `forward`: a row then gets the same positions alone or left-padded in a batch.

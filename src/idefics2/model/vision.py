@@ -2,7 +2,7 @@
 
 First stage of the image path: pixels (R, 3, H, W) of the real (non-padding) images and their
 patch mask -> patch features (R, P, D_v). Must match transformers' `Idefics2VisionTransformer`
-(spec §4.3.1-4.3.4); parameter names equal `model.vision_model.*` so Hub shards load as they are.
+(docs/numerics.md §4.3.1-4.3.4); parameter names equal `model.vision_model.*` so Hub shards load as they are.
 Shape letters: R images, P = Gh*Gw patches, Gh/Gw patch rows/columns, D_v vision width.
 """
 
@@ -20,7 +20,7 @@ def bucket_position_ids(patch_mask: Tensor, num_patches_per_side: int) -> Tensor
 
     patch_mask (R, Gh, Gw) bool, the valid region a top-left rectangle. Returns (R, Gh*Gw) int64;
     invalid patches get row 0. The arithmetic is float32 step by step as in transformers 5.24
-    (spec §4.3.2): the exact rational formula differs for n = 25, 49, 50, 55 when N = 70.
+    (docs/numerics.md §4.3.2): the exact rational formula differs for n = 25, 49, 50, 55 when N = 70.
     """
     R, Gh, Gw = patch_mask.shape
     N = num_patches_per_side
@@ -42,7 +42,7 @@ def bucket_position_ids(patch_mask: Tensor, num_patches_per_side: int) -> Tensor
 def patch_mask_from_pixels(pixel_mask: Tensor, patch_size: int) -> Tensor:
     """(R, H, W) pixel mask, nonzero = real -> (R, H//p, W//p) bool patch mask.
 
-    A patch is valid only when all p*p of its pixels are real (transformers >= 4.45, spec §4.3
+    A patch is valid only when all p*p of its pixels are real (transformers >= 4.45, docs/numerics.md §4.3
     step 3); trailing rows/columns that do not fill a patch are never seen by the patch conv.
     """
     R, H, W = pixel_mask.shape

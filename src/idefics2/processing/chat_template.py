@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-# The Idefics2 template of spec §6.6 (built into transformers <= 4.42, shipped in the Hub files later).
+# The Idefics2 template of docs/numerics.md §6.6 (built into transformers <= 4.42, shipped in the Hub files later).
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}{{message['role'].capitalize()}}"
     "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"

@@ -1,6 +1,6 @@
 """Input side of image preprocessing: nesting, per-image validation, RGB conversion.
 
-First stage of `Idefics2ImageProcessor` (spec §5.3 steps 1–3); the text processor also calls
+First stage of `Idefics2ImageProcessor` (docs/numerics.md §5.3 steps 1–3); the text processor also calls
 `make_nested_images`. Conversions match transformers 5.24 `Idefics2ImageProcessorPil` bit-for-bit
 wherever the reference accepts the input; everything else is a `ValueError` that names the sample
 and image index, raised before any pixel work starts.
@@ -32,7 +32,7 @@ def _describe(obj: object) -> str:
 
 
 def make_nested_images(images: Any) -> list[list[ImageInput]]:
-    """Normalise the accepted input structures to one list of images per sample (spec §5.3 step 1).
+    """Normalise the accepted input structures to one list of images per sample (docs/numerics.md §5.3 step 1).
 
     Accepted: a single image (one sample, one image); a flat list of images (one sample); a list of
     lists (one list per sample, inner lists may be empty). As in the reference, a 4-D array is a
@@ -182,7 +182,7 @@ def to_rgb(image: CheckedImage, *, do_convert_rgb: bool) -> Image.Image | np.nda
     """Return a 3-channel source: a PIL RGB image, or an (H, W, 3) uint8 or float array view.
 
     With `do_convert_rgb`, PIL images with transparency are composited over opaque white and other
-    modes go through `convert("RGB")`, exactly as the reference (spec §5.3 step 2). Arrays follow
+    modes go through `convert("RGB")`, exactly as the reference (docs/numerics.md §5.3 step 2). Arrays follow
     the 5.24 reference: 1 channel is replicated, 4 channels are composited over white in floating
     point (not PIL's integer arithmetic, so a 4-channel array and the same RGBA PIL image can differ
     by one level). Without it, the input must already have 3 channels.

@@ -1,4 +1,4 @@
-"""Pixel work of `Idefics2ImageProcessor`: resize rule, splitting, rescale and normalise (spec §5.3–5.5).
+"""Pixel work of `Idefics2ImageProcessor`: resize rule, splitting, rescale and normalise (docs/numerics.md §5.3–5.5).
 
 Takes the RGB sources made by `image_inputs.py` and writes float32 (3, h, w) pixels straight into
 the caller's output canvas. Every step reproduces the arithmetic of transformers 5.24
@@ -17,7 +17,7 @@ Box = tuple[int, int, int, int]  # (top, left, bottom, right) of a crop
 
 
 def resize_output_size(height: int, width: int, size: dict[str, int]) -> tuple[int, int]:
-    """Target (height, width) of one (sub-)image, spec §5.4.
+    """Target (height, width) of one (sub-)image, docs/numerics.md §5.4.
 
     Only shrinking keeps the aspect ratio (Python-float ratio, truncated with `int`); the minimum
     is then clamped per side, so small images are stretched. `{"height", "width"}` is a fixed size.
@@ -34,7 +34,7 @@ def resize_output_size(height: int, width: int, size: dict[str, int]) -> tuple[i
 
 
 def split_boxes(height: int, width: int) -> list[Box]:
-    """The 4 crops, then the whole image (spec §5.5); odd sizes give the extra row/column to the
+    """The 4 crops, then the whole image (docs/numerics.md §5.5); odd sizes give the extra row/column to the
     bottom/right crops."""
     mid_h, mid_w = height // 2, width // 2
     return [

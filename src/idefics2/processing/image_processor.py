@@ -1,4 +1,4 @@
-"""`Idefics2ImageProcessor`: images → padded `pixel_values` and `pixel_attention_mask` (spec §5).
+"""`Idefics2ImageProcessor`: images → padded `pixel_values` and `pixel_attention_mask` (docs/numerics.md §5).
 
 Sits between user images (or `Idefics2Processor`) and the vision tower. Bit-exact with
 transformers 5.24 `Idefics2ImageProcessorPil` (= the 4.x default slow processor) on every input the
@@ -220,9 +220,9 @@ def _run(jobs: list[_Job], settings: _Settings, slot: Callable[[int, int, int, i
 
 
 class Idefics2ImageProcessor:
-    """Idefics2 image preprocessing, bit-exact with transformers' PIL path (spec §5).
+    """Idefics2 image preprocessing, bit-exact with transformers' PIL path (docs/numerics.md §5).
 
-    The settings of spec §5.2 are plain attributes and can be overridden per call.
+    The settings of docs/numerics.md §5.2 are plain attributes and can be overridden per call.
     `max_image_pixels` (default: Pillow's threshold, ~89.5 Mpx; None disables) rejects larger
     inputs and resize targets before any pixel work. Batches with enough resizing resize their
     images in up to `torch.get_num_threads()` threads (Pillow releases the GIL); the result does

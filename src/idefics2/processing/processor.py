@@ -2,7 +2,7 @@
 
 Entry point of the data flow: each `<image>` becomes `F I*image_seq_len F` (5 blocks with splitting,
 adjacent fakes shared; F/I = fake/image token), images are matched to their samples, then tokenizer and
-image processor run. Must match transformers 4.x token for token (spec §6.3, no space inserted after a
+image processor run. Must match transformers 4.x token for token (docs/numerics.md §6.3, no space inserted after a
 closing fake), with a ValueError for every §6.4 mismatch and for truncation that would cut an image.
 """
 
@@ -24,7 +24,7 @@ FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
 IMAGE_TOKEN = "<image>"
 END_OF_UTTERANCE_TOKEN = "<end_of_utterance>"
 PROCESSOR_CONFIG_FILE = "processor_config.json"
-# Each image becomes 4 crops + the full image when splitting (spec §5.5).
+# Each image becomes 4 crops + the full image when splitting (docs/numerics.md §5.5).
 SPLIT_IMAGES_PER_IMAGE = 5
 
 
@@ -36,7 +36,7 @@ def reserved_token_in(text: str) -> str | None:
 
 
 def expand_image_tokens(sample: str, *, image_seq_len: int, do_image_splitting: bool) -> str:
-    """The 4.x text rule (spec §6.3 step 4): replace each `<image>` and merge the fakes of adjacent images."""
+    """The 4.x text rule (docs/numerics.md §6.3 step 4): replace each `<image>` and merge the fakes of adjacent images."""
     block = FAKE_IMAGE_TOKEN + IMAGE_TOKEN * image_seq_len + FAKE_IMAGE_TOKEN
     if do_image_splitting:
         block *= SPLIT_IMAGES_PER_IMAGE
@@ -44,7 +44,7 @@ def expand_image_tokens(sample: str, *, image_seq_len: int, do_image_splitting: 
 
 
 def _nest_images(images: Any, n_images_in_text: list[int] | None) -> list[list[Any]]:
-    """One list of images per sample (spec §6.4).
+    """One list of images per sample (docs/numerics.md §6.4).
 
     The image processor's `make_nested_images` decides what an image is and validates the structure;
     the only text-aware rule added here is that a flat list given with text is split in order by the
@@ -82,9 +82,9 @@ class Idefics2Processor:
         image_processor: its `do_image_splitting` attribute (or the per-call override) decides both how
             many sub-images are made and how many image blocks the text gets.
         tokenizer: `<fake_token_around_image>`, `<image>` and `<end_of_utterance>` are added as special
-            tokens if it lacks them (spec §6.1); it is modified in place, as in transformers.
+            tokens if it lacks them (docs/numerics.md §6.1); it is modified in place, as in transformers.
         image_seq_len: `<image>` tokens per (sub-)image; must equal the perceiver's latent count.
-        chat_template: Jinja source; None means the Idefics2 template of spec §6.6.
+        chat_template: Jinja source; None means the Idefics2 template of docs/numerics.md §6.6.
     """
 
     def __init__(

@@ -1,7 +1,7 @@
 """Text tokenizer: a strict wrapper around a `tokenizers.Tokenizer` pipeline plus its Hub config files.
 
 First step of the text path (expanded prompts -> input_ids, attention_mask; ids -> text on the way out).
-Must match transformers 4.x fast tokenizers on the same files (spec §6.2): tokenizer.json defines the
+Must match transformers 4.x fast tokenizers on the same files (docs/numerics.md §6.2): tokenizer.json defines the
 segmentation (the Hub normaliser prefixes `▁` to every segment), BOS/EOS follow `add_bos_token` and
 `add_eos_token`, padding is on the left. Nothing here is specific to the Mistral vocabulary.
 """
@@ -190,7 +190,7 @@ class Tokenizer:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json (loadable by transformers).
 
         `legacy: true` is added when the config does not say otherwise: it was the 4.x default, and it
-        makes transformers 5 keep the `▁` prefix on every segment as tokenizer.json does (spec §6.2).
+        makes transformers 5 keep the `▁` prefix on every segment as tokenizer.json does (docs/numerics.md §6.2).
         """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

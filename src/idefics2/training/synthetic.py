@@ -3,7 +3,7 @@
 Scenes hold 1-5 flat shapes (circle, square, triangle) in six named colours on light, sometimes noisy
 backgrounds, optionally with a printed word or number. Every (shape, colour) pair occurs at most once
 per scene, so every question we ask has exactly one correct, short answer derived from the scene
-description rather than from the pixels. Conversations use the Idefics2 chat message format (spec §6.6).
+description rather than from the pixels. Conversations use the Idefics2 chat message format (docs/numerics.md §6.6).
 """
 
 from __future__ import annotations

@@ -206,7 +206,7 @@ def _position_embedding(model: Idefics2ForConditionalGeneration) -> Tensor:
 
 def init_weights(model: Idefics2ForConditionalGeneration, std: float = 0.02, *, latents_std: float = 1.0,
                  perceiver_qk_std: float = 0.02, position_table_scale: float = 0.0) -> None:
-    """Reference init (spec §3.2) except the perceiver latents, which get N(0, latents_std): latents
+    """Reference init (docs/numerics.md §3.2) except the perceiver latents, which get N(0, latents_std): latents
     that all start at ones are a symmetry gradient descent cannot break (the team's runs learned
     nothing).
 
@@ -277,7 +277,7 @@ def build_processor(preset: str, tokenizer: Tokenizer) -> Idefics2Processor:
 # ---------------------------------------------------------------------------------------------- data
 def assistant_prefix_ids(tokenizer: Tokenizer) -> list[int]:
     """Token ids of "\nAssistant:" as they are in a chat-template conversation, where they follow the
-    `<end_of_utterance>` that closes the previous turn (spec §6.6). Tokenized after that special token,
+    `<end_of_utterance>` that closes the previous turn (docs/numerics.md §6.6). Tokenized after that special token,
     as in context: a tokenizer that marks a string's first word (Mistral's "▁") gives other ids for
     "Assistant:" alone, and no answer would be found."""
     end = tokenizer.token_to_id(END_OF_UTTERANCE_TOKEN)
