@@ -1,4 +1,4 @@
-"""LoRA fine-tuning speed: ours (`training.lora`) vs transformers + PEFT, same weights, same batch.
+"""LoRA fine-tuning speed: ours (`idefics2.lora`) vs transformers + PEFT, same weights, same batch.
 
 Each side runs in its own subprocess (so peak RSS is that side's alone), builds the model of
 bench_generate.py's preset with the same per-name weights, attaches rank-r adapters to the same
@@ -30,7 +30,7 @@ from bench_generate import PRESETS, build, make_inputs, peak_rss_gib
 
 
 def attach_adapters(model: Any, side: str, rank: int) -> Any:
-    from idefics2.training.lora import DEFAULT_TARGET_MODULES, LoRAConfig, add_lora
+    from idefics2.lora import DEFAULT_TARGET_MODULES, LoRAConfig, add_lora
 
     if side == "oracle":
         import peft

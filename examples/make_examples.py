@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from idefics2.training.synthetic import Scene, Shape, render
+from recipes.shapes_vqa.synthetic import Scene, Shape, render
 
 WHITE = (255, 255, 255)
 SCENES = {

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
 torch.set_num_threads(2)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "src" / "idefics2" / "assets" / "shapes-vqa"
+EXAMPLES = ROOT / "examples"
+HUB_LIKE_TOKENIZER = ROOT / "tests" / "fixtures" / "hub-like-tokenizer"
 
 
 def tiny_config_dict(*, vision_hidden: int = 32, vision_heads: int = 4, patch: int = 4, image_size: int = 32,

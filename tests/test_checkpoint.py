@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import oracle_model, tiny_config_dict
 from test_model import make_batch
 
-from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2Model
-from idefics2 import checkpoint
+from conftest import oracle_model, tiny_config_dict
+from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2Model, checkpoint
 
 CONFIG = tiny_config_dict(sliding_window=8)
 TIED = tiny_config_dict(tie=True)
@@ -163,7 +162,7 @@ def test_saved_checkpoints_get_ordinary_permissions_not_private_temp_ones(tmp_pa
 
 
 def test_generation_defaults_travel_with_the_checkpoint(tmp_path: Path) -> None:
-    from idefics2.generation_config import GenerationConfig
+    from idefics2.generation.config import GenerationConfig
 
     model = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(CONFIG))
     model.generation_config = GenerationConfig(max_new_tokens=7, eos_token_id=[2, 5])

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 from test_doc_example import hub_like_checkpoint  # noqa: F401 - a fixture
 
+from conftest import EXAMPLES
 from idefics2.cli import main
 
 
@@ -87,7 +88,7 @@ def test_chat_carries_the_conversation_in_the_chat_format(monkeypatch: pytest.Mo
     monkeypatch.setattr(cli, "answer", spy)
     monkeypatch.setattr(sys, "stdin", io.StringIO("What color is the circle?\nWhat is <image>?\n"
                                                   "How many shapes are there?\n/quit\n"))
-    examples = Path(__file__).resolve().parents[1] / "examples"
+    examples = EXAMPLES
     assert cli.main(["chat", "--image", str(examples / "shapes.png")]) == 0
     captured = capsys.readouterr()
     answers = captured.out.splitlines()

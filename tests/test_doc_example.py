@@ -13,12 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config_dict
 from PIL import Image
 
+from conftest import HUB_LIKE_TOKENIZER, tiny_config_dict
 from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration
-
-FIXTURE = Path(__file__).parent / "fixtures" / "hub-like-tokenizer"
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +25,7 @@ def hub_like_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = tiny_config_dict(vocab=32003, image_token_id=32001, latents=64, patch=14, image_size=980)
     torch.manual_seed(0)
     Idefics2ForConditionalGeneration(Idefics2Config.from_dict(config)).save_pretrained(folder)
-    for file in FIXTURE.iterdir():
+    for file in HUB_LIKE_TOKENIZER.iterdir():
         shutil.copy(file, folder / file.name)
     return folder
 

@@ -8,17 +8,14 @@ gets wrong (the ninth session's model called the green triangle blue).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from PIL import Image
 
+from conftest import ROOT, SHIPPED
 from idefics2 import Idefics2ForConditionalGeneration, Idefics2Processor
-from idefics2.training.evaluate import answer_items, normalise
-from idefics2.training.synthetic import EvalItem, make_eval_items
+from recipes.shapes_vqa.evaluate import answer_items, normalise
+from recipes.shapes_vqa.synthetic import EvalItem, make_eval_items
 
-ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "src" / "idefics2" / "assets" / "shapes-vqa"
 LEARNED_TYPES = {"color", "shape", "count", "count_kind", "position", "text", "difference", "more"}
 HELD_OUT_SEED = 424242  # training used seed 0, validation 1_000_003, docs/training.md 12345
 

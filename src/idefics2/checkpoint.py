@@ -27,7 +27,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from idefics2.config import Idefics2Config
-from idefics2.generation_config import load_generation_config
 
 logger = logging.getLogger(__name__)
 
@@ -200,14 +199,7 @@ def load_pretrained(cls: type[M], folder_or_repo_id: str | os.PathLike[str], *, 
     model.load_state_dict(state, strict=False, assign=True)  # completeness was checked above; a tied head is absent
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    _attach_generation_config(model, folder)
     return model.eval()
-
-
-def _attach_generation_config(model: nn.Module, folder: Path) -> None:
-    """Generation defaults travel with the checkpoint (generation_config.json), when it has one."""
-    if hasattr(model, "generate"):  # the LM, not the headless Idefics2Model
-        model.generation_config = load_generation_config(folder)
 
 
 def parse_size(size: int | str) -> int:
@@ -245,8 +237,8 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike[str], *, max_sha
     config: Idefics2Config = model.config  # type: ignore[assignment]
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if any(".lora_A." in key for key in state):
-        raise ValueError("the model has LoRA adapters attached: save them with training.lora.save_adapter, "
-                         "or fold them in with training.lora.merge_lora before save_pretrained")
+        raise ValueError("the model has LoRA adapters attached: save them with idefics2.lora.save_adapter, "
+                         "or fold them in with idefics2.lora.merge_lora before save_pretrained")
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # the reference omits the tied head too
     with write_folder_atomically(folder, owns=_is_model_file) as tmp:

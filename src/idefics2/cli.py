@@ -1,4 +1,4 @@
-"""The `idefics2` command: generate, chat, serve, info (and train, finetune, from `idefics2.training`).
+"""The `idefics2` command: generate, chat, serve, info, finetune (from `idefics2.finetune`).
 
 Thin: each subcommand parses flags, calls library code and prints. Without `--model` it uses the
 small Idefics2 shipped inside the package, so it works offline on a fresh machine. User mistakes
@@ -34,7 +34,7 @@ def load(model: str | None, dtype: str, device: str, adapter: str | None = None)
     """(model, processor) from a Hub-layout folder or repo id; the shipped model by default. A LoRA
     `adapter` folder (ours or PEFT's) is folded into the weights, so generation costs what it did."""
     from idefics2.checkpoint import resolve_device, resolve_folder
-    from idefics2.model.idefics2 import Idefics2ForConditionalGeneration
+    from idefics2.modeling import Idefics2ForConditionalGeneration
     from idefics2.processing.processor import Idefics2Processor
 
     if model is None and not (shipped_model_path() / "config.json").is_file():
@@ -43,7 +43,7 @@ def load(model: str | None, dtype: str, device: str, adapter: str | None = None)
     lm = Idefics2ForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=resolve_device(device),
                                                           progress=True)
     if adapter is not None:
-        from idefics2.training.lora import load_adapter, merge_lora
+        from idefics2.lora import load_adapter, merge_lora
 
         load_adapter(lm, adapter)
         merge_lora(lm)
@@ -78,7 +78,7 @@ def user_turn(text: str, num_images: int) -> dict[str, Any]:
 def answer(model: Any, processor: Any, messages: list[dict[str, Any]], images: list[Any],
            args: argparse.Namespace, stream: bool) -> dict[str, Any]:
     """Run one assistant turn; streams pieces to stdout when `stream`. Returns the answer and timings."""
-    from idefics2.chat import AssistantTurn
+    from idefics2.serving.turn import AssistantTurn
 
     start = time.perf_counter()
     turn = AssistantTurn(model, processor, messages, images, max_new_tokens=args.max_new_tokens,
@@ -150,7 +150,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
     from idefics2.checkpoint import resolve_folder, skip_init, weight_files
     from idefics2.config import Idefics2Config
-    from idefics2.model.idefics2 import Idefics2ForConditionalGeneration
+    from idefics2.modeling import Idefics2ForConditionalGeneration
 
     folder = resolve_folder(args.model or shipped_model_path())
     config = Idefics2Config.from_pretrained(folder)
@@ -173,9 +173,9 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    """An OpenAI-compatible HTTP server (`idefics2.server`) until Ctrl-C."""
+    """An OpenAI-compatible HTTP server (`idefics2.serving.server`) until Ctrl-C."""
     try:
-        from idefics2.server import serve
+        from idefics2.serving.server import serve
     except ImportError as err:
         raise UserError(f"the server needs fastapi and uvicorn ({err}): pip install 'idefics2[server]'") from None
     if not 0 <= args.port <= 65535:
@@ -205,9 +205,8 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
 
 # Commands whose flags come from their module: name -> (one-line help, "module:function adding its parser").
 TRAINING_COMMANDS = {
-    "train": ("train the small shapes model from scratch", "idefics2.training.train:register_train_command"),
     "finetune": ("fine-tune a checkpoint on your conversations (LoRA)",
-                 "idefics2.training.finetune:register_finetune_command"),
+                 "idefics2.finetune.command:register_finetune_command"),
 }
 
 
@@ -247,7 +246,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name, (text, target) in TRAINING_COMMANDS.items():
         if name == command:  # import the module (torch training code, its flags) only for its command
             module, _, register = target.partition(":")
-            getattr(importlib.import_module(module), register)(commands)
+            getattr(importlib.import_module(module), register)(commands, help=text)
         else:
             commands.add_parser(name, help=text)
     return parser

@@ -1,17 +1,21 @@
-"""The two top-level models: `Idefics2Model` (no head) and `Idefics2ForConditionalGeneration`.
+"""The two networks: `Idefics2Model` (no head) and `Idefics2ForConditionalGeneration` (with the LM head).
 
-Data flow: pixels -> vision tower -> connector -> image features (R, L, D), scattered in order into
-the `<image>` token positions of the embeddings -> Mistral decoder -> (LM head -> logits, loss).
-Must match transformers' classes of the same names (docs/numerics.md §4); `from_pretrained`, `save_pretrained`
-and `generate` forward to `idefics2.checkpoint` and `idefics2.generation`, which own file I/O and
-decoding. Shape letters: B batch, M images per sample, R real images, L latents, T tokens, D width.
+Data flow, one public method per stage (what generation and training call):
+  `get_image_features`: pixels (B, M, 3, H, W) -> vision tower -> connector -> features (R, L, D);
+  `embed_inputs`: token ids (B, T) -> embeddings, the features written into the `<image>` positions;
+  `run_decoder`: embeddings (B, T, D) + positions (+ a `KVCache`) -> Mistral decoder -> hidden states;
+  `compute_logits`: hidden states -> LM head -> logits (B, T, V).
+`forward` chains them and must match transformers' classes of the same names (docs/numerics.md §4).
+Loading, saving and `generate` are added above this layer (`idefics2.modeling`): nothing here
+reads files. Shape letters: B batch, M images per sample, R real images, L latents, T tokens,
+D width, V vocabulary.
 """
 
 from __future__ import annotations
 
-import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +24,9 @@ from torch import Tensor, nn
 from idefics2.config import Idefics2Config
 from idefics2.model.connector import Connector
 from idefics2.model.kv_cache import KVCache
+from idefics2.model.layers import Linear
 from idefics2.model.text import MistralDecoder
 from idefics2.model.vision import VisionTransformer, check_pixel_inputs, patch_mask_from_pixels
-
-if TYPE_CHECKING:
-    from idefics2.generation import GenerationConfig, Generator
 
 
 @dataclass
@@ -38,24 +40,19 @@ class Idefics2Output:
     image_hidden_states: Tensor | None = None  # (R, L, D) features of the real images, when computed
 
 
-class _PretrainedMixin:
-    """`from_pretrained` / `save_pretrained`, delegated to `idefics2.checkpoint`."""
+class ImageFeatureCache(Protocol):
+    """What `get_image_features` can reuse features from (generation's `VisionFeatureCache`).
 
-    @classmethod
-    def from_pretrained(cls, folder_or_repo_id: str | os.PathLike[str], *, dtype: Any = None,
-                        device: Any = None, torch_dtype: Any = None, **kwargs: Any) -> Any:
-        from idefics2.checkpoint import load_pretrained
+    `keys` gives one key per image from the exact tensors the tower would see and the modules
+    that compute the features, so a key changes with the pixels, the crop and the weights.
+    """
 
-        return load_pretrained(cls, folder_or_repo_id, dtype=dtype if dtype is not None else torch_dtype,
-                               device=device, **kwargs)
-
-    def save_pretrained(self, folder: str | os.PathLike[str], max_shard_size: int | str = "5GB") -> None:
-        from idefics2.checkpoint import save_pretrained
-
-        save_pretrained(self, folder, max_shard_size=max_shard_size)  # type: ignore[arg-type]
+    def keys(self, modules: Sequence[nn.Module], images: Sequence[tuple[Tensor, Tensor]]) -> list[bytes]: ...
+    def get(self, key: bytes) -> Tensor | None: ...
+    def put(self, key: bytes, features: Tensor) -> None: ...
 
 
-class Idefics2Model(_PretrainedMixin, nn.Module):
+class Idefics2Model(nn.Module):
     # In a checkpoint of the whole Idefics2ForConditionalGeneration these weights sit under "model."
     checkpoint_prefix = "model."
 
@@ -86,7 +83,7 @@ class Idefics2Model(_PretrainedMixin, nn.Module):
         """
         check_pixel_inputs(pixel_values, pixel_attention_mask)
         B, M, C, H, W = pixel_values.shape
-        pixel_values = pixel_values.to(self.dtype).reshape(B * M, C, H, W)
+        pixel_values = pixel_values.to(self.device, self.dtype).reshape(B * M, C, H, W)
         is_real = (pixel_values != 0).flatten(1).any(dim=1)  # (B*M,)
         pixel_values = pixel_values[is_real]  # (R, 3, H, W)
         if pixel_attention_mask is None:
@@ -95,12 +92,54 @@ class Idefics2Model(_PretrainedMixin, nn.Module):
             pixel_mask = pixel_attention_mask.reshape(B * M, H, W)[is_real].to(pixel_values.device)
         return pixel_values, patch_mask_from_pixels(pixel_mask, self.config.vision_config.patch_size)
 
-    def get_image_features(self, pixel_values: Tensor, pixel_attention_mask: Tensor | None = None) -> Tensor:
+    def own_grids(self, pixels: Tensor, patch_mask: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Each real image (3, H, W) with its patch mask (H//p, W//p), cropped to its valid patches
+        when they form a top-left rectangle (what the processor produces), so no canvas padding is
+        computed and an image gives the same tensors in any batch. Others keep the full canvas and
+        their mask. Equal to the padded computation (padded patches are never attended to), up to
+        float summation order."""
+        p = self.config.vision_config.patch_size
+        rows = patch_mask[:, :, 0].sum(dim=1).tolist()
+        cols = patch_mask[:, 0, :].sum(dim=1).tolist()
+        grids = []
+        for r, (nh, nw) in enumerate(zip(rows, cols, strict=True)):
+            rect = torch.zeros_like(patch_mask[r])
+            rect[:nh, :nw] = True
+            if nh > 0 and nw > 0 and torch.equal(rect, patch_mask[r]):
+                grids.append((pixels[r, :, : nh * p, : nw * p], rect[:nh, :nw]))
+            else:
+                grids.append((pixels[r], patch_mask[r]))
+        return grids
+
+    def get_image_features(self, pixel_values: Tensor, pixel_attention_mask: Tensor | None = None,
+                           cache: ImageFeatureCache | None = None) -> Tensor:
         """pixel_values (B, M, 3, H, W), mask (B, M, H, W) 1 = real pixel -> features (R, L, D)
-        of the real images (see `real_images`)."""
-        pixels, patch_mask = self.real_images(pixel_values, pixel_attention_mask)
-        patch_features = self.vision_model(pixels, patch_mask)  # (R, P, D_v)
-        return self.connector(patch_features, patch_mask.flatten(1))  # (R, L, D)
+        of the real images (see `real_images`), in (sample, image) order.
+
+        Each image runs on its own grid (`own_grids`); images of the same shape go through the
+        tower together; with a `cache`, images seen before are not recomputed.
+        """
+        pixels, patch_mask = self.real_images(pixel_values, pixel_attention_mask)  # (R, 3, H, W), (R, Gh, Gw)
+        grids = self.own_grids(pixels, patch_mask)
+        if not grids:
+            L, D = self.config.perceiver_config.resampler_n_latents, self.config.text_config.hidden_size
+            return pixels.new_zeros(0, L, D)
+        keys = cache.keys([self.vision_model, self.connector], grids) if cache is not None else []
+        features: list[Tensor | None] = [cache.get(k) for k in keys] if cache is not None else [None] * len(grids)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for r, (image, mask) in enumerate(grids):
+            if features[r] is None:
+                groups.setdefault((*image.shape, *mask.shape), []).append(r)
+        for members in groups.values():
+            images = torch.stack([grids[r][0] for r in members])  # (n, 3, h, w)
+            masks = torch.stack([grids[r][1] for r in members])  # (n, gh, gw)
+            patch_features = self.vision_model(images, masks)  # (n, P, D_v)
+            out = self.connector(patch_features, masks.flatten(1))  # (n, L, D)
+            for r, f in zip(members, out, strict=True):
+                features[r] = f
+                if cache is not None:
+                    cache.put(keys[r], f.detach().clone())  # own storage, so eviction frees it
+        return torch.stack(features)  # type: ignore[arg-type]  # (R, L, D)
 
     def merge_image_features(self, inputs_embeds: Tensor, image_features: Tensor,
                              input_ids: Tensor | None) -> Tensor:
@@ -124,6 +163,27 @@ class Idefics2Model(_PretrainedMixin, nn.Module):
         out[is_image] = features.to(out.dtype)  # row-major: the k-th <image> token gets feature row k
         return out
 
+    def embed_inputs(self, input_ids: Tensor, image_features: Tensor | None = None) -> Tensor:
+        """input_ids (B, T) -> embeddings (B, T, D), with `image_features` (R, L, D) in the
+        `<image>` positions when given."""
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+        if image_features is None:
+            return inputs_embeds
+        return self.merge_image_features(inputs_embeds, image_features, input_ids)
+
+    def run_decoder(self, inputs_embeds: Tensor, position_ids: Tensor, attention_mask: Tensor | None = None,
+                    cache: KVCache | None = None) -> Tensor:
+        """inputs_embeds (B, T, D) at RoPE `position_ids` (B, T) -> hidden states (B, T, D).
+        attention_mask (B, S) covers the cached tokens and the new ones (None: all real); the new
+        keys and values are appended to `cache`."""
+        return self.text_model(inputs_embeds, position_ids, attention_mask, cache)
+
+    def new_kv_cache(self, max_length: int) -> KVCache:
+        """An empty cache for sequences of up to `max_length` tokens, with the RoPE table made
+        ready for them (a compiled decode step cannot grow it)."""
+        self.text_model.reserve_rotary(max_length, self.device)
+        return KVCache(self.config.text_config.num_hidden_layers, max_length)
+
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, pixel_values: Tensor | None = None,
                 pixel_attention_mask: Tensor | None = None, image_hidden_states: Tensor | None = None,
@@ -134,16 +194,16 @@ class Idefics2Model(_PretrainedMixin, nn.Module):
                              f"(got {'both' if input_ids is not None else 'neither'})")
         if pixel_values is not None and image_hidden_states is not None:
             raise ValueError("pass either pixel_values or precomputed image_hidden_states, not both")
-        if input_ids is not None:
-            if input_ids.dim() != 2:
-                raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        assert inputs_embeds is not None
-        B, T, _ = inputs_embeds.shape
+        if input_ids is not None and input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
         if pixel_values is not None:
             image_hidden_states = self.get_image_features(pixel_values, pixel_attention_mask)
-        if image_hidden_states is not None:
-            inputs_embeds = self.merge_image_features(inputs_embeds, image_hidden_states, input_ids)
+        if input_ids is not None:
+            inputs_embeds = self.embed_inputs(input_ids, image_hidden_states)
+        elif image_hidden_states is not None:
+            inputs_embeds = self.merge_image_features(inputs_embeds, image_hidden_states, None)
+        assert inputs_embeds is not None
+        B, T, _ = inputs_embeds.shape
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if use_cache and past_key_values is None:
@@ -153,21 +213,20 @@ class Idefics2Model(_PretrainedMixin, nn.Module):
             # Not mask-aware, like the reference's forward; generate() passes mask-aware ones (docs/numerics.md §4.8).
             past = cache.length if cache is not None else 0
             position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None].expand(B, T)
-        hidden = self.text_model(inputs_embeds, position_ids, attention_mask, cache)
+        hidden = self.run_decoder(inputs_embeds, position_ids, attention_mask, cache)
         return Idefics2Output(last_hidden_state=hidden, past_key_values=cache,
                               image_hidden_states=image_hidden_states)
 
 
-class Idefics2ForConditionalGeneration(_PretrainedMixin, nn.Module):
+class Idefics2ForConditionalGeneration(nn.Module):
+    # The class of `self.model`; the public classes (`idefics2.modeling`) set their own.
+    base_model_class: type[Idefics2Model] = Idefics2Model
+
     def __init__(self, config: Idefics2Config) -> None:
         super().__init__()
         self.config = config
-        self.model = Idefics2Model(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        # Decoding defaults from the checkpoint's generation_config.json (set by the loader); None:
-        # `generate` derives them from the config (EOS, pad) and its built-in defaults.
-        self.generation_config: GenerationConfig | None = None
-        self.generator: Generator | None = None  # built by the first `generate` call
+        self.model = self.base_model_class(config)
+        self.lm_head = Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -185,8 +244,23 @@ class Idefics2ForConditionalGeneration(_PretrainedMixin, nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.get_input_embeddings()
 
-    def get_image_features(self, pixel_values: Tensor, pixel_attention_mask: Tensor | None = None) -> Tensor:
-        return self.model.get_image_features(pixel_values, pixel_attention_mask)
+    def get_image_features(self, pixel_values: Tensor, pixel_attention_mask: Tensor | None = None,
+                           cache: ImageFeatureCache | None = None) -> Tensor:
+        return self.model.get_image_features(pixel_values, pixel_attention_mask, cache)
+
+    def embed_inputs(self, input_ids: Tensor, image_features: Tensor | None = None) -> Tensor:
+        return self.model.embed_inputs(input_ids, image_features)
+
+    def run_decoder(self, inputs_embeds: Tensor, position_ids: Tensor, attention_mask: Tensor | None = None,
+                    cache: KVCache | None = None) -> Tensor:
+        return self.model.run_decoder(inputs_embeds, position_ids, attention_mask, cache)
+
+    def new_kv_cache(self, max_length: int) -> KVCache:
+        return self.model.new_kv_cache(max_length)
+
+    def compute_logits(self, hidden_states: Tensor) -> Tensor:
+        """Hidden states (..., D) -> logits (..., V) in the model dtype."""
+        return self.lm_head(hidden_states)
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, pixel_values: Tensor | None = None,
@@ -207,18 +281,10 @@ class Idefics2ForConditionalGeneration(_PretrainedMixin, nn.Module):
             kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
         else:
             kept = hidden[:, logits_to_keep]
-        out.logits = self.lm_head(kept)  # (B, T', V)
+        out.logits = self.compute_logits(kept)  # (B, T', V)
         if labels is not None:
             out.loss = causal_lm_loss(out.logits, labels)
         return out
-
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """See `idefics2.generation.Generator.generate`; the first call builds this model's `generator`."""
-        from idefics2.generation import Generator
-
-        if self.generator is None:
-            self.generator = Generator(self)
-        return self.generator.generate(*args, **kwargs)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # a tied head is counted once

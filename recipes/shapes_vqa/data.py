@@ -1,0 +1,79 @@
+"""Training batches of the recipe: synthetic conversations, rendered and labelled on the fly."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from idefics2.finetune.data import assistant_prefix_ids, labelled_batch
+from idefics2.processing.processor import Idefics2Processor
+from recipes.shapes_vqa.grounding import patch_classes
+from recipes.shapes_vqa.synthetic import (
+    MAX_SHAPES,
+    SINGLE_IMAGE_TYPES,
+    TWO_IMAGE_FRACTION,
+    sample_conversation,
+)
+
+
+def parse_weights(text: str | None) -> dict[str, int]:
+    """"position=4,describe=2" -> {"position": 4, "describe": 2} (the `--question-weights` flag)."""
+    weights: dict[str, int] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        name, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise ValueError(f"--question-weights takes TYPE=INTEGER pairs separated by commas, got {item!r}")
+        weights[name.strip()] = int(value)
+    return weights
+
+class ConversationBatches(Dataset[dict[str, Tensor]]):
+    """Batch `index` is a pure function of (seed, index): workers need no shared state, resumes are exact.
+
+    With `curriculum_steps` = N > 0, single images of batch b have at most 1 + b // N shapes (up to
+    the full 5): a model that first sees one shape per image learns colour and shape words from
+    the image alone, then binds them when more shapes appear. On colour and counting questions
+    from scratch on a CPU, colour reached 61% by step 1,650 with N = 300 and 38% without
+    (docs/training.md).
+    """
+
+    def __init__(self, processor: Idefics2Processor, seed: int, batch_size: int, start: int, stop: int,
+                 max_turns: int, curriculum_steps: int = 0, types: Sequence[str] = SINGLE_IMAGE_TYPES,
+                 patch_grid: int = 0) -> None:
+        self.processor, self.seed, self.batch_size = processor, seed, batch_size
+        self.start, self.stop, self.max_turns = start, stop, max_turns
+        self.curriculum_steps, self.types = curriculum_steps, tuple(types)
+        self.patch_grid = patch_grid  # > 0: add each image's `patch_classes` for the grounding losses
+        self.prefix_ids = assistant_prefix_ids(processor.tokenizer)
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def max_shapes(self, step: int) -> int:
+        """Most shapes a single image of batch `step` (counted from the run's start) may have."""
+        if self.curriculum_steps <= 0:
+            return MAX_SHAPES
+        return min(MAX_SHAPES, 1 + step // self.curriculum_steps)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        step = self.start + index
+        rng = random.Random(self.seed * 1_000_000_007 + step)
+        # One image count per batch: no all-zero padding images to ship between processes.
+        two_images = rng.random() < TWO_IMAGE_FRACTION
+        samples = [sample_conversation(rng, self.max_turns, two_images, self.max_shapes(step), self.types)
+                   for _ in range(self.batch_size)]
+        batch = labelled_batch(self.processor, [s.messages for s in samples], [s.images for s in samples],
+                               self.prefix_ids)
+        # Half the bytes through shared memory; values k/127.5 - 1 lose < 1e-3 in float16.
+        batch["pixel_values"] = batch["pixel_values"].half()
+        if self.patch_grid:
+            objects, words = zip(*(patch_classes(scene, self.patch_grid) for s in samples for scene in s.scenes))
+            batch["patch_objects"] = torch.from_numpy(np.stack(objects))  # (R, P) in placeholder order
+            batch["patch_words"] = torch.from_numpy(np.stack(words))
+        return batch

@@ -1,0 +1,59 @@
+"""Initial weights for training from scratch: the reference's init with the recipe's changes
+(random perceiver latents, wider perceiver query/key projections, a sine/cosine position table)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from idefics2.model.connector import PerceiverAttention
+from idefics2.modeling import Idefics2ForConditionalGeneration
+
+
+def sincos_position_table(patches_per_side: int, width: int) -> Tensor:
+    """2-D sine/cosine table (patches_per_side², width), rows in `bucket_position_ids` order
+    (row-major): the first half of the channels encodes the patch row, the second half the column,
+    each as sines then cosines at geometrically spaced frequencies. Values in [-1, 1]."""
+    quarter = width // 4
+    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / max(1, quarter))
+    angles = torch.arange(patches_per_side, dtype=torch.float64)[:, None] * frequencies  # (side, width/4)
+    axis = torch.cat([angles.sin(), angles.cos()], dim=1)  # (side, width/2)
+    table = torch.zeros(patches_per_side, patches_per_side, width, dtype=torch.float64)
+    table[..., : 2 * quarter] = axis[:, None, :]  # depends on the row only
+    table[..., 2 * quarter : 4 * quarter] = axis[None, :, :]  # on the column only
+    return table.reshape(patches_per_side**2, width).float()
+
+def model_position_table(model: Idefics2ForConditionalGeneration) -> Tensor:
+    """`sincos_position_table` in the shape of `model`'s vision position embedding."""
+    vision = model.config.vision_config
+    return sincos_position_table(vision.num_patches_per_side, vision.hidden_size)
+
+def position_embedding(model: Idefics2ForConditionalGeneration) -> Tensor:
+    return model.model.vision_model.embeddings.position_embedding.weight
+
+def init_weights(model: Idefics2ForConditionalGeneration, std: float = 0.02, *, latents_std: float = 1.0,
+                 perceiver_qk_std: float = 0.02, position_table_scale: float = 0.0) -> None:
+    """Reference init (docs/numerics.md §3.2) except the perceiver latents, which get N(0, latents_std): latents
+    that all start at ones are a symmetry gradient descent cannot break (the team's runs learned
+    nothing).
+
+    `perceiver_qk_std` sets the perceiver's query/key projections apart. At 0.02 its attention starts
+    near-uniform and averages a small object such as a printed word away, and reading is never
+    learned; ~0.5 with `latents_std=0.02` lets it be (docs/training.md). `position_table_scale` > 0
+    starts the vision position embedding as that multiple of `sincos_position_table`: at the
+    reference's N(0, 0.02) it is ~30x smaller than the patch features and stays so, and the first
+    shipped model never learned left from right (55% held-out; a GPU run with the table at scale 1
+    and a deeper perceiver reached 66%). The defaults are that model's recipe.
+    """
+    query_key = {id(proj) for m in model.modules() if isinstance(m, PerceiverAttention)
+                 for proj in (m.q_proj, m.k_proj)}
+    for module in model.modules():  # one pass in module order: the defaults draw what they always drew
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, 0.0, perceiver_qk_std if id(module) in query_key else std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        if hasattr(module, "latents") and isinstance(module.latents, nn.Parameter):
+            nn.init.normal_(module.latents, 0.0, latents_std)
+    if position_table_scale > 0:
+        with torch.no_grad():
+            position_embedding(model).copy_(position_table_scale * model_position_table(model))

@@ -1,0 +1,239 @@
+"""Fine-tune a Hub-layout Idefics2 checkpoint on your own conversations: LoRA adapters (default) or
+every weight, on one device or on several with torch.distributed.
+
+    idefics2 finetune --model FOLDER --data train.jsonl --out-dir runs/ft            # LoRA, r = 8
+    torchrun --nproc-per-node 2 -m idefics2.finetune --model FOLDER --data train.jsonl ...
+
+The data file has one JSON object per line: the conversation in the chat format that
+`processor.apply_chat_template` takes, and the image files in the order of its image parts, as
+paths relative to the data file:
+
+    {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+                  {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}],
+     "images": ["photos/cat.jpg"]}
+
+Only the assistant turns are learned. `<out-dir>/adapter` receives the adapter in PEFT's layout
+(see `idefics2.lora`), `<out-dir>/model` a full checkpoint (with `--merge` or `--full`), `<out-dir>/history.jsonl`
+the loss per step.
+
+With several processes (torchrun sets WORLD_SIZE), each optimizer step splits `--batch-size` x
+world size x `--grad-accum` conversations across the processes, and the loss is divided by the
+number of answer tokens of the whole step. So the gradient is the same as one process taking the
+whole step alone (tests/finetune/test_finetune.py checks the weights agree).
+"""
+
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from idefics2.finetune.data import assistant_prefix_ids, check_tokenized, load_conversations, make_batch
+from idefics2.finetune.flags import add_config_flags, check_flag_ranges, run_as_script
+from idefics2.finetune.loop import (
+    evaluate,
+    lr_factor,
+    optimizer_step,
+    param_groups,
+    start_distributed,
+    step_indices,
+)
+from idefics2.finetune.run_folder import (
+    append_history,
+    check_resumable,
+    export,
+    load_checkpoint,
+    save_checkpoint,
+    start_history,
+)
+from idefics2.lora import LoRAConfig, add_lora, merge_lora, save_adapter
+from idefics2.modeling import Idefics2ForConditionalGeneration
+from idefics2.processing.processor import Idefics2Processor
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneConfig:
+    """Every knob of a run; written to <out_dir>/finetune_config.json for the record."""
+
+    model: str = ""
+    data: str = ""
+    eval_data: str | None = None
+    eval_every: int = 0
+    out_dir: str = "runs/finetune"
+    full: bool = False
+    lora_r: int = 8
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    target_modules: str | None = None
+    merge: bool = False
+    checkpoint_every: int = 0
+    resume: bool = False
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        """Every value checked before anything is loaded; a mistake names its flag."""
+        check_flag_ranges(self, positive=("batch_size", "grad_accum", "lr", "epochs", "lora_r", "max_steps"),
+                          non_negative=("warmup_steps", "weight_decay", "grad_clip", "eval_every",
+                                        "checkpoint_every"))
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"--dtype must be float32 or bfloat16 (float16 would need loss scaling), got "
+                             f"{self.dtype!r}")
+        if self.full and self.dtype != "float32":
+            raise ValueError("--full trains the weights themselves, which needs --dtype float32: AdamW steps "
+                             "on bfloat16 weights lose small updates (LoRA adapters are float32 on any base)")
+
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Run the fine-tuning; returns the summary written (by rank 0) to <out_dir>/summary.json."""
+    if cfg.resume:
+        check_resumable(Path(cfg.out_dir))
+    rank, world, device = start_distributed(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    lora = None if cfg.full else LoRAConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, base_model_name_or_path=cfg.model,
+        **({"target_modules": cfg.target_modules} if cfg.target_modules else {}))
+    conversations = load_conversations(cfg.data)
+    held_out = load_conversations(cfg.eval_data) if cfg.eval_data else []
+    processor = Idefics2Processor.from_pretrained(cfg.model)
+    prefix_ids = assistant_prefix_ids(processor.tokenizer)
+    model = Idefics2ForConditionalGeneration.from_pretrained(cfg.model, dtype=cfg.dtype, device=device)
+    for path, items in ((cfg.data, conversations), (cfg.eval_data, held_out)):
+        check_tokenized(items, processor, prefix_ids, model.config.text_config.max_position_embeddings, str(path))
+    if lora is None:
+        model.requires_grad_(True)
+    else:
+        torch.manual_seed(cfg.seed)  # the adapters' initial values, the same in every process
+        names = add_lora(model, lora)
+        if rank == 0:
+            logger.info("LoRA r=%d on %d modules", cfg.lora_r, len(names))
+    torch.manual_seed(cfg.seed + rank)  # dropout masks differ between processes
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if rank == 0:
+        logger.info("%.2f M trainable parameters of %.2f M", sum(p.numel() for p in trainable) / 1e6,
+                    sum(p.numel() for p in model.parameters()) / 1e6)
+    per_step = cfg.batch_size * world * cfg.grad_accum
+    steps = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * len(conversations) / per_step))
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    out = Path(cfg.out_dir)
+    start = 0
+    if cfg.resume:  # every process loads it, before DDP wraps the model
+        start = load_checkpoint(out, model, optimizer, device)
+        if rank == 0:
+            logger.info("resumed from step %d", start)
+    # find_unused_parameters: a micro-batch without images leaves the connector's adapters without gradients
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True,
+    ) if world > 1 else None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "finetune_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
+        start_history(out, start)
+        stale = [name for name, written in (("adapter", lora is not None), ("model", cfg.full or cfg.merge))
+                 if not written and (out / name).exists()]
+        if stale:
+            logger.warning("%s in %s come(s) from an earlier run; this run will not replace it",
+                           " and ".join(f"{name}/" for name in stale), out)
+    model.train()
+    stream = step_indices(len(conversations), per_step, cfg.seed)
+    for _ in range(start):  # the conversations of the steps already taken
+        next(stream)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="finetune", disable=rank != 0,
+               dynamic_ncols=True)
+    loss_value: float | None = None  # these stay None when a resumed run has no steps left
+    eval_loss: float | None = None
+    for step in bar:
+        lr = cfg.lr * lr_factor(step / steps, step, cfg.warmup_steps, cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        chosen = next(stream)
+        micro = [[conversations[i] for i in chosen[(m * world + rank) * cfg.batch_size:
+                                                     (m * world + rank + 1) * cfg.batch_size]]
+                 for m in range(cfg.grad_accum)]
+        batches = [make_batch(mb, processor, prefix_ids, cfg.data) for mb in micro]
+        loss_value, grad_norm = optimizer_step(model, ddp, batches, optimizer, cfg.grad_clip, world, device)
+        record = {"step": step + 1, "loss": round(loss_value, 6), "grad_norm": round(grad_norm, 6), "lr": lr}
+        if held_out and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == steps):
+            eval_loss = evaluate(model, held_out, processor, prefix_ids, str(cfg.eval_data), cfg.batch_size, device)
+            record["eval_loss"] = round(eval_loss, 6)
+        if rank == 0:
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+            append_history(out, record)
+            if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps):
+                save_checkpoint(out, model, optimizer, step + 1)
+    bar.close()
+    summary = {"steps": steps, "examples_per_step": per_step, "final_loss": loss_value, "world_size": world,
+               **({"eval_loss": eval_loss} if held_out else {})}
+    if rank == 0:
+        model.eval()
+        if lora is not None:
+            save_adapter(model, lora, out / "adapter")
+        if cfg.full or cfg.merge:
+            export(merge_lora(model), processor, out / "model")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+HELP = {
+    "model": "Hub-layout checkpoint folder to fine-tune",
+    "data": 'one conversation per line: {"messages": [chat messages], "images": [paths relative to the file]} '
+            "(README, Fine-tuning)",
+    "eval_data": "held-out conversations (same format): their answer loss is logged as eval_loss",
+    "eval_every": "evaluate every N steps (0: only after the last step)",
+    "out_dir": "where adapter/, model/ and history.jsonl go", "full": "train every weight instead of LoRA adapters",
+    "lora_r": "adapter rank", "lora_alpha": "adapter scale numerator (scale = alpha / r)",
+    "target_modules": "regular expression of the module names to adapt (default: decoder, modality "
+                      "projection and perceiver projections)",
+    "merge": "also write <out-dir>/model with the adapters folded into the weights",
+    "checkpoint_every": "save <out-dir>/checkpoint.pt every N steps and after the last (0 = never)",
+    "resume": "continue from <out-dir>/checkpoint.pt (same flags; a larger --max-steps extends the run)",
+    "max_steps": "optimizer steps (default: --epochs over the data)",
+    "batch_size": "conversations per process per micro-batch", "grad_accum": "micro-batches per optimizer step",
+    "dtype": "the base weights' dtype: float32 or bfloat16 (LoRA only; adapters stay float32)",
+    "device": "cpu or cuda (one GPU per process)",
+    "threads": "CPU threads (default: torch's)", "grad_clip": "clip the gradient norm to this (0 = no clipping)",
+}
+
+def register_finetune_command(subparsers: Any, help: str | None = None) -> argparse.ArgumentParser:
+    """Add `finetune` (with the CLI's one-line `help`) to the subparsers; `args.func(args)` runs it."""
+    parser = subparsers.add_parser("finetune", help=help, description=__doc__.split("\n\n")[0])
+    add_config_flags(parser, FinetuneConfig, HELP, required=("model", "data"), floats=("epochs",),
+                     ints=("max_steps", "threads"))
+    parser.set_defaults(func=run_from_args)
+    return parser
+
+def run_from_args(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cfg = FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)})
+    summary = finetune(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        logger.info("done: %s", json.dumps(summary))
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_as_script("python -m idefics2.finetune", "finetune", register_finetune_command, argv)

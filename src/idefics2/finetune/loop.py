@@ -1,0 +1,134 @@
+"""The pieces of a training loop: the learning-rate schedule, AdamW groups, the order of examples,
+the answer loss, held-out evaluation and one optimizer step over one or several processes."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from idefics2.checkpoint import resolve_device
+from idefics2.finetune.data import Conversation, answer_tokens, make_batch
+from idefics2.model.idefics2 import causal_lm_loss
+from idefics2.model.text import positions_from_mask
+from idefics2.processing.processor import Idefics2Processor
+
+
+def lr_factor(progress: float, step: int, warmup_steps: int, min_ratio: float) -> float:
+    """Linear warm-up over steps, then cosine from 1 to `min_ratio` over overall progress in [0, 1]."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+def param_groups(model: nn.Module, weight_decay: float,
+                  decay_positions: bool = True) -> list[dict[str, Any]]:
+    """The trainable parameters in two AdamW groups: no weight decay on norms, biases and latents (1-D or
+    learned-query tensors), nor on the vision position table unless `decay_positions` (decay would
+    pull a sine/cosine table back to zero)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        exempt = param.dim() < 2 or name.endswith("latents") or (
+            not decay_positions and name.endswith("position_embedding.weight"))
+        (no_decay if exempt else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def step_indices(n: int, per_step: int, seed: int) -> Iterator[list[int]]:
+    """Endless stream of `per_step` example indices: epoch after epoch of seeded permutations, so
+    every step is full and each example is seen once per epoch."""
+    rng = random.Random(seed)
+    pool: list[int] = []
+    while True:
+        while len(pool) < per_step:
+            order = list(range(n))
+            rng.shuffle(order)
+            pool += order
+        yield pool[:per_step]
+        pool = pool[per_step:]
+
+def answer_loss(model: torch.nn.Module, batch: dict[str, Tensor], device: torch.device) -> tuple[Tensor, int]:
+    """(mean cross-entropy over the answer tokens, their number) of one batch."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=positions_from_mask(batch["attention_mask"]), pixel_values=batch.get("pixel_values"),
+                   pixel_attention_mask=batch.get("pixel_attention_mask"), use_cache=False).logits
+    return causal_lm_loss(logits, batch["labels"]), answer_tokens(batch["labels"])
+
+def evaluate(model: torch.nn.Module, conversations: Sequence[Conversation], processor: Idefics2Processor,
+             prefix_ids: Sequence[int], path: str, batch_size: int, device: torch.device) -> float:
+    """Mean answer-token loss over held-out conversations; with several processes each takes every
+    world-size-th conversation and the sums are added up, so every process returns the same value."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = list(conversations[rank::world])
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, answer tokens
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(mine), batch_size):
+            loss, n = answer_loss(model, make_batch(mine[i:i + batch_size], processor, prefix_ids, path), device)
+            total += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=device)
+    model.train(was_training)
+    if world > 1:
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+def start_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, this process's device). Under torchrun with several processes this starts the
+    process group (NCCL for CUDA, gloo for the CPU) and gives each process its own GPU (LOCAL_RANK)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        if device.index is not None:
+            raise ValueError(f"--device {device_name} with {world} processes: pass --device cuda, and each process "
+                             "takes the GPU of its LOCAL_RANK")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+def optimizer_step(model: torch.nn.Module, ddp: torch.nn.parallel.DistributedDataParallel | None,
+                   batches: Sequence[dict[str, Tensor]], optimizer: torch.optim.Optimizer, grad_clip: float,
+                   world: int, device: torch.device) -> tuple[float, float]:
+    """One optimizer step over this process's micro-batches; returns (the step's answer loss over every
+    process, the gradient norm before clipping).
+
+    Each micro-batch's summed loss is divided by the answer tokens of the whole step over every
+    process, times the world size because DDP averages the processes' gradients: two processes then
+    train the same weights as one process taking the whole step. Gradients are synchronised only
+    on the last micro-batch.
+    """
+    tokens = torch.tensor(float(sum(answer_tokens(b["labels"]) for b in batches)), device=device)
+    if world > 1:
+        dist.all_reduce(tokens)
+    forward = ddp if ddp is not None else model
+    scale = world / tokens.item()
+    step_loss = 0.0
+    for m, batch in enumerate(batches):
+        sync = ddp is None or m == len(batches) - 1
+        with nullcontext() if sync else ddp.no_sync():  # type: ignore[union-attr]
+            mean, n = answer_loss(forward, batch, device)
+            loss = mean * n * scale
+            loss.backward()
+        step_loss += loss.item() / world
+    # The norm before clipping (0 = no clipping) is logged: with the loss, it shows a scaling mistake.
+    stepped = [p for group in optimizer.param_groups for p in group["params"]]  # the trainable tensors
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(stepped, grad_clip if grad_clip > 0 else math.inf))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if world > 1:
+        total = torch.tensor(step_loss, device=device)
+        dist.all_reduce(total)
+        step_loss = total.item()
+    return step_loss, grad_norm

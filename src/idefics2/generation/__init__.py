@@ -1,0 +1,15 @@
+"""Generation: a `Generator` per model runs `generate` over the model's stages.
+
+Modules: `config` (GenerationConfig, its files, argument resolution and checks), `sampling`
+(logits processors and token choice), `streaming` (text streamers), `vision_cache` (features of
+images seen before), `threads` (CPU thread tuning), `generate` (the prefill and decode loop).
+"""
+
+from idefics2.generation.config import BUILTIN_DEFAULTS, GenerationConfig, load_generation_config
+from idefics2.generation.generate import GenerateOutput, Generator, decode_step
+from idefics2.generation.streaming import TextIteratorStreamer
+from idefics2.generation.threads import ThreadTuner
+from idefics2.generation.vision_cache import VisionFeatureCache
+
+__all__ = ["BUILTIN_DEFAULTS", "GenerateOutput", "GenerationConfig", "Generator", "TextIteratorStreamer",
+           "ThreadTuner", "VisionFeatureCache", "decode_step", "load_generation_config"]

@@ -1,0 +1,295 @@
+"""Autoregressive generation: image features once, one prefill, then cached one-token steps.
+
+Data flow, through the model's stages only: (input_ids, pixels) -> `get_image_features` (once
+per request, cached per image) -> `embed_inputs` -> prefill `run_decoder`, filling a `KVCache` sized
+prompt + max_new_tokens -> `compute_logits` -> decode steps (`decode_step`) with mask-aware positions (docs/numerics.md §4.8-4.9) -> `sampling` -> ids. Must give the tokens of
+transformers 5.24's `generate` (greedy; same processors and order when sampling). Rows that finish
+leave the batch; the output pads them with `pad_token_id`, like the reference.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from idefics2.generation.config import (
+    GenerationConfig,
+    as_id_list,
+    check_inputs,
+    resolve,
+    validate,
+)
+from idefics2.generation.sampling import (
+    BadWords,
+    apply_repetition_penalty,
+    choose_tokens,
+    filter_logits,
+    seen_tokens,
+)
+from idefics2.generation.streaming import Decoder, TextIteratorStreamer
+from idefics2.generation.threads import ThreadTuner, check_decode_threads
+from idefics2.generation.vision_cache import VisionFeatureCache
+from idefics2.model.kv_cache import KVCache
+from idefics2.model.layers import prepare_for_compile
+from idefics2.model.text import positions_from_mask
+
+
+@dataclass
+class GenerateOutput:
+    """`generate(..., return_dict_in_generate=True)`. `scores`: per step, the processed (B, V)
+    scores the token was chosen from (as transformers' `output_scores`); `log_probs` (B, N_new):
+    log-softmax of those scores at the chosen token (0 for padding after a row finished)."""
+
+    sequences: Tensor
+    scores: tuple[Tensor, ...] | None = None
+    log_probs: Tensor | None = None
+
+
+class Streamer(Protocol):
+    """What `generate` feeds: the prompt ids, then each step's new ids; `end()` once, even on errors."""
+
+    def put(self, value: Tensor) -> None: ...
+    def end(self) -> None: ...
+
+
+def decode_step(model: nn.Module, tokens: Tensor, positions: Tensor, attention_mask: Tensor | None,
+                cache: KVCache) -> Tensor:
+    """One new token per row: tokens, positions (B, 1); attention_mask (B, S) or None when no row
+    is padded -> next-token logits (B, V) in float32. The model's stages without `forward`'s
+    checks, and the LM head on the one position only."""
+    hidden = model.run_decoder(model.embed_inputs(tokens), positions, attention_mask, cache)  # (B, 1, D)
+    return model.compute_logits(hidden[:, -1]).float()  # (B, V)
+
+
+def _hits_stop_string(tokenizer: Decoder, ids: list[int], stop_strings: list[str]) -> bool:
+    """A stop string anywhere in the new text; checked after every token, so it ends with the last one."""
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    return any(s in text for s in stop_strings)
+
+
+class Generator:
+    """Generation for one model, and what outlives a single call: the decode step (compiled once, on
+    the first call that asks for it) and the model's vision-feature cache. `model.generate` builds
+    one on first use (`model.generator`); each call times its own decode threads (`ThreadTuner`).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.vision_cache: VisionFeatureCache | None = VisionFeatureCache()  # None: no caching by default
+        self._compiled_step: Callable[..., Tensor] | None = None
+
+    def step_function(self, compile: bool) -> Callable[..., Tensor]:
+        """`decode_step`, or its `torch.compile`d form, compiled once for this generator."""
+        if not compile:
+            return decode_step
+        if self._compiled_step is None:
+            prepare_for_compile()
+            self._compiled_step = torch.compile(decode_step, dynamic=True)
+        return self._compiled_step
+
+    def vision_cache_for(self, choice: bool | VisionFeatureCache | None) -> VisionFeatureCache | None:
+        """True: this generator's cache (`vision_cache`; set it to None to switch caching off for
+        every call); False/None: no cache for this call; or a cache object to use."""
+        if isinstance(choice, VisionFeatureCache):
+            return choice
+        return self.vision_cache if choice else None
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                 pixel_values: Tensor | None = None, pixel_attention_mask: Tensor | None = None, *,
+                 max_new_tokens: int | None = None, min_new_tokens: int | None = None,
+                 do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, repetition_penalty: float | None = None,
+                 eos_token_id: int | Sequence[int] | None = None, extra_eos_token_ids: Sequence[int] = (),
+                 stop_strings: str | Sequence[str] | None = None,
+                 bad_words_ids: Sequence[Sequence[int]] | None = None, pad_token_id: int | None = None,
+                 generator: torch.Generator | None = None, seed: int | None = None,
+                 tokenizer: Decoder | None = None, streamer: Streamer | None = None,
+                 output_scores: bool | None = None, return_dict_in_generate: bool | None = None,
+                 compile: bool = False, vision_cache: bool | VisionFeatureCache | None = True,
+                 decode_threads: int | None | str = "auto") -> Tensor | GenerateOutput:
+        """Prompt + new tokens (B, T + N) for left-padded `input_ids` (B, T) and optional images.
+
+        Unset arguments come from `model.generation_config`, then from the built-in defaults
+        (`BUILTIN_DEFAULTS`: 20 new tokens, greedy) and the model config (EOS, pad). `eos_token_id`
+        may be a list; `extra_eos_token_ids` adds to it (e.g. `<end_of_utterance>` for chat).
+        `temperature=0` means greedy. `stop_strings` need `tokenizer` (anything with `decode`).
+        Randomness comes from `generator`, or a new one seeded with `seed`, else torch's global RNG.
+        `streamer` receives the prompt ids, then each step's new ids (B,) (`TextIteratorStreamer`:
+        batch 1).
+        `compile=True` runs the decode step through `torch.compile`. Off by default because the
+        first call compiles for up to a minute on a 2-core CPU (small config); after that a step
+        takes 29 ms instead of 44 ms there (the ~300 small ops fuse into a few kernels; README), so it
+        pays off for a server or a batch job, not for one question.
+        `vision_cache`: see `vision_cache_for`.
+        `decode_threads`: torch intra-op threads for the CPU decode steps: "auto" times 1 and
+        torch's setting and keeps the faster (`ThreadTuner`), an int fixes it, None leaves torch's
+        setting; torch's setting is restored afterwards. With `compile=True`, "auto" keeps torch's
+        setting: every thread count is a graph of its own (`layers.linear`), compiled on first use.
+        """
+        model = self.model
+        cfg = resolve(model, {
+            "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "do_sample": do_sample,
+            "temperature": temperature, "top_k": top_k, "top_p": top_p, "repetition_penalty": repetition_penalty,
+            "eos_token_id": eos_token_id, "pad_token_id": pad_token_id, "output_scores": output_scores,
+            "bad_words_ids": bad_words_ids, "return_dict_in_generate": return_dict_in_generate,
+            "stop_strings": [stop_strings] if isinstance(stop_strings, str) else stop_strings,
+        })
+        text_config = model.config.text_config
+        V = text_config.vocab_size
+        eos_ids = list(dict.fromkeys(as_id_list(cfg.eos_token_id) + as_id_list(list(extra_eos_token_ids))))
+        device = model.device
+        input_ids = input_ids.to(device)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+        check_inputs(input_ids, attention_mask, pixel_values, pixel_attention_mask)
+        B, T = input_ids.shape
+        validate(cfg, eos_ids, V, text_config.max_position_embeddings, T)
+        stops = list(cfg.stop_strings or [])
+        if stops and tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer to decode the new tokens: pass tokenizer=")
+        if generator is not None and seed is not None:
+            raise ValueError("pass either generator or seed, not both")
+        if seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+        sampling = bool(cfg.do_sample) and cfg.temperature != 0
+        if isinstance(streamer, TextIteratorStreamer):
+            streamer.add_stop_strings(stops)
+
+        plan = _Plan(cfg, eos_ids, pad, sampling, stops, generator, tokenizer, streamer,
+                     self.step_function(compile), self.vision_cache_for(vision_cache),
+                     check_decode_threads(decode_threads, device, compile))
+        try:
+            if streamer is not None:
+                streamer.put(input_ids.cpu())
+            return _run(model, input_ids, attention_mask.long(), pixel_values, pixel_attention_mask, plan)
+        finally:
+            if streamer is not None:
+                streamer.end()
+
+
+@dataclass
+class _Plan:
+    """Everything `generate` resolved and validated, handed to `_run`."""
+
+    cfg: GenerationConfig
+    eos_ids: list[int]
+    pad: int
+    sampling: bool
+    stops: list[str]
+    generator: torch.Generator | None
+    tokenizer: Decoder | None
+    streamer: Streamer | None
+    step_fn: Callable[..., Tensor]
+    vision_cache: VisionFeatureCache | None
+    decode_threads: int | None | str
+
+
+def _run(model: nn.Module, input_ids: Tensor, mask: Tensor, pixel_values: Tensor | None,
+         pixel_attention_mask: Tensor | None, plan: _Plan) -> Tensor | GenerateOutput:
+    """The validated request: encode images, prefill, then decode until every row stops."""
+    T = input_ids.shape[1]
+    N = plan.cfg.max_new_tokens
+    assert N is not None
+    features = None
+    if pixel_values is not None:
+        # (R, L, D), computed once per request, before the prefill, never while decoding
+        features = model.get_image_features(pixel_values, pixel_attention_mask, plan.vision_cache)
+    cache = model.new_kv_cache(T + N)
+    positions = positions_from_mask(mask)  # (B, T)
+    hidden = model.run_decoder(model.embed_inputs(input_ids, features), positions, mask, cache)  # (B, T, D)
+    logits = model.compute_logits(hidden[:, -1]).float()  # (B, V)
+    del hidden, features
+    threads = torch.get_num_threads()
+    tuner = None
+    if isinstance(plan.decode_threads, int):
+        torch.set_num_threads(plan.decode_threads)
+    elif plan.decode_threads == "auto" and threads > 1:
+        tuner = ThreadTuner([1, threads])
+    try:
+        sequences, scores = _decode(model, input_ids, mask, positions[:, -1:] + 1, logits, cache, plan, tuner)
+    finally:
+        torch.set_num_threads(threads)
+    if not plan.cfg.return_dict_in_generate:
+        return sequences
+    if not scores:
+        return GenerateOutput(sequences=sequences)
+    stacked = torch.stack(scores, dim=1)  # (B, N_new, V)
+    log_probs = stacked.log_softmax(dim=-1).gather(2, sequences[:, T:, None]).squeeze(2)  # (B, N_new)
+    return GenerateOutput(sequences=sequences, scores=tuple(scores), log_probs=log_probs)
+
+
+def _decode(model: nn.Module, input_ids: Tensor, mask: Tensor, next_positions: Tensor, logits: Tensor,
+            cache: KVCache, plan: _Plan, tuner: ThreadTuner | None) -> tuple[Tensor, list[Tensor]]:
+    """Choose a token from `logits` (B, V), feed it, repeat. Returns (B, T + N_new) ids and, with
+    output_scores, the per-step scores (B, V). Rows that finish leave the batch (and the cache)."""
+    cfg, device = plan.cfg, input_ids.device
+    B, T = input_ids.shape
+    N, V = cfg.max_new_tokens, logits.shape[-1]
+    assert N is not None and cfg.min_new_tokens is not None
+    sequences = torch.full((B, T + N), plan.pad, dtype=torch.long, device=device)
+    sequences[:, :T] = input_ids
+    full_mask = torch.ones(B, T + N, dtype=torch.long, device=device)
+    full_mask[:, :T] = mask
+    rows = torch.arange(B, device=device)  # original row of each row still in the batch
+    padded = not bool(mask.all())
+    eos = torch.tensor(plan.eos_ids, dtype=torch.long, device=device)
+    eos_mask = torch.zeros(V, dtype=torch.bool, device=device)
+    eos_mask[eos] = True
+    penalty = float(cfg.repetition_penalty)  # type: ignore[arg-type]
+    seen = seen_tokens(input_ids, mask, V) if penalty != 1.0 else None
+    bans = BadWords.build(cfg.bad_words_ids or [], plan.eos_ids, V, device)
+    all_scores: list[Tensor] = []
+    for step in range(N):
+        scores = logits
+        if seen is not None:
+            scores = apply_repetition_penalty(scores, seen, penalty)
+        if bans is not None:
+            scores = bans.apply(scores, sequences[rows, : T + step])
+        if step < cfg.min_new_tokens and plan.eos_ids:
+            scores = scores.masked_fill(eos_mask, float("-inf"))
+        if plan.sampling:
+            scores = filter_logits(scores, float(cfg.temperature), int(cfg.top_k), float(cfg.top_p))  # type: ignore[arg-type]
+        tokens = choose_tokens(scores, plan.sampling, plan.generator)  # (B_active,)
+        sequences[rows, T + step] = tokens
+        if cfg.output_scores:
+            step_scores = scores.new_full((B, V), float("-inf"))
+            step_scores[:, plan.pad] = 0.0  # a finished row emits its pad with certainty
+            step_scores[rows] = scores
+            all_scores.append(step_scores)
+        if plan.streamer is not None:
+            plan.streamer.put(tokens.cpu())
+        done = torch.isin(tokens, eos)
+        if plan.stops:
+            assert plan.tokenizer is not None
+            for i, row in enumerate(rows.tolist()):
+                new_ids = sequences[row, T:T + step + 1].tolist()
+                if not done[i] and _hits_stop_string(plan.tokenizer, new_ids, plan.stops):
+                    done[i] = True
+        if seen is not None:
+            seen[torch.arange(tokens.shape[0], device=device), tokens] = True
+        if step == N - 1 or bool(done.all()):
+            return sequences[:, : T + step + 1], all_scores
+        if bool(done.any()):  # finished rows stop costing compute
+            keep = (~done).nonzero().squeeze(1)
+            rows, tokens, next_positions = rows[keep], tokens[keep], next_positions[keep]
+            full_mask = full_mask[keep]
+            seen = seen[keep] if seen is not None else None
+            cache.select_rows(keep)
+            padded = not bool(full_mask[:, :T].all())
+        step_mask = full_mask[:, : T + step + 1] if padded else None
+        if tuner is not None:
+            threads = tuner.pick(step)
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
+            start = time.perf_counter()
+        logits = plan.step_fn(model, tokens[:, None], next_positions, step_mask, cache)
+        if tuner is not None:
+            tuner.record(threads, time.perf_counter() - start)
+        next_positions = next_positions + 1
+    raise AssertionError("unreachable: the last step returns")

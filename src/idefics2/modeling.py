@@ -1,0 +1,59 @@
+"""The public model classes: the networks of `idefics2.model` with loading, saving and `generate`.
+
+`model/` holds the computation only; these subclasses add what a user of transformers' classes
+of the same names reaches for: `from_pretrained` / `save_pretrained` (through `checkpoint`, which
+owns the files) and, on the LM, `generate` with the checkpoint's generation defaults (through
+`generation`). Parameter names, `forward` and the stage methods are the networks' own.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, TypeVar
+
+from idefics2 import checkpoint
+from idefics2.config import Idefics2Config
+from idefics2.generation import GenerationConfig, Generator, load_generation_config
+from idefics2.model import idefics2 as networks
+
+M = TypeVar("M", bound="PretrainedMixin")
+
+
+class PretrainedMixin:
+    """`from_pretrained` / `save_pretrained` for a network class."""
+
+    @classmethod
+    def from_pretrained(cls: type[M], folder_or_repo_id: str | os.PathLike[str], *, dtype: Any = None,
+                        device: Any = None, torch_dtype: Any = None, **kwargs: Any) -> M:
+        folder = checkpoint.resolve_folder(folder_or_repo_id)
+        model = checkpoint.load_pretrained(cls, folder, dtype=dtype if dtype is not None else torch_dtype,
+                                           device=device, **kwargs)
+        if isinstance(model, Idefics2ForConditionalGeneration):
+            model.generation_config = load_generation_config(folder)
+        return model
+
+    def save_pretrained(self, folder: str | os.PathLike[str], max_shard_size: int | str = "5GB") -> None:
+        checkpoint.save_pretrained(self, folder, max_shard_size=max_shard_size)  # type: ignore[arg-type]
+
+
+class Idefics2Model(PretrainedMixin, networks.Idefics2Model):
+    """The vision tower, connector and decoder, without the LM head."""
+
+
+class Idefics2ForConditionalGeneration(PretrainedMixin, networks.Idefics2ForConditionalGeneration):
+    """Idefics2 with its LM head: `forward` gives logits (and a loss), `generate` gives tokens."""
+
+    base_model_class = Idefics2Model
+
+    def __init__(self, config: Idefics2Config) -> None:
+        super().__init__(config)
+        # Decoding defaults from the checkpoint's generation_config.json (set by from_pretrained); None:
+        # `generate` derives them from the config (EOS, pad) and its built-in defaults.
+        self.generation_config: GenerationConfig | None = None
+        self.generator: Generator | None = None  # built by the first `generate` call
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """See `idefics2.generation.Generator.generate`; the first call builds this model's `generator`."""
+        if self.generator is None:
+            self.generator = Generator(self)
+        return self.generator.generate(*args, **kwargs)

@@ -1,0 +1,243 @@
+"""Forward parity with transformers (eager attention, float32) on tiny random configs.
+
+Norm weights and perceiver latents are randomised (transformers initialises them to 1), and the
+inputs carry padding images, partial patches on a padded canvas and left padding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import oracle_model, tiny_config_dict
+from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2Model
+from idefics2.model.vision import bucket_position_ids
+
+pytestmark = pytest.mark.oracle
+
+CONFIGS = {
+    "gqa-window8": tiny_config_dict(sliding_window=8),
+    "tied-mqa": tiny_config_dict(tie=True, kv_heads=1, perceiver_kv_heads=1, vision_heads=2, latents=2),
+    "mha-no-window-default-eps": tiny_config_dict(kv_heads=4, perceiver_kv_heads=4, sliding_window=None,
+                                                  perceiver_eps=None, patch=5, image_size=40, latents=4),
+}
+
+
+def ours_from(reference: Any, config: dict[str, Any]) -> Idefics2ForConditionalGeneration:
+    model = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(config)).eval()
+    model.load_state_dict(reference.state_dict(), strict=True)
+    return model
+
+
+def make_batch(config: dict[str, Any], seed: int = 1) -> dict[str, torch.Tensor]:
+    """Three rows: two images of different sizes; one image + a padding image, left padded; text only.
+
+    The canvas (27 x 30 pixels) is not a multiple of the patch size, and the smaller images leave
+    partial patches at their edges.
+    """
+    g = torch.Generator().manual_seed(seed)
+    L = config["perceiver_config"]["resampler_n_latents"]
+    image = config["image_token_id"]
+    T = 6 + 3 * L + 8
+    H, W = 27, 30
+    pixel_values = torch.randn(3, 2, 3, H, W, generator=g)
+    pixel_mask = torch.ones(3, 2, H, W, dtype=torch.long)
+    for (b, m), (h, w) in {(0, 1): (19, 30), (1, 0): (27, 13)}.items():
+        pixel_mask[b, m, h:, :] = 0
+        pixel_mask[b, m, :, w:] = 0
+        pixel_values[b, m] *= pixel_mask[b, m]
+    pixel_values[1, 1] = 0  # padding image
+    pixel_mask[1, 1] = 0
+    pixel_values[2] = 0  # the text-only row has two padding images
+    pixel_mask[2] = 0
+    input_ids = torch.randint(3, image - 1, (3, T), generator=g)
+    attention_mask = torch.ones(3, T, dtype=torch.long)
+    input_ids[0, 2:2 + L] = image
+    input_ids[0, 5 + L:5 + 2 * L] = image
+    input_ids[1, :5] = 0  # left padding
+    attention_mask[1, :5] = 0
+    input_ids[1, 7:7 + L] = image
+    input_ids[2, :2] = 0
+    attention_mask[2, :2] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
+            "pixel_attention_mask": pixel_mask}
+
+
+def loss_labels(batch: dict[str, torch.Tensor], image_token_id: int) -> torch.Tensor:
+    """Labels that ignore padding, image tokens, and the first real token of each row: its logits
+    come from a padding query, whose output the reference itself leaves undefined (eager and sdpa
+    disagree there)."""
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = -100
+    labels[labels == image_token_id] = -100
+    first_real = batch["attention_mask"].argmax(dim=1)
+    labels[torch.arange(labels.shape[0]), first_real] = -100
+    return labels
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@torch.no_grad()
+def test_logits_and_loss_match_transformers(name: str) -> None:
+    config = CONFIGS[name]
+    reference = oracle_model(config)
+    ours = ours_from(reference, config)
+    batch = make_batch(config)
+    labels = loss_labels(batch, config["image_token_id"])
+    expected = reference(**batch, labels=labels)
+    got = ours(**batch, labels=labels)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got.logits[real], expected.logits[real], rtol=0, atol=1e-4)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_image_features_match_transformers_per_sample_order() -> None:
+    config = CONFIGS["gqa-window8"]
+    reference = oracle_model(config)
+    ours = ours_from(reference, config)
+    batch = make_batch(config)
+    expected = reference.model.get_image_features(batch["pixel_values"], batch["pixel_attention_mask"])
+    got = ours.get_image_features(batch["pixel_values"], batch["pixel_attention_mask"])
+    L, D = config["perceiver_config"]["resampler_n_latents"], config["text_config"]["hidden_size"]
+    assert got.shape == (3, L, D)  # 2 + 1 + 0 real images
+    torch.testing.assert_close(got.reshape(-1, D), torch.cat(expected.pooler_output), rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_inputs_embeds_give_the_same_logits_as_input_ids() -> None:
+    config = CONFIGS["gqa-window8"]
+    reference = oracle_model(config)
+    ours = ours_from(reference, config)
+    batch = make_batch(config)
+    embeds = ours.get_input_embeddings()(batch["input_ids"])
+    by_ids = ours(**batch).logits
+    by_embeds = ours(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                     pixel_values=batch["pixel_values"], pixel_attention_mask=batch["pixel_attention_mask"]).logits
+    expected = reference(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                         pixel_values=batch["pixel_values"],
+                         pixel_attention_mask=batch["pixel_attention_mask"]).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(by_embeds, by_ids, rtol=0, atol=0)
+    torch.testing.assert_close(by_embeds[real], expected[real], rtol=0, atol=1e-4)
+
+
+@torch.no_grad()
+def test_cached_decode_equals_full_forward_beyond_the_sliding_window() -> None:
+    config = CONFIGS["gqa-window8"]  # window 8, sequence 20
+    reference = oracle_model(config)
+    ours = ours_from(reference, config)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 99, (2, 20), generator=g)
+    full = ours(input_ids=ids, use_cache=False).logits
+    step = ours(input_ids=ids[:, :12], use_cache=True)
+    logits = [step.logits]
+    for t in range(12, 20):
+        step = ours(input_ids=ids[:, t:t + 1], past_key_values=step.past_key_values, use_cache=True)
+        logits.append(step.logits)
+    torch.testing.assert_close(torch.cat(logits, dim=1), full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(full, reference(input_ids=ids).logits, rtol=0, atol=1e-4)
+
+
+@torch.no_grad()
+def test_logits_to_keep_selects_the_last_positions() -> None:
+    config = CONFIGS["tied-mqa"]
+    ours = ours_from(oracle_model(config), config)
+    batch = make_batch(config)
+    full = ours(**batch).logits
+    torch.testing.assert_close(ours(**batch, logits_to_keep=1).logits, full[:, -1:], rtol=0, atol=1e-5)
+    kept = ours(**batch, logits_to_keep=torch.tensor([0, 4])).logits
+    torch.testing.assert_close(kept, full[:, [0, 4]], rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_idefics2_model_hidden_states_match_transformers() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = CONFIGS["gqa-window8"]
+    reference = oracle_model(config)
+    ours = Idefics2Model(Idefics2Config.from_dict(config)).eval()
+    ours.load_state_dict(reference.model.state_dict(), strict=True)
+    batch = make_batch(config)
+    real = batch["attention_mask"].bool()
+    expected = transformers.Idefics2Model.forward(reference.model, **batch).last_hidden_state
+    torch.testing.assert_close(ours(**batch).last_hidden_state[real], expected[real], rtol=0, atol=1e-4)
+
+
+def test_position_buckets_equal_the_reference_for_every_size_up_to_70() -> None:
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionEmbeddings
+
+    N = 70
+    cfg = transformers.Idefics2VisionConfig(hidden_size=1, image_size=N, patch_size=1, num_attention_heads=1)
+    embeddings = Idefics2VisionEmbeddings(cfg)
+    with torch.no_grad():  # output = position id: zero patch conv, table row i holds i
+        embeddings.patch_embedding.weight.zero_()
+        embeddings.patch_embedding.bias.zero_()
+        embeddings.position_embedding.weight.copy_(torch.arange(N * N, dtype=torch.float32)[:, None])
+    masks = torch.zeros(N, N, N, dtype=torch.bool)
+    for n in range(1, N + 1):  # image n: n valid rows and 71 - n valid columns
+        masks[n - 1, :n, : N + 1 - n] = True
+    with torch.no_grad():
+        expected = embeddings(torch.zeros(N, 3, N, N), masks)[..., 0].long()
+    got = bucket_position_ids(masks, N)
+    assert torch.equal(got, expected)
+    # spot-check a float32 exception of docs/numerics.md §4.3.2: n = 25 gives 13 (not 14) at i = 5
+    assert got[24].view(N, N)[5, 0] == 13 * N
+
+
+def test_too_few_image_tokens_names_both_counts_and_causes() -> None:
+    config = CONFIGS["gqa-window8"]
+    model = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(config)).eval()
+    batch = make_batch(config)
+    batch["input_ids"][0, 2] = 5  # one <image> token fewer
+    with pytest.raises(ValueError, match=r"8 <image> tokens but the images give 9 feature rows.*do_image_splitting"):
+        model(**batch)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda b: b.update(pixel_values=b["pixel_values"][0]), r"pixel_values must have 5 dimensions"),
+    (lambda b: b.update(pixel_attention_mask=b["pixel_attention_mask"][:, :, :20]),
+     r"pixel_attention_mask has shape \(3, 2, 20, 30\), expected \(3, 2, 27, 30\)"),
+    (lambda b: b.update(inputs_embeds=torch.zeros(3, 4, 48)), r"exactly one of input_ids and inputs_embeds \(got both\)"),
+    (lambda b: b.pop("input_ids"), r"exactly one of input_ids and inputs_embeds \(got neither\)"),
+    (lambda b: b.update(image_hidden_states=torch.zeros(3, 3, 48)), r"either pixel_values or precomputed"),
+    (lambda b: b.update(attention_mask=b["attention_mask"][:, 1:]), r"attention_mask has shape \(3, 22\), expected \(3, 23\)"),
+])
+def test_bad_inputs_raise_clear_value_errors(change: Any, message: str) -> None:
+    config = CONFIGS["gqa-window8"]
+    model = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(config)).eval()
+    batch = make_batch(config)
+    change(batch)
+    with pytest.raises(ValueError, match=message):
+        model(**batch)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_half_precision_runs_and_stays_close_to_float32(dtype: torch.dtype) -> None:
+    config = CONFIGS["gqa-window8"]
+    reference = oracle_model(config)
+    ours = ours_from(reference, config)
+    batch = make_batch(config)
+    full = ours(**batch).logits
+    half = ours.to(dtype)(**batch).logits
+    assert half.dtype == dtype
+    real = batch["attention_mask"].bool()
+    assert torch.isfinite(half[real]).all()
+    scale = full[real].abs().max()
+    assert (half[real].float() - full[real]).abs().max() < 0.1 * scale
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_cuda_matches_the_reference_on_the_same_device(dtype: torch.dtype) -> None:
+    config = CONFIGS["gqa-window8"]
+    reference = oracle_model(config, attn="sdpa").to("cuda", dtype)
+    ours = ours_from(reference, config).to("cuda", dtype)
+    batch = {k: v.cuda() for k, v in make_batch(config).items()}
+    real = batch["attention_mask"].bool()
+    got, expected = ours(**batch).logits[real].float(), reference(**batch).logits[real].float()
+    tolerance = 1e-4 if dtype == torch.float32 else 0.05 * expected.abs().max().item()
+    torch.testing.assert_close(got, expected, rtol=0, atol=tolerance)

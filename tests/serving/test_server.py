@@ -1,0 +1,181 @@
+"""The OpenAI-compatible server on the shipped model: answers, streaming, stops, errors that keep it serving."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from conftest import EXAMPLES
+from idefics2 import Idefics2ForConditionalGeneration, Idefics2Processor
+from idefics2.cli import SHIPPED_MODEL, build_parser, shipped_model_path
+from idefics2.serving.server import create_app
+from idefics2.serving.turn import AssistantTurn
+
+
+def data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def ask(text: str, *images: Path, **fields: Any) -> dict[str, Any]:
+    parts = [{"type": "image_url", "image_url": {"url": data_uri(p)}} for p in images]
+    return {"model": SHIPPED_MODEL, "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}],
+            **fields}
+
+
+@pytest.fixture(scope="module")
+def shipped() -> tuple[Any, Any]:
+    folder = shipped_model_path()
+    return Idefics2ForConditionalGeneration.from_pretrained(folder), Idefics2Processor.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def client(shipped: tuple[Any, Any]) -> TestClient:
+    return TestClient(create_app(*shipped, SHIPPED_MODEL))
+
+
+def events(response: Any) -> list[Any]:
+    lines = [line for line in response.text.split("\n\n") if line]
+    assert all(line.startswith("data: ") for line in lines)
+    return [line[len("data: "):] if line.endswith("[DONE]") else json.loads(line[len("data: "):]) for line in lines]
+
+
+def test_answers_with_openai_fields_and_token_counts(client: TestClient, shipped: tuple[Any, Any]) -> None:
+    response = client.post("/v1/chat/completions", json=ask("What color is the circle?", EXAMPLES / "shapes.png"))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "chat.completion" and body["model"] == SHIPPED_MODEL
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "Red."}
+    assert body["choices"][0]["finish_reason"] == "stop"
+    model, processor = shipped
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {
+        "type": "text", "text": "What color is the circle?"}]}], add_generation_prompt=True)
+    with Image.open(EXAMPLES / "shapes.png") as image:
+        n_prompt = processor(images=[image.convert("RGB")], text=prompt)["input_ids"].shape[1]
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == n_prompt > model.config.perceiver_config.resampler_n_latents  # images expanded
+    assert usage["completion_tokens"] >= 2
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_two_images_in_one_question(client: TestClient) -> None:
+    request = ask("Which image has more shapes?", EXAMPLES / "pair_1.png", EXAMPLES / "pair_2.png")
+    response = client.post("/v1/chat/completions", json=request)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] in ("The first image.", "The second image.")
+
+
+def test_stream_gives_the_same_text_in_pieces(client: TestClient) -> None:
+    request = ask("Describe the image.", EXAMPLES / "shapes.png")
+    whole = client.post("/v1/chat/completions", json=request).json()["choices"][0]["message"]["content"]
+    streamed = events(client.post("/v1/chat/completions", json={**request, "stream": True}))
+    assert streamed[-1] == "[DONE]"
+    chunks = streamed[:-1]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "stop"}
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == whole and len(chunks) > 3
+
+
+def test_max_tokens_and_stop_end_the_answer(client: TestClient) -> None:
+    request = ask("Describe the image.", EXAMPLES / "shapes.png")
+    full = client.post("/v1/chat/completions", json=request).json()["choices"][0]["message"]["content"]
+    cut = client.post("/v1/chat/completions", json={**request, "max_tokens": 2}).json()
+    assert cut["choices"][0]["finish_reason"] == "length" and cut["usage"]["completion_tokens"] == 2
+    assert full.startswith(cut["choices"][0]["message"]["content"])
+    word = full.split()[1]  # "A red circle ..." -> stop at "red": the text before it, finish "stop"
+    stopped = client.post("/v1/chat/completions", json={**request, "stop": [word]}).json()["choices"][0]
+    assert stopped["message"]["content"] == full[: full.index(word)].rstrip()
+    assert stopped["finish_reason"] == "stop"
+
+
+def test_same_seed_same_sample(client: TestClient) -> None:
+    request = ask("Describe the image.", EXAMPLES / "shapes.png", temperature=1.5, seed=3)
+    first, second = (client.post("/v1/chat/completions", json=request).json() for _ in range(2))
+    assert first["choices"][0]["message"] == second["choices"][0]["message"]
+
+
+def test_models_lists_the_served_model(client: TestClient) -> None:
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [SHIPPED_MODEL]
+
+
+BAD_REQUESTS = [
+    ({"messages": []}, "messages", 400),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", 400),
+    ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "messages[0].content[0]", 400),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}]},
+     "messages[0].content[0].image_url", 400),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+                                                                                      + base64.b64encode(b"not a png").decode()}}]}]},
+     "messages[0].content[0].image_url", 400),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]},
+     "messages[0].content[0].image_url", 400),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]},
+     "messages[0].content[0].image_url", 400),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+     "messages[1].role", 400),
+    ({"messages": [{"role": "user", "content": "What is in <image>?"}]}, "messages[0].content[0].text", 400),
+    ({"n": 2}, "n", 400),
+    ({"temperature": -1}, "temperature", 400),
+    ({"top_p": 0}, "top_p", 400),
+    ({"max_tokens": 0}, "max_tokens", 400),
+    ({"max_tokens": "ten"}, "max_tokens", 400),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop", 400),
+    ({"tools": [{"type": "function"}]}, "tools", 400),
+    ({"presence_penalty": 0.5}, "presence_penalty", 400),
+    ({"stream": "yes"}, "stream", 400),
+    ({"model": "gpt-4o"}, "model", 404),
+]
+
+
+@pytest.mark.parametrize("fields, param, status", BAD_REQUESTS)
+def test_bad_requests_get_a_json_error_and_the_server_keeps_serving(client: TestClient, fields: dict[str, Any],
+                                                                     param: str, status: int) -> None:
+    response = client.post("/v1/chat/completions", json={**ask("What color is the circle?"), **fields})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+    assert client.post("/v1/chat/completions", json=ask("How many shapes are there?", EXAMPLES / "count.png",
+                                                        max_tokens=4)).status_code == 200
+
+
+def test_body_that_is_not_json_or_not_an_object(client: TestClient) -> None:
+    for payload in (b"{not json", b"[1, 2]"):
+        response = client.post("/v1/chat/completions", content=payload, headers={"content-type": "application/json"})
+        assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+
+
+def test_prompts_beyond_the_position_limit_are_a_400_even_when_streamed(client: TestClient) -> None:
+    too_long = ask("What color is the circle? " * 400, EXAMPLES / "shapes.png", stream=True)
+    response = client.post("/v1/chat/completions", json=too_long)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
+    long = ask("What color is the circle? " * 90, EXAMPLES / "shapes.png")
+    response = client.post("/v1/chat/completions", json=long)
+    assert response.status_code == 200  # the default max_tokens (512) shrinks to the positions left
+    assert response.json()["usage"]["prompt_tokens"] > 1024 - 512
+    response = client.post("/v1/chat/completions", json={**long, "max_tokens": 1000})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "max_tokens"
+
+
+def test_closing_a_turn_early_stops_generation(shipped: tuple[Any, Any]) -> None:
+    model, processor = shipped
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Describe the image."}]}]
+    turn = AssistantTurn(model, processor, messages, [], max_new_tokens=300, min_new_tokens=300)
+    puts = []
+    original = turn.streamer.put
+    turn.streamer.put = lambda value: (puts.append(1), original(value))[1]  # type: ignore[method-assign]
+    pieces = iter(turn)
+    next(pieces)
+    pieces.close()  # the reader goes away: generation stops at its next token
+    assert turn.result is None and len(puts) < 300
+
+
+def test_serve_binds_this_machine_only_by_default() -> None:
+    args = build_parser().parse_args(["serve"])
+    assert args.host == "127.0.0.1" and not args.allow_remote_images
