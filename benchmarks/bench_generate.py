@@ -195,9 +195,9 @@ def bandwidth(device: str) -> dict[str, float]:
     """Copy (read + write counted) and one-row matrix-vector bandwidth over 512 MiB, best of 5.
 
     The matrix-vector product is timed as `F.linear` and, on the CPU, as our decode runs it
-    (`layers.linear`: one row block per thread); the better of the two bounds the decode.
+    (`fast_linear.linear`: one row block per thread); the better of the two bounds the decode.
     """
-    from idefics2.model.layers import linear
+    from idefics2.model.fast_linear import linear
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     src = torch.ones(2**27, device=device)

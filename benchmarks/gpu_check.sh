@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of the generation issue, as one script for a lent GPU machine (never CI):
+# The GPU checks of generation, as one script for a GPU machine (never CI):
 # the CUDA parity tests, then bench_generate.py on the real idefics2-8b shapes in bfloat16,
 # ours eager and with the compiled decode step, beside the oracle. Logs go to $OUT (or ./gpu-check) when set.
 #

@@ -85,3 +85,15 @@ def test_generate_does_not_import_the_compiler() -> None:
             "print('torch._dynamo' in sys.modules, 'recipes.shapes_vqa.train' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split()[-2:] == ["False", "False"]
+
+
+def test_files_and_functions_stay_small() -> None:
+    """At most 400 lines a module and 100 a function: past that a module holds two concerns."""
+    for path in PACKAGE.rglob("*.py"):
+        source = path.read_text(encoding="utf-8")
+        name = path.relative_to(PACKAGE.parent)
+        assert len(source.splitlines()) <= 400, f"{name} has {len(source.splitlines())} lines"
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                assert length <= 100, f"{name}: {node.name} has {length} lines"

@@ -3,7 +3,7 @@
 The issue's fast test: at least 90% of 60 held-out questions right. Every type but the full
 description (81-89% on fresh samples, docs/training.md) also has to reach 90% on its own. On
 examples/shapes.png each shape's colour is asked, which a model that does not bind colour to kind
-gets wrong (the ninth session's model called the green triangle blue).
+gets wrong (an earlier shipped model called the green triangle blue).
 """
 
 from __future__ import annotations

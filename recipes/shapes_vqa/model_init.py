@@ -34,7 +34,7 @@ def position_embedding(model: Idefics2ForConditionalGeneration) -> Tensor:
 def init_weights(model: Idefics2ForConditionalGeneration, std: float = 0.02, *, latents_std: float = 1.0,
                  perceiver_qk_std: float = 0.02, position_table_scale: float = 0.0) -> None:
     """Reference init (docs/numerics.md §3.2) except the perceiver latents, which get N(0, latents_std): latents
-    that all start at ones are a symmetry gradient descent cannot break (the team's runs learned
+    that all start at ones are a symmetry gradient descent cannot break (runs with them learned
     nothing).
 
     `perceiver_qk_std` sets the perceiver's query/key projections apart. At 0.02 its attention starts

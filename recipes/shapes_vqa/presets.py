@@ -26,12 +26,12 @@ class Preset(NamedTuple):
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(32, 1, 8, 32, 4, 1, 32, 1),  # tests only
-    "cpu": Preset(128, 3, 16, 128, 16, 1, 128, 3),  # near the team's 2-core CPU experiment; 64 patches per image
-    "small": Preset(192, 4, 8, 128, 32, 1, 160, 3),  # the first shipped model (until the ninth session), 14 MB
+    "cpu": Preset(128, 3, 16, 128, 16, 1, 128, 3),  # sized for a 2-core CPU; 64 patches per image
+    "small": Preset(192, 4, 8, 128, 32, 1, 160, 3),  # the first model shipped, 14 MB
     "cpu64": Preset(128, 3, 16, 128, 64, 1, 128, 3),  # "cpu" with one latent per patch, for --route-weight
-    # cpu64 with a key/value head per query head in the decoder (docs/training.md, ninth session)
+    # cpu64 with a key/value head per query head in the decoder (docs/experiments/shapes-vqa-log.md)
     "cpu64kv2": Preset(128, 3, 16, 128, 64, 1, 128, 3, text_kv_heads=2),
-    # a wider cpu64 for a GPU, where the data loader sets the pace and width is free (shipped in the ninth session)
+    # a wider cpu64 for a GPU, where the data loader sets the pace and width is free (the first-stage model)
     "gpu64": Preset(192, 4, 16, 128, 64, 1, 256, 3, text_kv_heads=4),
     # gpu64's tower under cpu64kv2's perceiver and decoder: the shipped model (stitch.py)
     "gpu64-text128": Preset(192, 4, 16, 128, 64, 1, 128, 3, text_kv_heads=2),

@@ -408,7 +408,7 @@ def make_colour_binding_items(seed: int, n: int) -> list[EvalItem]:
     """`n` colour questions about scenes of 2 and 3 shapes (alternating) whose kinds and colours are all
     different, so every other shape's colour is a wrong answer the model could give. The held-out mix
     also asks about single shapes, which needs no binding; a model that looks for any colour in the
-    image scores far higher there (docs/training.md, ninth session: 93.5% against 77.5%)."""
+    image scores far higher there (docs/experiments/shapes-vqa-log.md: 93.5% against 77.5%)."""
     rng = random.Random(seed)
     items: list[EvalItem] = []
     while len(items) < n:

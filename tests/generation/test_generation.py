@@ -431,8 +431,8 @@ def test_decode_step_traces_as_one_graph_with_the_threaded_products(plain_model:
     # A graph break splits the compiled step into pieces with Python between them; the one-row
     # products must stay the threaded split (a batched product), not fall back to F.linear.
     from idefics2.generation import decode_step
+    from idefics2.model.fast_linear import prepare_for_compile
     from idefics2.model.kv_cache import KVCache
-    from idefics2.model.layers import prepare_for_compile
 
     prepare_for_compile()  # what generate(compile=True) does before compiling
 

@@ -34,8 +34,8 @@ from idefics2.generation.sampling import (
 from idefics2.generation.streaming import Decoder, TextIteratorStreamer
 from idefics2.generation.threads import ThreadTuner, check_decode_threads
 from idefics2.generation.vision_cache import VisionFeatureCache
+from idefics2.model.fast_linear import prepare_for_compile
 from idefics2.model.kv_cache import KVCache
-from idefics2.model.layers import prepare_for_compile
 from idefics2.model.text import positions_from_mask
 
 
@@ -130,7 +130,7 @@ class Generator:
         `decode_threads`: torch intra-op threads for the CPU decode steps: "auto" times 1 and
         torch's setting and keeps the faster (`ThreadTuner`), an int fixes it, None leaves torch's
         setting; torch's setting is restored afterwards. With `compile=True`, "auto" keeps torch's
-        setting: every thread count is a graph of its own (`layers.linear`), compiled on first use.
+        setting: every thread count is a graph of its own (`fast_linear.linear`), compiled on first use.
         """
         model = self.model
         cfg = resolve(model, {

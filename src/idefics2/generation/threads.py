@@ -22,7 +22,7 @@ class ThreadTuner:
     """Chooses torch's intra-op thread count for CPU decode steps by timing them.
 
     A decode step is ~300 small ops plus one-row matrix products. With 2 threads the products
-    use both cores (`layers.linear` splits them: ~1.3x faster steps on an idle machine), but
+    use both cores (`fast_linear.linear` splits them: ~1.3x faster steps on an idle machine), but
     every op that forks the thread pool (the split products, SDPA) then waits for the second
     core: microseconds when it is idle, a scheduler time slice (~8 ms, measured) when another
     process holds it, which on a shared 2-core machine is common and makes steps 10-20x slower.

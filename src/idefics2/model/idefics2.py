@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 from idefics2.config import Idefics2Config
 from idefics2.model.connector import Connector
+from idefics2.model.fast_linear import Linear
 from idefics2.model.kv_cache import KVCache
-from idefics2.model.layers import Linear
 from idefics2.model.text import MistralDecoder
 from idefics2.model.vision import VisionTransformer, check_pixel_inputs, patch_mask_from_pixels
 

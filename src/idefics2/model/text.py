@@ -12,10 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from idefics2.config import TextConfig
+from idefics2.model.fast_linear import Linear
 from idefics2.model.kv_cache import KVCache
 from idefics2.model.layers import (
     GatedMLP,
-    Linear,
     RMSNorm,
     apply_rotary,
     attention,

@@ -11,8 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
-import numbers
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +24,8 @@ from PIL import Image
 
 from idefics2.processing.batch import BatchFeature
 from idefics2.processing.image_inputs import CheckedImage, check_image, make_nested_images, to_rgb
-from idefics2.processing.image_ops import Box, PixelSteps, resize_output_size, split_boxes, write_image
+from idefics2.processing.image_ops import Box, resize_output_size, split_boxes, write_image
+from idefics2.processing.image_settings import SETTING_NAMES, Settings, checked_settings
 
 __all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "Idefics2ImageProcessor", "make_nested_images"]
 
@@ -34,96 +33,9 @@ logger = logging.getLogger(__name__)
 
 # Pillow's own decompression-bomb warning threshold (PIL.Image.MAX_IMAGE_PIXELS), about 89.5 Mpx.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
-_SIZE_KEY_SETS = ({"shortest_edge", "longest_edge"}, {"height", "width"})
-_FLAGS = ("do_convert_rgb", "do_resize", "do_rescale", "do_normalize", "do_pad", "do_image_splitting")
 # Keys that Hub and transformers configs carry for their own loaders, not processor settings.
 _BOOKKEEPING_KEYS = {"image_processor_type", "processor_class", "feature_extractor_type", "_processor_class"}
 _PARALLEL_RESIZE_PIXELS = 1_500_000  # see _worker_count
-
-
-@dataclass(frozen=True)
-class _Settings:
-    """The validated settings of one call: the processor's attributes plus that call's overrides."""
-
-    do_convert_rgb: bool
-    do_resize: bool
-    size: dict[str, int]
-    resample: int
-    do_rescale: bool
-    rescale_factor: float
-    do_normalize: bool
-    image_mean: tuple[float, float, float]
-    image_std: tuple[float, float, float]
-    do_pad: bool
-    do_image_splitting: bool
-    max_image_pixels: int | None
-
-    @property
-    def steps(self) -> PixelSteps:
-        return PixelSteps(
-            self.do_resize, self.resample, self.do_rescale, self.rescale_factor,
-            self.do_normalize, self.image_mean, self.image_std,
-        )  # fmt: skip
-
-
-_SETTING_NAMES = tuple(_Settings.__dataclass_fields__)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_finite(value: Any) -> bool:
-    is_real = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-    return is_real and math.isfinite(value)
-
-
-def _checked(values: dict[str, Any]) -> _Settings:
-    """Validate raw settings (constructor, overrides or JSON) and bring them to canonical types."""
-    for name in _FLAGS:
-        if not isinstance(values[name], bool):
-            raise ValueError(f"{name} must be a bool, got {values[name]!r}")
-    size = values["size"]
-    if not isinstance(size, dict) or set(size) not in _SIZE_KEY_SETS:
-        raise ValueError(
-            "size must be {'shortest_edge': int, 'longest_edge': int} or {'height': int, 'width': int}, "
-            f"got {size!r}"
-        )
-    if not all(_is_int(v) and v > 0 for v in size.values()):
-        raise ValueError(f"size values must be positive integers, got {size!r}")
-    if "shortest_edge" in size and size["shortest_edge"] > size["longest_edge"]:
-        raise ValueError(f"size['shortest_edge'] must not exceed size['longest_edge'], got {size!r}")
-    resample = values["resample"]
-    if not _is_int(resample) or resample not in range(6):
-        raise ValueError(f"resample must be a PIL resampling filter (0..5, 2 = bilinear), got {resample!r}")
-    factor = values["rescale_factor"]
-    if not _is_finite(factor) or factor <= 0:
-        raise ValueError(f"rescale_factor must be a positive finite number, got {factor!r}")
-    limit = values["max_image_pixels"]
-    if limit is not None and not (_is_int(limit) and limit > 0):
-        raise ValueError(f"max_image_pixels must be a positive integer or None, got {limit!r}")
-    return _Settings(
-        **{name: values[name] for name in _FLAGS},
-        size={key: int(v) for key, v in size.items()},
-        resample=int(resample),
-        rescale_factor=float(factor),
-        image_mean=_per_channel("image_mean", values["image_mean"]),
-        image_std=_per_channel("image_std", values["image_std"], nonzero=True),
-        max_image_pixels=None if limit is None else int(limit),
-    )
-
-
-def _per_channel(name: str, value: Any, nonzero: bool = False) -> tuple[float, float, float]:
-    """One number (used for all channels, as the reference allows) or three finite numbers."""
-    items = [value] * 3 if _is_finite(value) else value
-    if (
-        not (isinstance(items, (list, tuple)) or (isinstance(items, np.ndarray) and items.ndim == 1))
-        or len(items) != 3
-        or not all(_is_finite(v) and not (nonzero and v == 0) for v in items)
-    ):
-        rule = "non-zero finite" if nonzero else "finite"
-        raise ValueError(f"{name} must be a {rule} number or 3 {rule} numbers, got {value!r}")
-    return (float(items[0]), float(items[1]), float(items[2]))
 
 
 @dataclass(frozen=True)
@@ -136,7 +48,7 @@ class _Job:
     regions: list[tuple[Box, tuple[int, int]]]  # crop box and output (h, w) of each sub-image
 
 
-def _plan(images: Any, settings: _Settings, input_data_format: str | None) -> tuple[list[_Job], list[int]]:
+def _plan(images: Any, settings: Settings, input_data_format: str | None) -> tuple[list[_Job], list[int]]:
     """Validate every image and lay out the output before any pixel work, so bad input fails fast.
 
     Returns the jobs and the number of (sub-)images of each sample.
@@ -156,7 +68,7 @@ def _plan(images: Any, settings: _Settings, input_data_format: str | None) -> tu
     return jobs, counts
 
 
-def _regions(image: CheckedImage, settings: _Settings) -> list[tuple[Box, tuple[int, int]]]:
+def _regions(image: CheckedImage, settings: Settings) -> list[tuple[Box, tuple[int, int]]]:
     """Crop boxes of one image (one, or five with splitting) and the output (h, w) of each."""
     if not settings.do_image_splitting:
         boxes = [(0, 0, image.height, image.width)]
@@ -197,7 +109,7 @@ def _worker_count(jobs: list[_Job]) -> int:
     return min(torch.get_num_threads(), len(jobs)) if traffic >= _PARALLEL_RESIZE_PIXELS else 1
 
 
-def _run(jobs: list[_Job], settings: _Settings, slot: Callable[[int, int, int, int], np.ndarray]) -> None:
+def _run(jobs: list[_Job], settings: Settings, slot: Callable[[int, int, int, int], np.ndarray]) -> None:
     """Convert each image once, then write each of its sub-images into `slot(b, k, h, w)`.
 
     Jobs write disjoint parts of the output and only read their inputs (PIL images were loaded by
@@ -252,7 +164,7 @@ class Idefics2ImageProcessor:
         do_image_splitting: bool = False,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
-        settings = _checked(
+        settings = checked_settings(
             {
                 "do_convert_rgb": do_convert_rgb,
                 "do_resize": do_resize,
@@ -309,12 +221,12 @@ class Idefics2ImageProcessor:
         """
         if return_tensors not in ("pt", "np", None):
             raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
-        unknown = set(overrides) - set(_SETTING_NAMES)
+        unknown = set(overrides) - set(SETTING_NAMES)
         if unknown:
             raise ValueError(
-                f"unknown image processor option(s) {sorted(unknown)}; valid: {list(_SETTING_NAMES)}"
+                f"unknown image processor option(s) {sorted(unknown)}; valid: {list(SETTING_NAMES)}"
             )
-        settings = _checked({**{name: getattr(self, name) for name in _SETTING_NAMES}, **overrides})
+        settings = checked_settings({**{name: getattr(self, name) for name in SETTING_NAMES}, **overrides})
         jobs, counts = _plan(images, settings, input_data_format)
         if not jobs:
             raise ValueError("no images in the batch (every sample is empty); there is nothing to preprocess")
@@ -355,16 +267,16 @@ class Idefics2ImageProcessor:
 
     def to_dict(self) -> dict[str, Any]:
         """All settings as JSON-ready values (copies), under the transformers key names."""
-        return copy.deepcopy({name: getattr(self, name) for name in _SETTING_NAMES})
+        return copy.deepcopy({name: getattr(self, name) for name in SETTING_NAMES})
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> Idefics2ImageProcessor:
         """Build from a config dict. Bookkeeping keys (`image_processor_type`, `processor_class`)
         are dropped; other unknown keys are logged and ignored; missing keys take the defaults."""
-        unknown = set(config) - set(_SETTING_NAMES) - _BOOKKEEPING_KEYS
+        unknown = set(config) - set(SETTING_NAMES) - _BOOKKEEPING_KEYS
         if unknown:
             logger.warning("ignoring unknown image processor keys: %s", sorted(unknown))
-        return cls(**{key: value for key, value in config.items() if key in _SETTING_NAMES})
+        return cls(**{key: value for key, value in config.items() if key in SETTING_NAMES})
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike[str]) -> Idefics2ImageProcessor:

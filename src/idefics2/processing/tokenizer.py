@@ -8,7 +8,6 @@ segmentation (the Hub normaliser prefixes `▁` to every segment), BOS/EOS follo
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,40 +16,19 @@ import numpy as np
 import tokenizers
 import torch
 
-TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
-
-# transformers treats a `model_max_length` above this as "no limit"; the Hub value is 1e30.
-_NO_LIMIT = int(1e20)
-_UNLIMITED = int(1e30)
-_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
-# Keys this class owns; every other key of tokenizer_config.json is kept verbatim for save_pretrained.
-_OWNED_KEYS = (
-    *_SPECIAL_KEYS,
-    "additional_special_tokens",
-    "added_tokens_decoder",
-    "add_bos_token",
-    "add_eos_token",
-    "padding_side",
-    "truncation_side",
-    "model_max_length",
-    "clean_up_tokenization_spaces",
-    "chat_template",
+from idefics2.processing.tokenizer_files import (
+    SPECIAL_KEYS,
+    UNLIMITED,
+    read_tokenizer_folder,
+    write_tokenizer_folder,
 )
+
+# transformers treats a `model_max_length` above this as "no limit"; the Hub value is 1e30 (UNLIMITED).
+_NO_LIMIT = int(1e20)
 _TRUNCATE = {True, "longest_first", "only_first"}
 _NO_TRUNCATE = {False, None, "do_not_truncate"}
 _PAD_LONGEST = {True, "longest"}
 _NO_PAD = {False, None, "do_not_pad"}
-
-
-def _token_content(value: Any) -> str | None:
-    """Special tokens appear in configs either as plain strings or as serialised AddedToken dicts."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, dict) and isinstance(value.get("content"), str):
-        return value["content"]
-    raise ValueError(f"Cannot read a special token from {value!r}")
 
 
 def _clean_up_tokenization(text: str) -> str:
@@ -97,7 +75,7 @@ class Tokenizer:
         add_eos_token: bool | None = None,
         padding_side: str = "left",
         truncation_side: str = "right",
-        model_max_length: int = _UNLIMITED,
+        model_max_length: int = UNLIMITED,
         clean_up_tokenization_spaces: bool = False,
         chat_template: str | None = None,
         extra_config: dict[str, Any] | None = None,
@@ -131,103 +109,12 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> Tokenizer:
         """Load `tokenizer.json` + `tokenizer_config.json` (+ `special_tokens_map.json` if present)."""
-        folder = Path(folder)
-        if not (folder / TOKENIZER_FILE).is_file():
-            raise ValueError(f"No {TOKENIZER_FILE} in {folder}")
-        backend = tokenizers.Tokenizer.from_file(str(folder / TOKENIZER_FILE))
-        config: dict[str, Any] = {}
-        if (folder / TOKENIZER_CONFIG_FILE).is_file():
-            config = json.loads((folder / TOKENIZER_CONFIG_FILE).read_text(encoding="utf-8"))
-        if (folder / SPECIAL_TOKENS_MAP_FILE).is_file():
-            special_map = json.loads((folder / SPECIAL_TOKENS_MAP_FILE).read_text(encoding="utf-8"))
-            for key, value in special_map.items():  # tokenizer_config.json wins, as in transformers
-                config.setdefault(key, value)
-        cls._check_added_tokens(backend, config.get("added_tokens_decoder", {}))
-        additional = config.get("additional_special_tokens") or []
-        chat_template = config.get("chat_template")
-        if isinstance(chat_template, list):  # 4.x allowed several named templates
-            named = {item["name"]: item["template"] for item in chat_template}
-            chat_template = named.get("default")
-        max_len = config.get("model_max_length")
-        return cls(
-            backend,
-            **{key: _token_content(config.get(key)) for key in _SPECIAL_KEYS},
-            additional_special_tokens=[t for t in map(_token_content, additional) if t is not None],
-            add_bos_token=config.get("add_bos_token"),
-            add_eos_token=config.get("add_eos_token"),
-            padding_side=config.get("padding_side") or "left",
-            truncation_side=config.get("truncation_side") or "right",
-            model_max_length=int(max_len) if max_len is not None else _UNLIMITED,
-            clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
-            chat_template=chat_template,
-            extra_config={k: v for k, v in config.items() if k not in _OWNED_KEYS},
-        )
-
-    @staticmethod
-    def _check_added_tokens(backend: tokenizers.Tokenizer, declared: dict[str, Any]) -> None:
-        """Add tokens the config declares but tokenizer.json lacks; refuse files that disagree on ids."""
-        for index, spec in sorted(declared.items(), key=lambda item: int(item[0])):
-            content = spec["content"]
-            existing = backend.token_to_id(content)
-            if existing is None:
-                token = tokenizers.AddedToken(
-                    content,
-                    single_word=spec.get("single_word", False),
-                    lstrip=spec.get("lstrip", False),
-                    rstrip=spec.get("rstrip", False),
-                    normalized=spec.get("normalized", False),
-                    special=spec.get("special", False),
-                )
-                backend.add_tokens([token])
-                existing = backend.token_to_id(content)
-            if existing != int(index):
-                raise ValueError(
-                    f"tokenizer_config.json declares {content!r} as id {index} but "
-                    f"tokenizer.json gives it id {existing}"
-                )
+        backend, settings = read_tokenizer_folder(Path(folder))
+        return cls(backend, **settings)
 
     def save_pretrained(self, folder: str | Path) -> None:
-        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json (loadable by transformers).
-
-        `legacy: true` is added when the config does not say otherwise: it was the 4.x default, and it
-        makes transformers 5 keep the `▁` prefix on every segment as tokenizer.json does (docs/numerics.md §6.2).
-        """
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.backend.save(str(folder / TOKENIZER_FILE))
-        decoder = self.backend.get_added_tokens_decoder()
-        config: dict[str, Any] = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "legacy": True,
-            **self.extra_config,
-        }
-        for key, flag in (("add_bos_token", self.add_bos_token), ("add_eos_token", self.add_eos_token)):
-            if flag is not None:
-                config[key] = flag
-        config["added_tokens_decoder"] = {str(i): tok.__getstate__() for i, tok in sorted(decoder.items())}
-        config["additional_special_tokens"] = list(self.additional_special_tokens)
-        config.update({key: getattr(self, key) for key in _SPECIAL_KEYS if getattr(self, key) is not None})
-        config.update(
-            padding_side=self.padding_side,
-            truncation_side=self.truncation_side,
-            model_max_length=self.model_max_length,
-            clean_up_tokenization_spaces=self.clean_up_tokenization_spaces,
-        )
-        if self.chat_template is not None:
-            config["chat_template"] = self.chat_template
-        by_content = {tok.content: tok.__getstate__() for tok in decoder.values()}
-
-        def as_dict(content: str) -> dict[str, Any]:  # special_tokens_map.json has no "special" field
-            entry = by_content.get(content) or tokenizers.AddedToken(content).__getstate__()
-            return {key: value for key, value in entry.items() if key != "special"}
-
-        names = [key for key in _SPECIAL_KEYS if getattr(self, key) is not None]
-        special_map = {key: as_dict(getattr(self, key)) for key in names}
-        special_map["additional_special_tokens"] = [as_dict(t) for t in self.additional_special_tokens]
-        for name, payload in ((TOKENIZER_CONFIG_FILE, config), (SPECIAL_TOKENS_MAP_FILE, special_map)):
-            (folder / name).write_text(
-                json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-            )
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json (loadable by transformers)."""
+        write_tokenizer_folder(self, Path(folder))
 
     # ------------------------------------------------------------------ vocabulary
     def _rebuild_post_processor(self) -> None:
@@ -333,7 +220,7 @@ class Tokenizer:
     @property
     def special_tokens_map(self) -> dict[str, str]:
         """The named special tokens, as chat templates expect them (`bos_token`, ...)."""
-        return {key: getattr(self, key) for key in _SPECIAL_KEYS if getattr(self, key) is not None}
+        return {key: getattr(self, key) for key in SPECIAL_KEYS if getattr(self, key) is not None}
 
     # ------------------------------------------------------------------ encoding
     def _limit(self, max_length: int | None) -> int | None:

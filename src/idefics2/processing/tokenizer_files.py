@@ -1,0 +1,141 @@
+"""A tokenizer's Hub files: tokenizer.json, tokenizer_config.json, special_tokens_map.json.
+
+Reading gives the `tokenizers` pipeline and the keyword settings `Tokenizer` takes; writing puts
+them back in the layout transformers loads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+UNLIMITED = int(1e30)  # the Hub's `model_max_length` when a tokenizer sets none
+SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+# Keys this class owns; every other key of tokenizer_config.json is kept verbatim for save_pretrained.
+OWNED_KEYS = (
+    *SPECIAL_KEYS,
+    "additional_special_tokens",
+    "added_tokens_decoder",
+    "add_bos_token",
+    "add_eos_token",
+    "padding_side",
+    "truncation_side",
+    "model_max_length",
+    "clean_up_tokenization_spaces",
+    "chat_template",
+)
+
+
+def token_content(value: Any) -> str | None:
+    """Special tokens appear in configs either as plain strings or as serialised AddedToken dicts."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise ValueError(f"Cannot read a special token from {value!r}")
+
+
+def read_tokenizer_folder(folder: Path) -> tuple[tokenizers.Tokenizer, dict[str, Any]]:
+    """The pipeline of `folder`/tokenizer.json and the `Tokenizer` keyword settings from its configs."""
+    folder = Path(folder)
+    if not (folder / TOKENIZER_FILE).is_file():
+        raise ValueError(f"No {TOKENIZER_FILE} in {folder}")
+    backend = tokenizers.Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+    config: dict[str, Any] = {}
+    if (folder / TOKENIZER_CONFIG_FILE).is_file():
+        config = json.loads((folder / TOKENIZER_CONFIG_FILE).read_text(encoding="utf-8"))
+    if (folder / SPECIAL_TOKENS_MAP_FILE).is_file():
+        special_map = json.loads((folder / SPECIAL_TOKENS_MAP_FILE).read_text(encoding="utf-8"))
+        for key, value in special_map.items():  # tokenizer_config.json wins, as in transformers
+            config.setdefault(key, value)
+    check_added_tokens(backend, config.get("added_tokens_decoder", {}))
+    additional = config.get("additional_special_tokens") or []
+    chat_template = config.get("chat_template")
+    if isinstance(chat_template, list):  # 4.x allowed several named templates
+        named = {item["name"]: item["template"] for item in chat_template}
+        chat_template = named.get("default")
+    max_len = config.get("model_max_length")
+    return backend, dict(
+        **{key: token_content(config.get(key)) for key in SPECIAL_KEYS},
+        additional_special_tokens=[t for t in map(token_content, additional) if t is not None],
+        add_bos_token=config.get("add_bos_token"),
+        add_eos_token=config.get("add_eos_token"),
+        padding_side=config.get("padding_side") or "left",
+        truncation_side=config.get("truncation_side") or "right",
+        model_max_length=int(max_len) if max_len is not None else UNLIMITED,
+        clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+        chat_template=chat_template,
+        extra_config={k: v for k, v in config.items() if k not in OWNED_KEYS},
+    )
+
+
+def check_added_tokens(backend: tokenizers.Tokenizer, declared: dict[str, Any]) -> None:
+    """Add tokens the config declares but tokenizer.json lacks; refuse files that disagree on ids."""
+    for index, spec in sorted(declared.items(), key=lambda item: int(item[0])):
+        content = spec["content"]
+        existing = backend.token_to_id(content)
+        if existing is None:
+            token = tokenizers.AddedToken(
+                content,
+                single_word=spec.get("single_word", False),
+                lstrip=spec.get("lstrip", False),
+                rstrip=spec.get("rstrip", False),
+                normalized=spec.get("normalized", False),
+                special=spec.get("special", False),
+            )
+            backend.add_tokens([token])
+            existing = backend.token_to_id(content)
+        if existing != int(index):
+            raise ValueError(
+                f"tokenizer_config.json declares {content!r} as id {index} but "
+                f"tokenizer.json gives it id {existing}"
+            )
+
+
+def write_tokenizer_folder(tokenizer: Any, folder: Path) -> None:
+    """Write the three files of `tokenizer` (a `Tokenizer`, whose module imports this one) into `folder`.
+
+    `legacy: true` is added when the config does not say otherwise: it was the 4.x default, and it
+    makes transformers 5 keep the `▁` prefix on every segment as tokenizer.json does (docs/numerics.md §6.2).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.backend.save(str(folder / TOKENIZER_FILE))
+    decoder = tokenizer.backend.get_added_tokens_decoder()
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "legacy": True,
+        **tokenizer.extra_config,
+    }
+    for key, flag in (("add_bos_token", tokenizer.add_bos_token), ("add_eos_token", tokenizer.add_eos_token)):
+        if flag is not None:
+            config[key] = flag
+    config["added_tokens_decoder"] = {str(i): tok.__getstate__() for i, tok in sorted(decoder.items())}
+    config["additional_special_tokens"] = list(tokenizer.additional_special_tokens)
+    config.update({key: getattr(tokenizer, key) for key in SPECIAL_KEYS if getattr(tokenizer, key) is not None})
+    config.update(
+        padding_side=tokenizer.padding_side,
+        truncation_side=tokenizer.truncation_side,
+        model_max_length=tokenizer.model_max_length,
+        clean_up_tokenization_spaces=tokenizer.clean_up_tokenization_spaces,
+    )
+    if tokenizer.chat_template is not None:
+        config["chat_template"] = tokenizer.chat_template
+    by_content = {tok.content: tok.__getstate__() for tok in decoder.values()}
+
+    def as_dict(content: str) -> dict[str, Any]:  # special_tokens_map.json has no "special" field
+        entry = by_content.get(content) or tokenizers.AddedToken(content).__getstate__()
+        return {key: value for key, value in entry.items() if key != "special"}
+
+    names = [key for key in SPECIAL_KEYS if getattr(tokenizer, key) is not None]
+    special_map = {key: as_dict(getattr(tokenizer, key)) for key in names}
+    special_map["additional_special_tokens"] = [as_dict(t) for t in tokenizer.additional_special_tokens]
+    for name, payload in ((TOKENIZER_CONFIG_FILE, config), (SPECIAL_TOKENS_MAP_FILE, special_map)):
+        (folder / name).write_text(
+            json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
