@@ -18,6 +18,6 @@ if ls .whl/transformers-*.whl >/dev/null 2>&1 &&
 fi
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
-timeout 150 python3 -m pytest -p no:cacheprovider tests/test_model.py -k cuda 2>&1 | tail -n 15 | tee "$out/cuda-tests.txt"
+timeout 150 python3 -m pytest -p no:cacheprovider tests/model/test_model.py -k cuda 2>&1 | tail -n 15 | tee "$out/cuda-tests.txt"
 timeout 420 python3 benchmarks/bench_generate.py --device cuda --dtype bfloat16 --preset idefics2-8b \
   --repeats 2 --compile 2>&1 | tee "$out/bench-8b.txt"

@@ -2,7 +2,7 @@
 
 Each scene is written out by hand so the right answers are known: `shapes.png` has one circle
 (red), so "What color is the circle?" -> "Red."; `count.png` has four shapes (two circles);
-`pair_1.png` / `pair_2.png` differ by one added shape. Run: `python examples/make_examples.py`.
+`pair_1.png` / `pair_2.png` differ by one added shape. Run from the repository root: `python -m examples.make_examples`.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ We do not use the `peft` library: it imports transformers, which this package ne
 files are PEFT's, though (`adapter_config.json` + `adapter_model.safetensors`, keys
 `base_model.model.<module>.lora_A.weight`), so an adapter trained here loads with
 `PeftModel.from_pretrained` on transformers' Idefics2, and one trained there loads here
-(tests/test_finetune.py checks both against PEFT).
+(tests/finetune/test_finetune.py checks both against PEFT).
 
 While adapters are attached, each targeted `Linear` is wrapped in a `LoRALinear`, which renames
 its weight to `<module>.base_layer.weight` as PEFT does. `merge_lora` folds the updates into the
