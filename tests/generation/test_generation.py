@@ -409,7 +409,7 @@ def test_thread_tuner_keeps_the_faster_count_and_rechecks_the_other() -> None:
     step_seconds = {1: 0.030, 2: 0.020}
     picks = []
     for step in range(24):
-        threads = tuner.pick(step)
+        threads = tuner.pick()
         picks.append(threads)
         tuner.record(threads, step_seconds[threads])
         if step == 11:
@@ -418,6 +418,21 @@ def test_thread_tuner_keeps_the_faster_count_and_rechecks_the_other() -> None:
     assert picks[8] == 1  # the other count is re-timed every `recheck` steps
     assert picks[14:16] == [1, 1] and picks[16] == 2  # the slowdown was noticed; 2 is re-timed
     assert picks[-1] == 1
+
+
+def test_the_generator_keeps_its_thread_tuner_between_calls(plain_model: Any) -> None:
+    """Only the first call pays for timing both thread counts: the tuner counts every call's steps."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        plain_model.generate(**single(prompt()), max_new_tokens=6, min_new_tokens=6)
+        tuner = plain_model.generator.thread_tuner(2)
+        before = tuner.steps
+        plain_model.generate(**single(prompt()), max_new_tokens=6, min_new_tokens=6)
+        assert plain_model.generator.thread_tuner(2) is tuner
+        assert before >= 5 and tuner.steps == before + 5  # 6 new tokens: 5 decode steps after the prefill
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_generate_restores_the_callers_thread_count(plain_model: Any) -> None:

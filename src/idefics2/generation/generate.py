@@ -1,8 +1,9 @@
 """Autoregressive generation: image features once, one prefill, then cached one-token steps.
 
 Data flow, through the model's stages only: (input_ids, pixels) -> `get_image_features` (once
-per request, cached per image) -> `embed_inputs` -> prefill `run_decoder`, filling a `KVCache` sized
-prompt + max_new_tokens -> `compute_logits` -> decode steps (`decode_step`) with mask-aware positions (docs/numerics.md §4.8-4.9) -> `sampling` -> ids. Must give the tokens of
+per request, cached per image) -> `embed_inputs` -> prefill `run_decoder`, filling a `KVCache`
+sized prompt + max_new_tokens -> `compute_logits` -> decode steps (`decode_step`) with mask-aware
+positions (docs/numerics.md §4.8-4.9) -> `sampling` -> ids. Must give the tokens of
 transformers 5.24's `generate` (greedy; same processors and order when sampling). Rows that finish
 leave the batch; the output pads them with `pad_token_id`, like the reference.
 """
@@ -75,13 +76,15 @@ def _hits_stop_string(tokenizer: Decoder, ids: list[int], stop_strings: list[str
 class Generator:
     """Generation for one model, and what outlives a single call: the decode step (compiled once, on
     the first call that asks for it) and the model's vision-feature cache. `model.generate` builds
-    one on first use (`model.generator`); each call times its own decode threads (`ThreadTuner`).
+    one on first use (`model.generator`); and the thread tuner of CPU decode steps (`ThreadTuner`),
+    which goes on learning from call to call.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.vision_cache: VisionFeatureCache | None = VisionFeatureCache()  # None: no caching by default
         self._compiled_step: Callable[..., Tensor] | None = None
+        self._thread_tuners: dict[int, ThreadTuner] = {}  # by torch's thread count at the call
 
     def step_function(self, compile: bool) -> Callable[..., Tensor]:
         """`decode_step`, or its `torch.compile`d form, compiled once for this generator."""
@@ -91,6 +94,12 @@ class Generator:
             prepare_for_compile()
             self._compiled_step = torch.compile(decode_step, dynamic=True)
         return self._compiled_step
+
+    def thread_tuner(self, threads: int) -> ThreadTuner:
+        """The tuner choosing between 1 and `threads` threads, kept for later calls."""
+        if threads not in self._thread_tuners:
+            self._thread_tuners[threads] = ThreadTuner([1, threads])
+        return self._thread_tuners[threads]
 
     def vision_cache_for(self, choice: bool | VisionFeatureCache | None) -> VisionFeatureCache | None:
         """True: this generator's cache (`vision_cache`; set it to None to switch caching off for
@@ -161,9 +170,11 @@ class Generator:
         if isinstance(streamer, TextIteratorStreamer):
             streamer.add_stop_strings(stops)
 
+        threads = check_decode_threads(decode_threads, device, compile)
+        several = torch.get_num_threads() > 1
+        tuner = self.thread_tuner(torch.get_num_threads()) if threads == "auto" and several else None
         plan = _Plan(cfg, eos_ids, pad, sampling, stops, generator, tokenizer, streamer,
-                     self.step_function(compile), self.vision_cache_for(vision_cache),
-                     check_decode_threads(decode_threads, device, compile))
+                     self.step_function(compile), self.vision_cache_for(vision_cache), threads, tuner)
         try:
             if streamer is not None:
                 streamer.put(input_ids.cpu())
@@ -188,6 +199,7 @@ class _Plan:
     step_fn: Callable[..., Tensor]
     vision_cache: VisionFeatureCache | None
     decode_threads: int | None | str
+    thread_tuner: ThreadTuner | None  # with decode_threads "auto" on several CPU threads
 
 
 def _run(model: nn.Module, input_ids: Tensor, mask: Tensor, pixel_values: Tensor | None,
@@ -206,13 +218,10 @@ def _run(model: nn.Module, input_ids: Tensor, mask: Tensor, pixel_values: Tensor
     logits = model.compute_logits(hidden[:, -1]).float()  # (B, V)
     del hidden, features
     threads = torch.get_num_threads()
-    tuner = None
     if isinstance(plan.decode_threads, int):
         torch.set_num_threads(plan.decode_threads)
-    elif plan.decode_threads == "auto" and threads > 1:
-        tuner = ThreadTuner([1, threads])
     try:
-        sequences, scores = _decode(model, input_ids, mask, positions[:, -1:] + 1, logits, cache, plan, tuner)
+        sequences, scores = _decode(model, input_ids, mask, positions[:, -1:] + 1, logits, cache, plan)
     finally:
         torch.set_num_threads(threads)
     if not plan.cfg.return_dict_in_generate:
@@ -225,7 +234,7 @@ def _run(model: nn.Module, input_ids: Tensor, mask: Tensor, pixel_values: Tensor
 
 
 def _decode(model: nn.Module, input_ids: Tensor, mask: Tensor, next_positions: Tensor, logits: Tensor,
-            cache: KVCache, plan: _Plan, tuner: ThreadTuner | None) -> tuple[Tensor, list[Tensor]]:
+            cache: KVCache, plan: _Plan) -> tuple[Tensor, list[Tensor]]:
     """Choose a token from `logits` (B, V), feed it, repeat. Returns (B, T + N_new) ids and, with
     output_scores, the per-step scores (B, V). Rows that finish leave the batch (and the cache)."""
     cfg, device = plan.cfg, input_ids.device
@@ -283,8 +292,9 @@ def _decode(model: nn.Module, input_ids: Tensor, mask: Tensor, next_positions: T
             cache.select_rows(keep)
             padded = not bool(full_mask[:, :T].all())
         step_mask = full_mask[:, : T + step + 1] if padded else None
+        tuner = plan.thread_tuner
         if tuner is not None:
-            threads = tuner.pick(step)
+            threads = tuner.pick()
             if threads != torch.get_num_threads():
                 torch.set_num_threads(threads)
             start = time.perf_counter()

@@ -27,7 +27,8 @@ class ThreadTuner:
     core: microseconds when it is idle, a scheduler time slice (~8 ms, measured) when another
     process holds it, which on a shared 2-core machine is common and makes steps 10-20x slower.
     So each candidate (1 and torch's setting) is timed on two steps, the faster is kept, and the
-    other is re-timed every `recheck` steps, since the load changes while generating.
+    other is re-timed every `recheck` steps, since the load changes while generating. A
+    `Generator` keeps its tuner between calls, so only its first call pays for the warm-up.
     """
 
     def __init__(self, candidates: Sequence[int], recheck: int = 32) -> None:
@@ -35,8 +36,11 @@ class ThreadTuner:
         self.recheck = recheck
         self.recent: dict[int, list[float]] = {c: [] for c in self.candidates}
         self.chosen = self.candidates[0]
+        self.steps = 0  # steps timed so far, over every generate call that used this tuner
 
-    def pick(self, step: int) -> int:
+    def pick(self) -> int:
+        """The thread count for the next step."""
+        step = self.steps
         warmup = 2 * len(self.candidates)
         if step < warmup:
             return self.candidates[step % len(self.candidates)]
@@ -46,6 +50,8 @@ class ThreadTuner:
         return self.chosen
 
     def record(self, threads: int, seconds: float) -> None:
+        """The time the step run with `threads` took."""
+        self.steps += 1
         self.recent[threads] = (self.recent[threads] + [seconds])[-2:]
         timed = {c: min(t) for c, t in self.recent.items() if t}
         self.chosen = min(timed, key=timed.__getitem__)
