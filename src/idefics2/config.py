@@ -1,13 +1,18 @@
 """Model configuration: the vision tower, the perceiver resampler, the Mistral decoder and the whole.
 
-Frozen dataclasses whose field names are the keys of an Idefics2 `config.json`. `from_dict` is the
-one place that knows the legacy spellings of docs/numerics.md §2.6 (Hub, transformers 4.x and 5.x); keys we do
-not model are kept in `extra` and written back, so a load/save round trip loses nothing.
+Dataclasses whose field names are the keys of an Idefics2 `config.json`, used as transformers'
+configs are: constructed with keywords (sub-configs as objects or dicts), read and assigned as
+attributes. Keys we do not model, from a file, a keyword or an assignment, are kept in `extra`
+(readable as attributes) and written back, so a load/save round trip loses nothing. `from_dict`
+is the one place that knows the legacy spellings of docs/numerics.md §2.6 (Hub, transformers 4.x
+and 5.x). Values are checked when a sub-config is made and again, with the checks that span
+several of them (image_token_id against the vocabulary), by `validate` when a model is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -34,6 +39,9 @@ _V4_GENERIC_KEYS = {
 }
 
 C = TypeVar("C", bound="_SubConfig")
+T = TypeVar("T")
+
+_MISSING = object()
 
 # What transformers' Idefics2Config passes to MistralConfig when config.json has no text_config.
 IDEFICS2_TEXT_DEFAULTS = {"max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "pad_token_id": 0}
@@ -46,13 +54,55 @@ def _require_positive(obj: object, *names: str) -> None:
             raise ValueError(f"{type(obj).__name__}.{name} must be a positive integer, got {value!r}")
 
 
-@dataclass(frozen=True)
-class _SubConfig:
+def config_class(cls: type[T]) -> type[T]:
+    """A dataclass whose constructor also takes keywords it has no field for: they go to `extra`,
+    as transformers' configs keep any keyword as an attribute."""
+    cls = dataclass(cls)
+    names = frozenset(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        extra = dict(kwargs.pop("extra", None) or {})
+        extra.update({key: kwargs.pop(key) for key in list(kwargs) if key not in names})
+        init(self, *args, extra=extra, **kwargs)
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    cls.field_names = names  # type: ignore[attr-defined]
+    return cls
+
+
+class _ConfigAttributes:
+    """Attribute access to `extra`: reading a key kept there, assigning a name that is no field."""
+
+    field_names: ClassVar[frozenset[str]] = frozenset()
+
+    def __getattr__(self, name: str) -> Any:  # called only when no field or method has the name
+        extra = self.__dict__.get("extra")
+        if extra is not None and name in extra:
+            return extra[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.field_names or name.startswith("_") or hasattr(type(self), name):
+            object.__setattr__(self, name, value)  # a property without a setter raises here
+        else:
+            self.extra[name] = value  # type: ignore[attr-defined]
+
+
+@config_class
+class _SubConfig(_ConfigAttributes):
     """Shared (de)serialisation: declared fields by name, everything else kept in `extra`."""
 
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     model_type: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a ValueError naming the first impossible value."""
 
     @classmethod
     def from_dict(cls: type[C], raw: Mapping[str, Any]) -> C:
@@ -68,8 +118,13 @@ class _SubConfig:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         return {**self.extra, **out, "model_type": self.model_type}
 
+    def to_diff_dict(self) -> dict[str, Any]:
+        """`to_dict` without the values equal to this class's defaults (`model_type` always kept)."""
+        default = type(self)().to_dict()
+        return {k: v for k, v in self.to_dict().items() if k == "model_type" or default.get(k, _MISSING) != v}
 
-@dataclass(frozen=True)
+
+@config_class
 class VisionConfig(_SubConfig):
     """SigLIP-style vision tower at native resolution (docs/numerics.md §2.2)."""
 
@@ -87,7 +142,7 @@ class VisionConfig(_SubConfig):
 
     model_type: ClassVar[str] = "idefics2_vision"
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         _require_positive(self, "hidden_size", "intermediate_size", "num_hidden_layers",
                           "num_attention_heads", "num_channels", "image_size", "patch_size")
         if self.hidden_size % self.num_attention_heads:
@@ -103,7 +158,7 @@ class VisionConfig(_SubConfig):
         return self.image_size // self.patch_size
 
 
-@dataclass(frozen=True)
+@config_class
 class PerceiverConfig(_SubConfig):
     """Perceiver resampler: `resampler_n_latents` learned queries per image (docs/numerics.md §2.3)."""
 
@@ -120,7 +175,7 @@ class PerceiverConfig(_SubConfig):
 
     model_type: ClassVar[str] = "idefics2_perceiver"
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         _require_positive(self, "hidden_size", "resampler_n_latents", "resampler_depth",
                           "resampler_n_heads", "resampler_head_dim", "num_key_value_heads")
         if self.resampler_n_heads % self.num_key_value_heads:
@@ -128,7 +183,7 @@ class PerceiverConfig(_SubConfig):
                              f"perceiver_config.resampler_n_heads ({self.resampler_n_heads})")
 
 
-@dataclass(frozen=True)
+@config_class
 class TextConfig(_SubConfig):
     """Mistral decoder (docs/numerics.md §2.4). Defaults are transformers' MistralConfig defaults; a config.json
     without any text_config gets the Idefics2 overrides of `IDEFICS2_TEXT_DEFAULTS` instead."""
@@ -154,7 +209,7 @@ class TextConfig(_SubConfig):
 
     model_type: ClassVar[str] = "mistral"
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         _require_positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                           "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -188,20 +243,57 @@ class TextConfig(_SubConfig):
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
 
 
-@dataclass(frozen=True)
-class Idefics2Config:
-    """The whole model. Build from a `config.json` with `from_pretrained` or `from_dict`."""
+def _sub_config(value: Any, cls: type[C], name: str, default: Mapping[str, Any] | None = None) -> C:
+    """A sub-config given as an object, a dict (missing keys take `cls`'s defaults) or None (`default`)."""
+    if isinstance(value, cls):
+        return value
+    if value is None:
+        return cls.from_dict(default or {})
+    if isinstance(value, Mapping):
+        return cls.from_dict(value)
+    raise ValueError(f"{name} must be a {cls.__name__}, a dict or None, got {type(value).__name__}")
 
-    vision_config: VisionConfig = field(default_factory=VisionConfig)
-    perceiver_config: PerceiverConfig = field(default_factory=PerceiverConfig)
-    text_config: TextConfig = field(default_factory=lambda: TextConfig(**IDEFICS2_TEXT_DEFAULTS))
+
+@config_class
+class Idefics2Config(_ConfigAttributes):
+    """The whole model, as transformers' `Idefics2Config` takes it: `Idefics2Config()` gives its
+    defaults; sub-configs may be objects or dicts; other keywords are kept as attributes.
+
+    A text_config left out gets the Idefics2 defaults of `IDEFICS2_TEXT_DEFAULTS`, one given as a
+    dict the Mistral defaults for what it leaves out (as in transformers). A perceiver width that
+    differs from the text width is set to it, with the text's eps, as transformers does.
+    """
+
+    vision_config: VisionConfig = None  # type: ignore[assignment]  # None or a dict: converted on init
+    perceiver_config: PerceiverConfig = None  # type: ignore[assignment]
+    text_config: TextConfig = None  # type: ignore[assignment]
     image_token_id: int = 32001
     tie_word_embeddings: bool = False
     use_cache: bool = True
     dtype: str | None = None  # the checkpoint's declared dtype; informational
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
+    model_type: ClassVar[str] = "idefics2"
+    is_encoder_decoder: ClassVar[bool] = False
+    sub_configs: ClassVar[dict[str, type]] = {
+        "text_config": TextConfig, "vision_config": VisionConfig, "perceiver_config": PerceiverConfig}
+
     def __post_init__(self) -> None:
+        self.vision_config = _sub_config(self.vision_config, VisionConfig, "vision_config")
+        self.perceiver_config = _sub_config(self.perceiver_config, PerceiverConfig, "perceiver_config")
+        self.text_config = _sub_config(self.text_config, TextConfig, "text_config", IDEFICS2_TEXT_DEFAULTS)
+        text, perceiver = self.text_config, self.perceiver_config
+        if perceiver.hidden_size != text.hidden_size:
+            # transformers' sync rule: the text width wins and brings its eps along.
+            logger.warning("perceiver_config.hidden_size (%d) != text_config.hidden_size (%d): using the "
+                           "text values for hidden_size and rms_norm_eps", perceiver.hidden_size, text.hidden_size)
+            perceiver.hidden_size, perceiver.rms_norm_eps = text.hidden_size, text.rms_norm_eps
+
+    def validate(self) -> None:
+        """Every check, the sub-configs' included; run when a model is built from this config, so
+        that values assigned since construction are checked too."""
+        for name in self.sub_configs:
+            getattr(self, name).validate()
         if self.perceiver_config.hidden_size != self.text_config.hidden_size:
             raise ValueError(f"perceiver_config.hidden_size ({self.perceiver_config.hidden_size}) must equal "
                              f"text_config.hidden_size ({self.text_config.hidden_size}): the perceiver's "
@@ -210,9 +302,15 @@ class Idefics2Config:
             raise ValueError(f"image_token_id ({self.image_token_id}) must be a token id below "
                              f"text_config.vocab_size ({self.text_config.vocab_size})")
 
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> TextConfig:
+        """The decoder's config (transformers' name for it)."""
+        return self.text_config
+
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any], *, perceiver_eps_from_text: bool = False) -> Idefics2Config:
-        """Parse a config.json dict, accepting the Hub, transformers 4.x and 5.x spellings.
+    def from_dict(cls, raw: Mapping[str, Any], *, perceiver_eps_from_text: bool = False,
+                  **overrides: Any) -> Idefics2Config:
+        """Parse a config.json dict, accepting the Hub, transformers 4.x and 5.x spellings, then set
+        `overrides` (attributes the config has, e.g. `use_cache=False`; others are refused).
 
         `perceiver_eps_from_text=True` reproduces transformers <= 4.45, whose perceiver RMSNorms
         used `text_config.rms_norm_eps` (docs/numerics.md §2.6); the default follows 4.46+ and 5.x.
@@ -224,19 +322,21 @@ class Idefics2Config:
         if perceiver_eps_from_text:
             perceiver_raw["rms_norm_eps"] = text.rms_norm_eps
         perceiver = PerceiverConfig.from_dict(perceiver_raw)
-        if perceiver.hidden_size != text.hidden_size:
-            # transformers' sync rule: the text width wins and brings its eps along.
-            logger.warning("perceiver_config.hidden_size (%d) != text_config.hidden_size (%d): using the "
-                           "text values for hidden_size and rms_norm_eps", perceiver.hidden_size, text.hidden_size)
-            perceiver = dataclasses.replace(perceiver, hidden_size=text.hidden_size, rms_norm_eps=text.rms_norm_eps)
         dtype = raw.pop("dtype", None) or raw.pop("torch_dtype", None)
         raw.pop("torch_dtype", None)
         known = {k: raw.pop(k) for k in ("image_token_id", "tie_word_embeddings", "use_cache") if k in raw}
         extra = {k: v for k, v in raw.items() if k not in _BOOKKEEPING_KEYS}
-        return cls(vision_config=vision, perceiver_config=perceiver, text_config=text, dtype=dtype,
-                   extra=extra, **known)
+        config = cls(vision_config=vision, perceiver_config=perceiver, text_config=text, dtype=dtype,
+                     extra=extra, **known)
+        for name, value in overrides.items():
+            if not hasattr(config, name):
+                raise ValueError(f"unknown Idefics2Config option {name!r}: expected one of its fields "
+                                 f"({', '.join(sorted(config.field_names - {'extra'}))}) or a key of config.json")
+            setattr(config, name, value)
+        return config
 
     def to_dict(self) -> dict[str, Any]:
+        """config.json as a dict: every value, the sub-configs' included."""
         out: dict[str, Any] = {
             **self.extra,
             "architectures": self.extra.get("architectures", ["Idefics2ForConditionalGeneration"]),
@@ -252,8 +352,25 @@ class Idefics2Config:
             out["dtype"] = self.dtype
         return out
 
+    def to_diff_dict(self) -> dict[str, Any]:
+        """`to_dict` without what equals the defaults: of `Idefics2Config()` at the top, of each
+        sub-config's class inside (as transformers writes it)."""
+        default = Idefics2Config().to_dict()
+        out = {k: v for k, v in self.to_dict().items()
+               if k not in self.sub_configs and default.get(k, _MISSING) != v}
+        out.update({name: getattr(self, name).to_diff_dict() for name in self.sub_configs})
+        return {**out, "model_type": self.model_type}
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        return json.dumps(self.to_diff_dict() if use_diff else self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, path: str | os.PathLike[str], use_diff: bool = True) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string(use_diff))
+
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike[str], **kwargs: Any) -> Idefics2Config:
+        """config.json of a checkpoint folder; `kwargs` as `from_dict` takes them."""
         path = os.path.join(folder, "config.json")
         if not os.path.isfile(path):
             raise ValueError(f"no config.json in {os.fspath(folder)!r}: expected a Hub-layout checkpoint folder")
@@ -262,6 +379,4 @@ class Idefics2Config:
 
     def save_pretrained(self, folder: str | os.PathLike[str]) -> None:
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
+        self.to_json_file(os.path.join(folder, "config.json"), use_diff=False)

@@ -152,6 +152,17 @@ def test_logits_to_keep_selects_the_last_positions() -> None:
 
 
 @torch.no_grad()
+def test_assigning_use_cache_on_the_model_config_turns_the_cache_off() -> None:
+    """Configs take assignments, as transformers' do: `model.config.use_cache = False` is read by forward."""
+    config = CONFIGS["tied-mqa"]
+    ours = ours_from(oracle_model(config), config)
+    batch = make_batch(config)
+    assert ours(**batch).past_key_values is not None
+    ours.config.use_cache = False
+    assert ours(**batch).past_key_values is None
+
+
+@torch.no_grad()
 def test_idefics2_model_hidden_states_match_transformers() -> None:
     transformers = pytest.importorskip("transformers")
     config = CONFIGS["gqa-window8"]

@@ -57,6 +57,7 @@ class Idefics2Model(nn.Module):
     checkpoint_prefix = "model."
 
     def __init__(self, config: Idefics2Config) -> None:
+        config.validate()  # before any weight is allocated; also checks values assigned since construction
         super().__init__()
         self.config = config
         self.vision_model = VisionTransformer(config.vision_config)
