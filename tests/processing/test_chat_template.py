@@ -178,3 +178,43 @@ def test_chat_template_matches_transformers(
     assert processor.apply_chat_template(
         batch, add_generation_prompt=add_generation_prompt
     ) == oracle.apply_chat_template(batch, add_generation_prompt=add_generation_prompt)
+
+
+def test_named_chat_templates_round_trip_both_ways(tmp_path: Path) -> None:
+    """A named (dict) template saved with save_pretrained reloaded as the text of the dict before."""
+    transformers = pytest.importorskip("transformers")
+    named = {"default": "{{ 'plain:' }}{{ messages[0]['content'] }}",
+             "tool_use": "{{ 'tool:' }}{{ messages[0]['content'] }}"}
+    processor = Idefics2Processor.from_pretrained(HUB_LIKE_TOKENIZER)
+    processor.chat_template = named
+    processor.save_pretrained(tmp_path / "ours")
+    assert (tmp_path / "ours" / "chat_template.jinja").is_file()
+    assert (tmp_path / "ours" / "additional_chat_templates" / "tool_use.jinja").is_file()
+    assert not (tmp_path / "ours" / "chat_template.json").exists()
+    again = Idefics2Processor.from_pretrained(tmp_path / "ours")
+    reference = transformers.Idefics2Processor.from_pretrained(tmp_path / "ours")
+    assert again.chat_template == named == reference.chat_template
+    messages = [{"role": "user", "content": "hi"}]
+    for name in (None, "tool_use"):
+        assert again.apply_chat_template(messages, chat_template=name) == reference.apply_chat_template(
+            messages, chat_template=name)
+    reference.save_pretrained(tmp_path / "theirs")
+    assert Idefics2Processor.from_pretrained(tmp_path / "theirs").chat_template == named
+    # a save over an older 4.x folder must not leave its chat_template.json to win at the next load
+    shutil.copytree(HUB_LIKE_TOKENIZER, tmp_path / "old")
+    again.save_pretrained(tmp_path / "old")
+    assert Idefics2Processor.from_pretrained(tmp_path / "old").chat_template == named
+
+
+def test_a_dict_in_chat_template_json_is_read_as_named_templates(tmp_path: Path) -> None:
+    shutil.copytree(HUB_LIKE_TOKENIZER, tmp_path / "p")
+    named = {"chat_template": {"default": "A", "b": "B"}}
+    (tmp_path / "p" / "chat_template.json").write_text(json.dumps(named))
+    assert Idefics2Processor.from_pretrained(tmp_path / "p").chat_template == {"default": "A", "b": "B"}
+    (tmp_path / "p" / "chat_template.json").write_text(json.dumps({"chat_template": 3}))
+    with pytest.raises(ValueError, match="chat_template must be a string or a non-empty"):
+        Idefics2Processor.from_pretrained(tmp_path / "p")
+    no_default = Idefics2Processor.from_pretrained(HUB_LIKE_TOKENIZER)
+    no_default.chat_template = {"b": "B"}
+    with pytest.raises(ValueError, match=r"named \['b'\], none 'default'"):
+        no_default.apply_chat_template([{"role": "user", "content": "x"}])

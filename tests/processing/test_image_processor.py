@@ -64,6 +64,16 @@ def assert_bit_exact(images: Any, ours: Idefics2ImageProcessor | None = None, re
     return mine
 
 
+@pytest.mark.oracle
+def test_preprocess_is_the_documented_spelling_of_the_call() -> None:
+    """`Idefics2ImageProcessor.preprocess`, the spelling of the model's documentation page, is the call."""
+    images = [[photo("astronaut", 500, 300)], [photo("chelsea", 200, 410), photo("coffee", 60, 60)]]
+    mine = Idefics2ImageProcessor().preprocess(images, do_image_splitting=True, return_tensors="pt")
+    theirs = reference().preprocess(images, do_image_splitting=True, return_tensors="pt")
+    assert torch.equal(mine["pixel_values"], theirs["pixel_values"].to(torch.float32))
+    assert torch.equal(mine["pixel_attention_mask"], theirs["pixel_attention_mask"].to(torch.int64))
+
+
 def expected_size(height: int, width: int, shortest: int = 378, longest: int = 980) -> tuple[int, int]:
     """Spec §5.4, written independently of the implementation."""
     if width >= height and width > longest:

@@ -484,3 +484,76 @@ def test_what_transformers_saves_loads_in_ours(oracle: Any, tmp_path: Path) -> N
         assert ours.tokenizer(text) == dict(oracle.tokenizer(text))
     text = "User:<image> What?<end_of_utterance>\nAssistant:"  # no space insertion by the 5.x processor here
     assert ours(text=text).input_ids.tolist() == oracle(text=text)["input_ids"]
+
+
+# ---------------------------------------------------------------- apply_chat_template, the one-call form
+def _photo(seed: int, size: tuple[int, int]) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+
+
+def _carrying(image: Image.Image, text: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
+
+
+def test_one_call_chat_template_gives_the_model_inputs_like_transformers() -> None:
+    """`apply_chat_template(..., tokenize=True, return_dict=True, return_tensors="pt")` returned a plain
+    list before (the options were handed to the template). Now: the processor's own two-step result,
+    with the reference's keys and its pixels (the ids follow the 4.x rule, see README)."""
+    import transformers
+
+    ours = Idefics2Processor.from_pretrained(HUB_LIKE_TOKENIZER)
+    reference = transformers.Idefics2Processor.from_pretrained(HUB_LIKE_TOKENIZER)
+    images = [_photo(0, (40, 50)), _photo(1, (70, 30))]
+    chats = [_carrying(images[0], "What is it?"), _carrying(images[1], "And this one, in a few words?")]
+    got = ours.apply_chat_template(chats, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                   return_tensors="pt", padding=True)
+    two_step = ours(images=[[images[0]], [images[1]]], return_tensors="pt", padding=True,
+                    text=ours.apply_chat_template(chats, add_generation_prompt=True))
+    expected = reference.apply_chat_template(chats, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                             return_tensors="pt", processor_kwargs={"padding": True})
+    assert isinstance(got, BatchFeature) and set(got) == set(expected) == set(two_step)
+    for key in got:
+        assert torch.equal(got[key], two_step[key]), key
+    assert torch.equal(got["pixel_values"], expected["pixel_values"])
+    mask = got["pixel_attention_mask"]
+    assert torch.equal(mask, expected["pixel_attention_mask"].to(mask.dtype))
+    ids = ours.apply_chat_template(chats[0], add_generation_prompt=True, tokenize=True, return_tensors="pt")
+    assert torch.equal(ids, ours(text=ours.apply_chat_template(chats[0], add_generation_prompt=True))["input_ids"])
+
+
+def test_chat_template_image_parts_from_files_and_refusals(tmp_path: Path) -> None:
+    ours = Idefics2Processor.from_pretrained(HUB_LIKE_TOKENIZER)
+    _photo(2, (30, 40)).save(tmp_path / "photo.png")
+    by_path = [{"role": "user", "content": [{"type": "image", "path": str(tmp_path / "photo.png")},
+                                            {"type": "text", "text": "Hi"}]}]
+    inputs = ours.apply_chat_template(by_path, tokenize=True, return_dict=True)
+    assert inputs["pixel_values"].shape[:2] == (1, 1)
+    cases = [
+        ({"tokenize": False, "return_dict": True}, "return_dict=True needs tokenize=True"),
+        ({"tokenize": True, "tools": [{"name": "x"}]}, r"option\(s\) \['tools'\] are not supported"),
+        ({"tokenize": True, "continue_final_message": True}, "continue_final_message"),
+    ]
+    for options, message in cases:
+        with pytest.raises(ValueError, match=message):
+            ours.apply_chat_template(by_path, **options)
+    remote = [{"role": "user", "content": [{"type": "image", "url": "http://example.com/a.png"}]}]
+    with pytest.raises(ValueError, match="remote images are not fetched"):
+        ours.apply_chat_template(remote, tokenize=True, return_dict=True)
+    mixed = [{"role": "user", "content": [*by_path[0]["content"], {"type": "image"}]}]
+    with pytest.raises(ValueError, match="1 image parts carry an image and 1 do not"):
+        ours.apply_chat_template(mixed, tokenize=True, return_dict=True)
+    missing = [{"role": "user", "content": [{"type": "image", "path": str(tmp_path / "none.png")}]}]
+    with pytest.raises(ValueError, match="conversation 0, message 0, part 0: cannot read image"):
+        ours.apply_chat_template(missing, tokenize=True, return_dict=True)
+
+
+def test_processor_token_attributes_match_transformers() -> None:
+    import transformers
+
+    ours = Idefics2Processor.from_pretrained(HUB_LIKE_TOKENIZER)
+    reference = transformers.Idefics2Processor.from_pretrained(HUB_LIKE_TOKENIZER)
+    for name in ("image_token", "fake_image_token", "end_of_utterance_token"):
+        assert getattr(ours, name) == str(getattr(reference, name)), name  # the reference's may be an AddedToken
+    assert ours.image_token_id == reference.image_token_id
+    assert ours.model_input_names == reference.model_input_names

@@ -12,6 +12,7 @@ import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, NoReturn
 
 import jinja2.ext
@@ -27,6 +28,10 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 Message = Mapping[str, Any]
+ChatTemplate = str | dict[str, str]  # Jinja source, or named sources ("default" unless one is named)
+CHAT_TEMPLATE_JSON = "chat_template.json"  # the 4.x layout: read, not written
+CHAT_TEMPLATE_JINJA = "chat_template.jinja"
+NAMED_TEMPLATES_DIR = "additional_chat_templates"
 
 
 def _raise_exception(message: str) -> NoReturn:
@@ -90,3 +95,59 @@ def render_chat(
         )
     except jinja2.TemplateError as error:  # syntax errors and sandbox violations: bad template, not bad code
         raise ValueError(f"Chat template failed: {error}") from error
+
+
+def template_source(template: ChatTemplate, name: str | None = None) -> str:
+    """The Jinja source to render: `name` if it names one of the named templates, else `name` itself
+    as source; None gives the template ("default" of named ones)."""
+    named = template if isinstance(template, dict) else {"default": template}
+    if name is not None:
+        return named.get(name, name)
+    if "default" not in named:
+        raise ValueError(f"the chat templates are named {sorted(named)}, none 'default': "
+                         "pass chat_template=NAME")
+    return named["default"]
+
+
+def _checked(template: Any, source: Path) -> ChatTemplate:
+    if isinstance(template, str):
+        return template
+    if isinstance(template, dict) and template and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in template.items()):
+        return template
+    raise ValueError(f"{source}: chat_template must be a string or a non-empty {{name: template}} object of "
+                     f"strings, got {type(template).__name__}")
+
+
+def read_chat_template(folder: Path) -> ChatTemplate | None:
+    """A folder's chat template files: chat_template.json (4.x; a string or named templates), else
+    chat_template.jinja with additional_chat_templates/NAME.jinja (5.x); None when there are none."""
+    if (folder / CHAT_TEMPLATE_JSON).is_file():
+        template = json.loads((folder / CHAT_TEMPLATE_JSON).read_text(encoding="utf-8")).get("chat_template")
+        if template is not None:
+            return _checked(template, folder / CHAT_TEMPLATE_JSON)
+    named = {path.stem: path.read_text(encoding="utf-8")
+             for path in sorted((folder / NAMED_TEMPLATES_DIR).glob("*.jinja"))}
+    if (folder / CHAT_TEMPLATE_JINJA).is_file():
+        default = (folder / CHAT_TEMPLATE_JINJA).read_text(encoding="utf-8")
+        return {**named, "default": default} if named else default
+    return named or None
+
+
+def write_chat_template(folder: Path, template: ChatTemplate) -> None:
+    """The 5.x layout: "default" as chat_template.jinja, other named templates as
+    additional_chat_templates/NAME.jinja. A chat_template.json or named template left from an earlier
+    save is removed: it would win over, or add to, what is written now."""
+    named = template if isinstance(template, dict) else {"default": template}
+    (folder / CHAT_TEMPLATE_JSON).unlink(missing_ok=True)
+    for stale in (folder / NAMED_TEMPLATES_DIR).glob("*.jinja"):
+        stale.unlink()
+    for name, source in named.items():
+        if name == "default":
+            path = folder / CHAT_TEMPLATE_JINJA
+        else:
+            if not name or "/" in name or "\\" in name or name.startswith("."):
+                raise ValueError(f"chat template name {name!r} cannot be a file name")
+            path = folder / NAMED_TEMPLATES_DIR / f"{name}.jinja"
+            path.parent.mkdir(exist_ok=True)
+        path.write_text(source, encoding="utf-8")

@@ -15,7 +15,21 @@ from pathlib import Path
 from typing import Any
 
 from idefics2.processing.batch import BatchFeature
-from idefics2.processing.chat_template import DEFAULT_CHAT_TEMPLATE, Message, render_chat
+from idefics2.processing.chat_inputs import (
+    PROCESSOR_OPTIONS,
+    UNSUPPORTED_OPTIONS,
+    check_options,
+    images_from_messages,
+)
+from idefics2.processing.chat_template import (
+    DEFAULT_CHAT_TEMPLATE,
+    ChatTemplate,
+    Message,
+    read_chat_template,
+    render_chat,
+    template_source,
+    write_chat_template,
+)
 from idefics2.processing.image_inputs import make_nested_images
 from idefics2.processing.image_processor import Idefics2ImageProcessor
 from idefics2.processing.tokenizer import Tokenizer, as_tensor
@@ -92,7 +106,7 @@ class Idefics2Processor:
         image_processor: Idefics2ImageProcessor,
         tokenizer: Tokenizer,
         image_seq_len: int = 64,
-        chat_template: str | None = None,
+        chat_template: ChatTemplate | None = None,
     ) -> None:
         self.image_processor = image_processor
         self.tokenizer = tokenizer
@@ -101,7 +115,12 @@ class Idefics2Processor:
         missing = [t for t in (FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE_TOKEN) if t not in tokenizer]
         tokenizer.add_special_tokens(missing)
 
-    # ------------------------------------------------------------------ token ids
+    # ------------------------------------------------------------------ tokens
+    image_token = IMAGE_TOKEN
+    fake_image_token = FAKE_IMAGE_TOKEN
+    end_of_utterance_token = END_OF_UTTERANCE_TOKEN
+    model_input_names = ["pixel_values", "pixel_attention_mask", "input_ids", "attention_mask"]
+
     @property
     def image_token_id(self) -> int:
         return self.tokenizer.token_to_id(IMAGE_TOKEN)
@@ -132,35 +151,21 @@ class Idefics2Processor:
         )
 
     @staticmethod
-    def _find_chat_template(folder: Path, config: dict[str, Any], tokenizer: Tokenizer) -> str | None:
-        """chat_template.json, chat_template.jinja, processor config, tokenizer config: first one wins."""
-        if (folder / "chat_template.json").is_file():
-            template = json.loads((folder / "chat_template.json").read_text(encoding="utf-8")).get(
-                "chat_template"
-            )
-            if template is not None:
-                return str(template)
-        if (folder / "chat_template.jinja").is_file():
-            return (folder / "chat_template.jinja").read_text(encoding="utf-8")
-        return config.get("chat_template") or tokenizer.chat_template
+    def _find_chat_template(folder: Path, config: dict[str, Any], tokenizer: Tokenizer) -> ChatTemplate | None:
+        """The template files (`read_chat_template`), then the processor config, then the tokenizer
+        config: the first one found wins, as in transformers."""
+        return read_chat_template(folder) or config.get("chat_template") or tokenizer.chat_template
 
     def save_pretrained(self, folder: str | Path) -> None:
-        """Write the 4.x Hub layout, which transformers 4.44+ and 5.x both load."""
+        """Write the files transformers 5.x writes: the image processor's and the tokenizer's, the
+        processor config and the chat template (`write_chat_template`)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.image_processor.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
-        files = {
-            PROCESSOR_CONFIG_FILE: {
-                "image_seq_len": self.image_seq_len,
-                "processor_class": "Idefics2Processor",
-            },
-            "chat_template.json": {"chat_template": self.chat_template},
-        }
-        for name, payload in files.items():
-            (folder / name).write_text(
-                json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-            )
+        config = {"image_seq_len": self.image_seq_len, "processor_class": "Idefics2Processor"}
+        (folder / PROCESSOR_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        write_chat_template(folder, self.chat_template)
 
     # ------------------------------------------------------------------ main call
     def __call__(
@@ -283,16 +288,31 @@ class Idefics2Processor:
         tokenize: bool = False,
         *,
         chat_template: str | None = None,
+        return_dict: bool = False,
+        return_tensors: str | None = None,
+        processor_kwargs: dict[str, Any] | None = None,
         **template_kwargs: Any,
     ) -> Any:
-        """Render one conversation (-> str) or a batch (-> list[str]).
+        """Render one conversation (-> str) or a batch (-> list[str]), as transformers does.
 
-        `tokenize=True` returns, like transformers, a list with one id list per conversation: the
-        rendered text with images expanded, BOS added unless the template already wrote it.
+        `tokenize=True` returns a list with one id list per conversation: the rendered text with
+        images expanded, BOS added unless the template already wrote it. With `return_dict=True` as
+        well, the model inputs of this processor's call (`BatchFeature`), images taken from the image
+        parts of the messages (`chat_inputs`); `return_tensors`, `processor_kwargs` and the call's
+        own keywords found among the others (padding, truncation, ...) go to that call. Other
+        keywords are template variables. Options of transformers' signature that we do not implement
+        (tools, documents, continue_final_message, ...) raise a ValueError naming them.
         """
+        check_options(template_kwargs)
+        if return_dict and not tokenize:
+            raise ValueError("return_dict=True needs tokenize=True (the dict holds tokenized model inputs)")
+        call_kwargs = dict(processor_kwargs or {})
+        call_kwargs.update({k: template_kwargs.pop(k) for k in PROCESSOR_OPTIONS if k in template_kwargs})
+        for name in UNSUPPORTED_OPTIONS:
+            template_kwargs.pop(name, None)
         is_batched = bool(messages) and all(isinstance(m, (list, tuple)) for m in messages)
         conversations = list(messages) if is_batched else [messages]
-        template = chat_template or self.chat_template
+        template = template_source(self.chat_template, chat_template)
         variables = {**self.tokenizer.special_tokens_map, **template_kwargs}
         rendered = [
             render_chat(c, template, add_generation_prompt=add_generation_prompt, **variables)
@@ -300,14 +320,23 @@ class Idefics2Processor:
         ]
         if not tokenize:
             return rendered if is_batched else rendered[0]
-        split = self.image_processor.do_image_splitting
         bos = self.tokenizer.bos_token
+        written_bos = [bos is not None and prompt.startswith(bos) for prompt in rendered]
+        if return_dict or return_tensors is not None:
+            if any(written_bos) and not all(written_bos):
+                raise ValueError("the template wrote BOS in some conversations only; render them separately")
+            images = images_from_messages(conversations) if return_dict else None
+            inputs = self(images=images, text=rendered, add_special_tokens=not any(written_bos),
+                          return_tensors=return_tensors, **call_kwargs)
+            return inputs if return_dict else inputs["input_ids"]
+        split = call_kwargs.get("do_image_splitting", self.image_processor.do_image_splitting)
+        seq_len = call_kwargs.get("image_seq_len", self.image_seq_len)
         return [
             self.tokenizer(
-                expand_image_tokens(prompt, image_seq_len=self.image_seq_len, do_image_splitting=split),
-                add_special_tokens=not (bos is not None and prompt.startswith(bos)),
+                expand_image_tokens(prompt, image_seq_len=seq_len, do_image_splitting=split),
+                add_special_tokens=not wrote_bos,
             )["input_ids"]
-            for prompt in rendered
+            for prompt, wrote_bos in zip(rendered, written_bos, strict=True)
         ]
 
     def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
