@@ -152,6 +152,48 @@ def test_logits_to_keep_selects_the_last_positions() -> None:
 
 
 @torch.no_grad()
+def test_hidden_states_match_transformers_layer_by_layer() -> None:
+    """`output_hidden_states=True` failed before; now: the embeddings, each layer's output, the last
+    one after the final norm, as the reference gives them."""
+    config = CONFIGS["gqa-window8"]
+    reference = oracle_model(config)
+    ours = ours_from(reference, config)
+    batch = make_batch(config)
+    real = batch["attention_mask"].bool()
+    got = ours(**batch, output_hidden_states=True)
+    expected = reference(**batch, output_hidden_states=True)
+    assert len(got.hidden_states) == len(expected.hidden_states) == config["text_config"]["num_hidden_layers"] + 1
+    for mine, theirs in zip(got.hidden_states, expected.hidden_states, strict=True):
+        torch.testing.assert_close(mine[real], theirs[real], rtol=0, atol=1e-4)
+    assert ours(**batch).hidden_states is None
+    with pytest.raises(ValueError, match="output_attentions=True is not supported"):
+        ours(**batch, output_attentions=True)
+
+
+@torch.no_grad()
+def test_outputs_index_and_unpack_like_transformers() -> None:
+    """`outputs[0]` and `return_dict=False` failed before: set fields, in transformers' order."""
+    config = CONFIGS["tied-mqa"]
+    reference = oracle_model(config)
+    ours = ours_from(reference, config)
+    batch = make_batch(config)
+    out = ours(**batch)
+    assert torch.equal(out[0], out.logits) and torch.equal(out["logits"], out.logits)
+    assert out.keys() == ["logits", "past_key_values", "image_hidden_states"] and out.cache is out.past_key_values
+    labels = loss_labels(batch, config["image_token_id"])
+    with_loss = ours(**batch, labels=labels, use_cache=False, return_dict=False)
+    theirs = reference(**batch, labels=labels, use_cache=False, return_dict=False)
+    assert isinstance(with_loss, tuple) and len(with_loss) == len(theirs) == 3  # loss, logits, images
+    torch.testing.assert_close(with_loss[0], theirs[0], rtol=0, atol=1e-5)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(with_loss[1][real], theirs[1][real], rtol=0, atol=1e-4)
+    loss, logits = with_loss[:2]
+    assert loss.dim() == 0 and logits.shape[:2] == batch["input_ids"].shape
+    base = ours.model(**batch, return_dict=False)
+    assert torch.equal(base[0], ours.model(**batch).last_hidden_state)
+
+
+@torch.no_grad()
 def test_assigning_use_cache_on_the_model_config_turns_the_cache_off() -> None:
     """Configs take assignments, as transformers' do: `model.config.use_cache = False` is read by forward."""
     config = CONFIGS["tied-mqa"]

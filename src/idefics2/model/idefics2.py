@@ -14,7 +14,6 @@ D width, V vocabulary.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -25,19 +24,9 @@ from idefics2.config import Idefics2Config
 from idefics2.model.connector import Connector
 from idefics2.model.fast_linear import Linear
 from idefics2.model.kv_cache import KVCache
+from idefics2.model.outputs import Idefics2CausalLMOutput, Idefics2ModelOutput
 from idefics2.model.text import MistralDecoder
 from idefics2.model.vision import VisionTransformer, check_pixel_inputs, patch_mask_from_pixels
-
-
-@dataclass
-class Idefics2Output:
-    """What `forward` returns. `last_hidden_state` is set by `Idefics2Model`, `logits`/`loss` by the LM."""
-
-    last_hidden_state: Tensor | None = None
-    logits: Tensor | None = None
-    loss: Tensor | None = None
-    past_key_values: KVCache | None = None
-    image_hidden_states: Tensor | None = None  # (R, L, D) features of the real images, when computed
 
 
 class ImageFeatureCache(Protocol):
@@ -173,11 +162,11 @@ class Idefics2Model(nn.Module):
         return self.merge_image_features(inputs_embeds, image_features, input_ids)
 
     def run_decoder(self, inputs_embeds: Tensor, position_ids: Tensor, attention_mask: Tensor | None = None,
-                    cache: KVCache | None = None) -> Tensor:
+                    cache: KVCache | None = None, hidden_states: list[Tensor] | None = None) -> Tensor:
         """inputs_embeds (B, T, D) at RoPE `position_ids` (B, T) -> hidden states (B, T, D).
         attention_mask (B, S) covers the cached tokens and the new ones (None: all real); the new
-        keys and values are appended to `cache`."""
-        return self.text_model(inputs_embeds, position_ids, attention_mask, cache)
+        keys and values are appended to `cache`; `hidden_states`, a list, receives every layer's."""
+        return self.text_model(inputs_embeds, position_ids, attention_mask, cache, hidden_states)
 
     def new_kv_cache(self, max_length: int) -> KVCache:
         """An empty cache for sequences of up to `max_length` tokens, with the RoPE table made
@@ -189,7 +178,15 @@ class Idefics2Model(nn.Module):
                 position_ids: Tensor | None = None, pixel_values: Tensor | None = None,
                 pixel_attention_mask: Tensor | None = None, image_hidden_states: Tensor | None = None,
                 inputs_embeds: Tensor | None = None, past_key_values: KVCache | None = None,
-                use_cache: bool | None = None) -> Idefics2Output:
+                use_cache: bool | None = None, output_hidden_states: bool | None = None,
+                output_attentions: bool | None = None,
+                return_dict: bool | None = None) -> Idefics2ModelOutput | tuple[Tensor | KVCache, ...]:
+        """The stages chained, with transformers' options: `output_hidden_states` (default: the
+        config's), `return_dict=False` for the tuple form. `output_attentions=True` is refused: the
+        attention runs in fused kernels that never form the probabilities."""
+        if output_attentions:
+            raise ValueError("output_attentions=True is not supported: attention runs in fused SDPA kernels "
+                             "that never form the attention probabilities")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds "
                              f"(got {'both' if input_ids is not None else 'neither'})")
@@ -214,9 +211,18 @@ class Idefics2Model(nn.Module):
             # Not mask-aware, like the reference's forward; generate() passes mask-aware ones (docs/numerics.md §4.8).
             past = cache.length if cache is not None else 0
             position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None].expand(B, T)
-        hidden = self.run_decoder(inputs_embeds, position_ids, attention_mask, cache)
-        return Idefics2Output(last_hidden_state=hidden, past_key_values=cache,
-                              image_hidden_states=image_hidden_states)
+        layers = [] if _option(self.config, "output_hidden_states", output_hidden_states) else None
+        hidden = self.run_decoder(inputs_embeds, position_ids, attention_mask, cache, layers)
+        out = Idefics2ModelOutput(last_hidden_state=hidden, past_key_values=cache,
+                                  hidden_states=tuple(layers) if layers is not None else None,
+                                  image_hidden_states=image_hidden_states)
+        return out if _option(self.config, "return_dict", return_dict, default=True) else out.to_tuple()
+
+
+def _option(config: Idefics2Config, name: str, value: bool | None, default: bool = False) -> bool:
+    """A forward option: as passed, else the config's key of that name (Hub configs carry
+    `return_dict`, `output_hidden_states`), else `default`."""
+    return bool(value if value is not None else config.extra.get(name, default))
 
 
 class Idefics2ForConditionalGeneration(nn.Module):
@@ -268,24 +274,31 @@ class Idefics2ForConditionalGeneration(nn.Module):
                 pixel_attention_mask: Tensor | None = None, image_hidden_states: Tensor | None = None,
                 inputs_embeds: Tensor | None = None, past_key_values: KVCache | None = None,
                 use_cache: bool | None = None, labels: Tensor | None = None,
-                logits_to_keep: int | Tensor = 0) -> Idefics2Output:
+                logits_to_keep: int | Tensor = 0, output_hidden_states: bool | None = None,
+                output_attentions: bool | None = None,
+                return_dict: bool | None = None) -> Idefics2CausalLMOutput | tuple[Tensor | KVCache, ...]:
         """Logits (B, T', V) in the model dtype; T' = T, or the last `logits_to_keep` positions
         (or the indices it holds when a tensor). With `labels` (B, T), the mean shifted
-        cross-entropy over targets != -100 (docs/numerics.md §4.7): mask padding and prompt tokens yourself."""
+        cross-entropy over targets != -100 (docs/numerics.md §4.7): mask padding and prompt tokens
+        yourself. Other options as `Idefics2Model.forward` takes them."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask,
                          image_hidden_states=image_hidden_states, inputs_embeds=inputs_embeds,
-                         past_key_values=past_key_values, use_cache=use_cache)
+                         past_key_values=past_key_values, use_cache=use_cache,
+                         output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                         return_dict=True)
         hidden = out.last_hidden_state
         assert hidden is not None
         if isinstance(logits_to_keep, int):
             kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
         else:
             kept = hidden[:, logits_to_keep]
-        out.logits = self.compute_logits(kept)  # (B, T', V)
-        if labels is not None:
-            out.loss = causal_lm_loss(out.logits, labels)
-        return out
+        logits = self.compute_logits(kept)  # (B, T', V)
+        result = Idefics2CausalLMOutput(
+            loss=causal_lm_loss(logits, labels) if labels is not None else None, logits=logits,
+            past_key_values=out.past_key_values, hidden_states=out.hidden_states,
+            image_hidden_states=out.image_hidden_states)
+        return result if _option(self.config, "return_dict", return_dict, default=True) else result.to_tuple()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # a tied head is counted once

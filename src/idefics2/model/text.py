@@ -138,16 +138,24 @@ class MistralDecoder(nn.Module):
         return cos[positions][:, None].to(dtype), sin[positions][:, None].to(dtype)
 
     def forward(self, inputs_embeds: Tensor, positions: Tensor, attention_mask: Tensor | None = None,
-                cache: KVCache | None = None) -> Tensor:
+                cache: KVCache | None = None, hidden_states: list[Tensor] | None = None) -> Tensor:
         """inputs_embeds (B, T, D); positions (B, T) RoPE positions; attention_mask (B, S) 1 = real token,
-        covering the cached tokens and the new ones. Returns (B, T, D) after the final norm."""
+        covering the cached tokens and the new ones. Returns (B, T, D) after the final norm.
+
+        `hidden_states`, when a list, receives the embeddings and each layer's output, the last
+        layer's after the norm (transformers' `output_hidden_states`)."""
         B, T, _ = inputs_embeds.shape
         past = cache.length if cache is not None else 0
         mask = decoder_attention_mask(attention_mask, B, past, T, self.config.sliding_window, inputs_embeds.device)
         cos, sin = self.rotary(positions, inputs_embeds.dtype)
         x = inputs_embeds
         for idx, layer in enumerate(self.layers):
+            if hidden_states is not None:
+                hidden_states.append(x)
             x = layer(x, cos, sin, mask, cache, idx)
         if cache is not None:
             cache.advance(T)
-        return self.norm(x)
+        x = self.norm(x)
+        if hidden_states is not None:
+            hidden_states.append(x)
+        return x
