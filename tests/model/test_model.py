@@ -193,6 +193,32 @@ def test_outputs_index_and_unpack_like_transformers() -> None:
     assert torch.equal(base[0], ours.model(**batch).last_hidden_state)
 
 
+@pytest.mark.parametrize("name", ["gqa-window8", "tied-mqa"])
+def test_resize_token_embeddings_like_transformers(name: str) -> None:
+    """resize_token_embeddings did not exist: kept rows, new rows at the old mean, config and tying follow."""
+    config = CONFIGS[name]
+    reference = oracle_model(config)
+    ours = ours_from(reference, config)
+    old_rows = ours.get_input_embeddings().weight.detach().clone()
+    mine = ours.resize_token_embeddings(130, pad_to_multiple_of=8)
+    theirs = reference.resize_token_embeddings(130, pad_to_multiple_of=8)
+    assert mine.weight.shape == theirs.weight.shape == (136, config["text_config"]["hidden_size"])
+    assert ours.config.text_config.vocab_size == reference.config.text_config.vocab_size == 136
+    assert torch.equal(mine.weight[:120], old_rows)
+    torch.testing.assert_close(mine.weight, theirs.weight, rtol=0, atol=1e-3)  # theirs: N(mean, 1e-9 cov)
+    torch.testing.assert_close(ours.lm_head.weight, reference.lm_head.weight, rtol=0, atol=1e-3)
+    tied = config["tie_word_embeddings"]
+    assert (ours.lm_head.weight is mine.weight) == (reference.lm_head.weight is theirs.weight) == tied
+    with torch.no_grad():
+        ids = torch.tensor([[1, 5, 133]])
+        assert ours(input_ids=ids).logits.shape == (1, 3, 136)
+    assert ours.resize_token_embeddings(100).weight.shape[0] == ours.lm_head.weight.shape[0] == 100
+    assert ours.get_output_embeddings() is ours.lm_head and ours.can_generate()
+    assert ours.main_input_name == "input_ids"
+    with pytest.raises(ValueError, match="new_num_tokens must be a positive integer"):
+        ours.resize_token_embeddings(0)
+
+
 @torch.no_grad()
 def test_assigning_use_cache_on_the_model_config_turns_the_cache_off() -> None:
     """Configs take assignments, as transformers' do: `model.config.use_cache = False` is read by forward."""

@@ -64,6 +64,9 @@ class Idefics2Model(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.text_model.embed_tokens
 
+    def set_input_embeddings(self, embeddings: nn.Embedding) -> None:
+        self.text_model.embed_tokens = embeddings
+
     def real_images(self, pixel_values: Tensor, pixel_attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """pixel_values (B, M, 3, H, W), mask (B, M, H, W) 1 = real pixel -> the real images
         (R, 3, H, W) in the model dtype and their patch masks (R, H//p, W//p).
@@ -208,7 +211,8 @@ class Idefics2Model(nn.Module):
             past_key_values = KVCache(self.config.text_config.num_hidden_layers, T)
         cache = past_key_values if use_cache else None
         if position_ids is None:
-            # Not mask-aware, like the reference's forward; generate() passes mask-aware ones (docs/numerics.md §4.8).
+            # Not mask-aware, like the reference's forward; generate() passes mask-aware ones
+            # (docs/numerics.md §4.8).
             past = cache.length if cache is not None else 0
             position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None].expand(B, T)
         layers = [] if _option(self.config, "output_hidden_states", output_hidden_states) else None
@@ -248,8 +252,52 @@ class Idefics2ForConditionalGeneration(nn.Module):
     def device(self) -> torch.device:
         return self.model.device
 
+    main_input_name = "input_ids"
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, embeddings: nn.Embedding) -> None:
+        self.model.set_input_embeddings(embeddings)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, head: nn.Linear) -> None:
+        self.lm_head = head
+
+    @staticmethod
+    def can_generate() -> bool:
+        return True
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """Give the embeddings and the LM head `new_num_tokens` rows (rounded up to a multiple of
+        `pad_to_multiple_of`), as transformers does: kept rows unchanged, new rows the mean of the
+        old ones (`mean_resizing`, transformers' default, which samples around that mean with a
+        covariance scaled by 1e-9) or N(0, initializer_range) otherwise; the config's vocab_size
+        follows, and a tied head stays tied. Returns the input embeddings."""
+        old = self.get_input_embeddings()
+        rows = old.num_embeddings if new_num_tokens is None else new_num_tokens
+        if pad_to_multiple_of is not None:
+            if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of <= 0:
+                raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}")
+            rows = -(-rows // pad_to_multiple_of) * pad_to_multiple_of
+        if not isinstance(rows, int) or rows <= 0:
+            raise ValueError(f"new_num_tokens must be a positive integer, got {new_num_tokens!r}")
+        std = self.config.text_config.initializer_range
+        embeddings = nn.Embedding(rows, old.embedding_dim, padding_idx=old.padding_idx,
+                                  device=old.weight.device, dtype=old.weight.dtype)
+        embeddings.weight.data = _resized_rows(old.weight.data, rows, mean_resizing, std)
+        self.set_input_embeddings(embeddings)
+        if not self.config.tie_word_embeddings:
+            head = Linear(self.lm_head.in_features, rows, bias=False, device=old.weight.device,
+                          dtype=self.lm_head.weight.dtype)
+            head.weight.data = _resized_rows(self.lm_head.weight.data, rows, mean_resizing, std)
+            self.lm_head = head
+        self.config.text_config.vocab_size = rows
+        self.tie_weights()
+        return embeddings
 
     def get_image_features(self, pixel_values: Tensor, pixel_attention_mask: Tensor | None = None,
                            cache: ImageFeatureCache | None = None) -> Tensor:
@@ -302,6 +350,20 @@ class Idefics2ForConditionalGeneration(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # a tied head is counted once
+
+
+def _resized_rows(weight: Tensor, rows: int, mean_resizing: bool, std: float) -> Tensor:
+    """weight (V, D) -> (rows, D): the first min(V, rows) rows kept, new rows the mean of the old
+    ones or drawn from N(0, std)."""
+    kept = weight[:rows]
+    extra = rows - kept.shape[0]
+    if extra <= 0:
+        return kept.clone()
+    if mean_resizing:
+        new = weight.float().mean(dim=0, keepdim=True).expand(extra, -1).to(weight.dtype)
+    else:
+        new = torch.randn(extra, weight.shape[1], device=weight.device, dtype=weight.dtype) * std
+    return torch.cat([kept, new])
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
