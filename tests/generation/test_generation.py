@@ -194,6 +194,40 @@ def test_log_probs_equal_transformers_transition_scores(oracle: Any, ours: Any) 
     assert (got.log_probs[padding] == 0).all()  # a finished row emits its pad with certainty
 
 
+@pytest.mark.oracle
+def test_output_logits_equal_transformers_raw_logits(oracle: Any, ours: Any) -> None:
+    """`output_logits` failed before: the raw logits of every step, as the reference's."""
+    batch = batch_of_three()
+    kwargs = {"max_new_tokens": 6, "repetition_penalty": 1.3, "output_logits": True,
+              "return_dict_in_generate": True}
+    expected = oracle.generate(**batch, do_sample=False, **kwargs)
+    got = ours.generate(**batch, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences) and got.scores is None
+    assert len(got.logits) == len(expected.logits) == 6
+    for mine, theirs in zip(got.logits, expected.logits, strict=True):
+        torch.testing.assert_close(mine, theirs.float(), rtol=0, atol=1e-4)  # raw: before the penalty
+
+
+@pytest.mark.oracle
+def test_num_return_sequences_samples_like_transformers(oracle: Any, ours: Any) -> None:
+    """`num_return_sequences` failed before: each prompt's rows together, drawn as the reference
+    draws them from the same global seed."""
+    batch = batch_of_three()
+    sample = {"do_sample": True, "temperature": 1.3, "top_k": 20, "max_new_tokens": 8,
+              "num_return_sequences": 2}
+    torch.manual_seed(11)
+    expected = oracle.generate(**batch, **sample)
+    torch.manual_seed(11)
+    got = ours.generate(**batch, **sample)
+    assert got.shape[0] == 6 and torch.equal(got, expected)
+    T = batch["input_ids"].shape[1]
+    assert torch.equal(got[0::2, :T], batch["input_ids"]) and torch.equal(got[1::2, :T], batch["input_ids"])
+    with pytest.raises(ValueError, match="num_return_sequences=2 needs do_sample=True"):
+        ours.generate(**batch, num_return_sequences=2)
+    with pytest.raises(ValueError, match="num_return_sequences must be an integer >= 1, got 0"):
+        ours.generate(**batch, do_sample=True, num_return_sequences=0)
+
+
 def test_same_seed_same_tokens_and_top_k_1_is_greedy(plain_model: Any) -> None:
     batch = batch_of_three()
     sample = {"do_sample": True, "temperature": 1.5, "top_k": 0, "max_new_tokens": 12}

@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 BUILTIN_DEFAULTS: dict[str, Any] = {
     "max_new_tokens": 20, "min_new_tokens": 0, "do_sample": False, "temperature": 1.0, "top_k": 50,
     "top_p": 1.0, "repetition_penalty": 1.0, "bad_words_ids": [], "stop_strings": [],
-    "output_scores": False, "return_dict_in_generate": False,
+    "output_scores": False, "output_logits": False, "return_dict_in_generate": False,
+    "num_return_sequences": 1,
 }
 _BOOKKEEPING_KEYS = {"_from_model_config", "transformers_version"}
 
@@ -55,7 +56,9 @@ class GenerationConfig:
     bad_words_ids: list[list[int]] | None = None
     stop_strings: list[str] | None = None
     output_scores: bool | None = None
+    output_logits: bool | None = None
     return_dict_in_generate: bool | None = None
+    num_return_sequences: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -124,6 +127,12 @@ def validate(cfg: GenerationConfig, eos_ids: list[int], vocab_size: int, max_pos
     if not isinstance(cfg.min_new_tokens, int) or not 0 <= cfg.min_new_tokens <= cfg.max_new_tokens:
         fail(f"min_new_tokens must be an integer in [0, max_new_tokens={cfg.max_new_tokens}], "
              f"got {cfg.min_new_tokens!r}")
+    n = cfg.num_return_sequences
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        fail(f"num_return_sequences must be an integer >= 1, got {n!r}")
+    if n > 1 and not (cfg.do_sample and cfg.temperature != 0):
+        fail(f"num_return_sequences={n} needs do_sample=True with a temperature above 0: greedy decoding "
+             "returns the same sequence each time (beam search is not implemented)")
     if not cfg.temperature >= 0:  # type: ignore[operator]
         fail(f"temperature must be >= 0 (0 = greedy), got {cfg.temperature!r}")
     if not isinstance(cfg.top_k, int) or cfg.top_k < 0:

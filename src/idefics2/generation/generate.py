@@ -43,11 +43,14 @@ from idefics2.model.text import positions_from_mask
 @dataclass
 class GenerateOutput:
     """`generate(..., return_dict_in_generate=True)`. `scores`: per step, the processed (B, V)
-    scores the token was chosen from (as transformers' `output_scores`); `log_probs` (B, N_new):
-    log-softmax of those scores at the chosen token (0 for padding after a row finished)."""
+    scores the token was chosen from (as transformers' `output_scores`); `logits`: per step, the
+    model's raw (B, V) logits (`output_logits`). A row that has finished holds -inf with 0 at the pad
+    token in both (it emits its pad with certainty). `log_probs` (B, N_new): log-softmax of the
+    scores at the chosen token (0 for padding after a row finished)."""
 
     sequences: Tensor
     scores: tuple[Tensor, ...] | None = None
+    logits: tuple[Tensor, ...] | None = None
     log_probs: Tensor | None = None
 
 
@@ -119,7 +122,8 @@ class Generator:
                  bad_words_ids: Sequence[Sequence[int]] | None = None, pad_token_id: int | None = None,
                  generator: torch.Generator | None = None, seed: int | None = None,
                  tokenizer: Decoder | None = None, streamer: Streamer | None = None,
-                 output_scores: bool | None = None, return_dict_in_generate: bool | None = None,
+                 output_scores: bool | None = None, output_logits: bool | None = None,
+                 return_dict_in_generate: bool | None = None, num_return_sequences: int | None = None,
                  compile: bool = False, vision_cache: bool | VisionFeatureCache | None = True,
                  decode_threads: int | None | str = "auto") -> Tensor | GenerateOutput:
         """Prompt + new tokens (B, T + N) for left-padded `input_ids` (B, T) and optional images.
@@ -135,6 +139,8 @@ class Generator:
         first call compiles for up to a minute on a 2-core CPU (small config); after that a step
         takes 29 ms instead of 44 ms there (the ~300 small ops fuse into a few kernels; README), so it
         pays off for a server or a batch job, not for one question.
+        `num_return_sequences` > 1 (sampling only): that many continuations per prompt, each
+        prompt's rows together. `output_logits`: the raw logits of each step in the dict output.
         `vision_cache`: see `vision_cache_for`.
         `decode_threads`: torch intra-op threads for the CPU decode steps: "auto" times 1 and
         torch's setting and keeps the faster (`ThreadTuner`), an int fixes it, None leaves torch's
@@ -146,6 +152,7 @@ class Generator:
             "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "do_sample": do_sample,
             "temperature": temperature, "top_k": top_k, "top_p": top_p, "repetition_penalty": repetition_penalty,
             "eos_token_id": eos_token_id, "pad_token_id": pad_token_id, "output_scores": output_scores,
+            "output_logits": output_logits, "num_return_sequences": num_return_sequences,
             "bad_words_ids": bad_words_ids, "return_dict_in_generate": return_dict_in_generate,
             "stop_strings": [stop_strings] if isinstance(stop_strings, str) else stop_strings,
         })
@@ -156,8 +163,15 @@ class Generator:
         input_ids = input_ids.to(device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
         check_inputs(input_ids, attention_mask, pixel_values, pixel_attention_mask)
-        B, T = input_ids.shape
-        validate(cfg, eos_ids, V, text_config.max_position_embeddings, T)
+        validate(cfg, eos_ids, V, text_config.max_position_embeddings, input_ids.shape[1])
+        n = int(cfg.num_return_sequences)  # type: ignore[arg-type]
+        if n > 1:  # each prompt n times in a row, as transformers expands it
+            input_ids = input_ids.repeat_interleave(n, 0)
+            attention_mask = attention_mask.repeat_interleave(n, 0)
+            if pixel_values is not None:
+                pixel_values = pixel_values.repeat_interleave(n, 0)
+                if pixel_attention_mask is not None:
+                    pixel_attention_mask = pixel_attention_mask.repeat_interleave(n, 0)
         stops = list(cfg.stop_strings or [])
         if stops and tokenizer is None:
             raise ValueError("stop_strings need a tokenizer to decode the new tokens: pass tokenizer=")
@@ -221,22 +235,33 @@ def _run(model: nn.Module, input_ids: Tensor, mask: Tensor, pixel_values: Tensor
     if isinstance(plan.decode_threads, int):
         torch.set_num_threads(plan.decode_threads)
     try:
-        sequences, scores = _decode(model, input_ids, mask, positions[:, -1:] + 1, logits, cache, plan)
+        sequences, scores, raw = _decode(model, input_ids, mask, positions[:, -1:] + 1, logits, cache, plan)
     finally:
         torch.set_num_threads(threads)
     if not plan.cfg.return_dict_in_generate:
         return sequences
-    if not scores:
-        return GenerateOutput(sequences=sequences)
-    stacked = torch.stack(scores, dim=1)  # (B, N_new, V)
-    log_probs = stacked.log_softmax(dim=-1).gather(2, sequences[:, T:, None]).squeeze(2)  # (B, N_new)
-    return GenerateOutput(sequences=sequences, scores=tuple(scores), log_probs=log_probs)
+    out = GenerateOutput(sequences=sequences, logits=tuple(raw) if raw else None)
+    if scores:
+        stacked = torch.stack(scores, dim=1)  # (B, N_new, V)
+        out.scores = tuple(scores)
+        out.log_probs = stacked.log_softmax(dim=-1).gather(2, sequences[:, T:, None]).squeeze(2)  # (B, N_new)
+    return out
+
+
+def _every_row(values: Tensor, rows: Tensor, batch: int, pad: int) -> Tensor:
+    """values (B_active, V) of the rows still decoding -> (batch, V); a finished row emits its pad
+    with certainty (-inf everywhere, 0 at the pad token)."""
+    full = values.new_full((batch, values.shape[-1]), float("-inf"))
+    full[:, pad] = 0.0
+    full[rows] = values
+    return full
 
 
 def _decode(model: nn.Module, input_ids: Tensor, mask: Tensor, next_positions: Tensor, logits: Tensor,
-            cache: KVCache, plan: _Plan) -> tuple[Tensor, list[Tensor]]:
+            cache: KVCache, plan: _Plan) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """Choose a token from `logits` (B, V), feed it, repeat. Returns (B, T + N_new) ids and, with
-    output_scores, the per-step scores (B, V). Rows that finish leave the batch (and the cache)."""
+    output_scores / output_logits, the per-step scores and raw logits (B, V). Rows that finish leave
+    the batch (and the cache)."""
     cfg, device = plan.cfg, input_ids.device
     B, T = input_ids.shape
     N, V = cfg.max_new_tokens, logits.shape[-1]
@@ -254,6 +279,7 @@ def _decode(model: nn.Module, input_ids: Tensor, mask: Tensor, next_positions: T
     seen = seen_tokens(input_ids, mask, V) if penalty != 1.0 else None
     bans = BadWords.build(cfg.bad_words_ids or [], plan.eos_ids, V, device)
     all_scores: list[Tensor] = []
+    all_logits: list[Tensor] = []
     for step in range(N):
         scores = logits
         if seen is not None:
@@ -267,10 +293,9 @@ def _decode(model: nn.Module, input_ids: Tensor, mask: Tensor, next_positions: T
         tokens = choose_tokens(scores, plan.sampling, plan.generator)  # (B_active,)
         sequences[rows, T + step] = tokens
         if cfg.output_scores:
-            step_scores = scores.new_full((B, V), float("-inf"))
-            step_scores[:, plan.pad] = 0.0  # a finished row emits its pad with certainty
-            step_scores[rows] = scores
-            all_scores.append(step_scores)
+            all_scores.append(_every_row(scores, rows, B, plan.pad))
+        if cfg.output_logits:
+            all_logits.append(_every_row(logits, rows, B, plan.pad))
         if plan.streamer is not None:
             plan.streamer.put(tokens.cpu())
         done = torch.isin(tokens, eos)
@@ -283,7 +308,7 @@ def _decode(model: nn.Module, input_ids: Tensor, mask: Tensor, next_positions: T
         if seen is not None:
             seen[torch.arange(tokens.shape[0], device=device), tokens] = True
         if step == N - 1 or bool(done.all()):
-            return sequences[:, : T + step + 1], all_scores
+            return sequences[:, : T + step + 1], all_scores, all_logits
         if bool(done.any()):  # finished rows stop costing compute
             keep = (~done).nonzero().squeeze(1)
             rows, tokens, next_positions = rows[keep], tokens[keep], next_positions[keep]
