@@ -788,3 +788,20 @@ def test_batch_feature_gives_attribute_access_and_moves_only_float_tensors_to_a_
     assert batch.pixel_values.dtype == torch.float32 and batch.pixel_values.device.type == "cpu"
     with pytest.raises(AttributeError, match="no key 'missing'"):
         _ = batch.missing
+
+
+@pytest.mark.oracle
+def test_from_dict_overrides_and_json_load_in_transformers(tmp_path: Any) -> None:
+    transformers = pytest.importorskip("transformers")
+    size = {"longest_edge": 490, "shortest_edge": 200}
+    ours = Idefics2ImageProcessor.from_dict({"do_image_splitting": False, "image_processor_type": "x"},
+                                            do_image_splitting=True, size=size)
+    assert ours.do_image_splitting and ours.size == size
+    with pytest.raises(ValueError, match=r"unknown image processor option\(s\) \['resize'\]"):
+        Idefics2ImageProcessor.from_dict({}, resize=True)
+    ours.to_json_file(tmp_path / "preprocessor_config.json")
+    assert json.loads((tmp_path / "preprocessor_config.json").read_text()) == json.loads(ours.to_json_string())
+    theirs = transformers.models.idefics2.Idefics2ImageProcessorPil.from_pretrained(tmp_path)
+    assert theirs.do_image_splitting and theirs.size.longest_edge == 490
+    again = Idefics2ImageProcessor.from_pretrained(tmp_path, do_image_splitting=False)
+    assert not again.do_image_splitting and again.size == ours.size

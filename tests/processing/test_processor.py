@@ -557,3 +557,31 @@ def test_processor_token_attributes_match_transformers() -> None:
         assert getattr(ours, name) == str(getattr(reference, name)), name  # the reference's may be an AddedToken
     assert ours.image_token_id == reference.image_token_id
     assert ours.model_input_names == reference.model_input_names
+
+
+def test_from_pretrained_overrides_like_transformers() -> None:
+    """`from_pretrained(folder, do_image_splitting=True, image_seq_len=...)` was refused before."""
+    import transformers
+
+    ours = Idefics2Processor.from_pretrained(HUB_LIKE_TOKENIZER, do_image_splitting=True, image_seq_len=3)
+    reference = transformers.Idefics2Processor.from_pretrained(HUB_LIKE_TOKENIZER, do_image_splitting=True,
+                                                               image_seq_len=3)
+    assert ours.image_processor.do_image_splitting and reference.image_processor.do_image_splitting
+    assert ours.image_seq_len == reference.image_seq_len == 3
+    image = _photo(3, (60, 40))
+    got = ours(images=[image], text="<image>Hi", return_tensors="pt")
+    expected = reference(images=[image], text="<image>Hi", return_tensors="pt")
+    assert torch.equal(got["pixel_values"], expected["pixel_values"])
+    assert got["pixel_values"].shape[1] == 5  # 4 crops + the whole image
+    with pytest.raises(ValueError, match=r"unknown image processor option\(s\) \['do_image_spliting'\]"):
+        Idefics2Processor.from_pretrained(HUB_LIKE_TOKENIZER, do_image_spliting=True)
+
+
+def test_tokenizer_outputs_read_as_attributes_like_transformers() -> None:
+    import transformers
+
+    ours = Tokenizer.from_pretrained(HUB_LIKE_TOKENIZER)
+    reference = transformers.AutoTokenizer.from_pretrained(HUB_LIKE_TOKENIZER)
+    assert ours("Hello there").input_ids == reference("Hello there").input_ids
+    batch = ours(["a b", "Hello there"], padding=True, return_tensors="pt")
+    assert batch.input_ids.shape == batch.attention_mask.shape == (2, len(ours("Hello there")["input_ids"]))

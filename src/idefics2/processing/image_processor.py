@@ -270,28 +270,42 @@ class Idefics2ImageProcessor:
         return copy.deepcopy({name: getattr(self, name) for name in SETTING_NAMES})
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> Idefics2ImageProcessor:
-        """Build from a config dict. Bookkeeping keys (`image_processor_type`, `processor_class`)
-        are dropped; other unknown keys are logged and ignored; missing keys take the defaults."""
+    def from_dict(cls, config: dict[str, Any], **overrides: Any) -> Idefics2ImageProcessor:
+        """Build from a config dict, then `overrides` (settings, e.g. `do_image_splitting=False`; any
+        other name is refused). Bookkeeping keys (`image_processor_type`, `processor_class`) are
+        dropped; other unknown keys of the dict are logged and ignored; missing keys take the defaults."""
+        bad = sorted(set(overrides) - set(SETTING_NAMES))
+        if bad:
+            raise ValueError(f"unknown image processor option(s) {bad}; valid: {sorted(SETTING_NAMES)}")
         unknown = set(config) - set(SETTING_NAMES) - _BOOKKEEPING_KEYS
         if unknown:
             logger.warning("ignoring unknown image processor keys: %s", sorted(unknown))
-        return cls(**{key: value for key, value in config.items() if key in SETTING_NAMES})
+        return cls(**{**{key: value for key, value in config.items() if key in SETTING_NAMES}, **overrides})
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike[str]) -> Idefics2ImageProcessor:
+    def from_pretrained(cls, folder: str | os.PathLike[str], **overrides: Any) -> Idefics2ImageProcessor:
         """Load from a local folder: `preprocessor_config.json` (4.x Hub layout) if present, else the
-        `"image_processor"` entry of `processor_config.json` (what transformers 5.x writes)."""
+        `"image_processor"` entry of `processor_config.json` (what transformers 5.x writes);
+        `overrides` as `from_dict` takes them."""
         folder = Path(folder)
         legacy, combined = folder / "preprocessor_config.json", folder / "processor_config.json"
         if legacy.is_file():
-            return cls.from_dict(json.loads(legacy.read_text()))
+            return cls.from_dict(json.loads(legacy.read_text()), **overrides)
         if combined.is_file():
             config = json.loads(combined.read_text())
             if not isinstance(config.get("image_processor"), dict):
                 raise ValueError(f"{combined} has no 'image_processor' entry and {legacy.name} is missing")
-            return cls.from_dict(config["image_processor"])
+            return cls.from_dict(config["image_processor"], **overrides)
         raise FileNotFoundError(f"neither {legacy.name} nor {combined.name} in {folder}")
+
+    def to_json_string(self) -> str:
+        """preprocessor_config.json's text."""
+        config = {**self.to_dict(), "image_processor_type": "Idefics2ImageProcessor",
+                  "processor_class": "Idefics2Processor"}
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, path: str | os.PathLike[str]) -> None:
+        Path(path).write_text(self.to_json_string(), encoding="utf-8")
 
     def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
         """Write `preprocessor_config.json` in the 4.x Hub layout, which transformers loads too.
@@ -301,12 +315,7 @@ class Idefics2ImageProcessor:
         """
         path = Path(folder) / "preprocessor_config.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        config = {
-            **self.to_dict(),
-            "image_processor_type": "Idefics2ImageProcessor",
-            "processor_class": "Idefics2Processor",
-        }
-        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        self.to_json_file(path)
         return path
 
     def __repr__(self) -> str:

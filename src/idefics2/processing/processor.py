@@ -135,19 +135,22 @@ class Idefics2Processor:
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> Idefics2Processor:
+    def from_pretrained(cls, folder: str | Path, **overrides: Any) -> Idefics2Processor:
         """Load the 4.x Hub layout (preprocessor_config.json, chat_template.json) or the 5.x one
-        (image settings inside processor_config.json, chat_template.jinja)."""
+        (image settings inside processor_config.json, chat_template.jinja). `overrides`:
+        `image_seq_len`, `chat_template` or image processor settings (`do_image_splitting=False`)."""
         folder = Path(folder)
         config: dict[str, Any] = {}
         if (folder / PROCESSOR_CONFIG_FILE).is_file():
             config = json.loads((folder / PROCESSOR_CONFIG_FILE).read_text(encoding="utf-8"))
+        own = {k: overrides.pop(k) for k in ("image_seq_len", "chat_template") if k in overrides}
+        image_processor = Idefics2ImageProcessor.from_pretrained(folder, **overrides)
         tokenizer = Tokenizer.from_pretrained(folder)
         return cls(
-            Idefics2ImageProcessor.from_pretrained(folder),
+            image_processor,
             tokenizer,
-            image_seq_len=config.get("image_seq_len", 64),
-            chat_template=cls._find_chat_template(folder, config, tokenizer),
+            image_seq_len=own.get("image_seq_len", config.get("image_seq_len", 64)),
+            chat_template=own.get("chat_template") or cls._find_chat_template(folder, config, tokenizer),
         )
 
     @staticmethod

@@ -16,6 +16,7 @@ import numpy as np
 import tokenizers
 import torch
 
+from idefics2.processing.batch import BatchFeature
 from idefics2.processing.tokenizer_files import (
     SPECIAL_KEYS,
     UNLIMITED,
@@ -276,17 +277,15 @@ class Tokenizer:
             self._pad(rows, masks, max((len(r) for r in rows), default=0))
         if return_tensors is None:
             if is_batched:
-                return {"input_ids": rows, "attention_mask": masks}
-            return {"input_ids": rows[0], "attention_mask": masks[0]}
+                return BatchFeature(input_ids=rows, attention_mask=masks)
+            return BatchFeature(input_ids=rows[0], attention_mask=masks[0])
         if len({len(r) for r in rows}) > 1:
             raise ValueError(
                 "Sequences have different lengths "
                 f"{[len(r) for r in rows]}; pass padding=True to return tensors"
             )
-        return {
-            "input_ids": as_tensor(rows, return_tensors),
-            "attention_mask": as_tensor(masks, return_tensors),
-        }
+        return BatchFeature(input_ids=as_tensor(rows, return_tensors),
+                            attention_mask=as_tensor(masks, return_tensors))
 
     def _pad(self, rows: list[list[int]], masks: list[list[int]], target: int) -> None:
         """Pad in place to `target` on `padding_side`; rows already longer stay as they are."""
