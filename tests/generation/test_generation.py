@@ -228,6 +228,36 @@ def test_num_return_sequences_samples_like_transformers(oracle: Any, ours: Any) 
         ours.generate(**batch, do_sample=True, num_return_sequences=0)
 
 
+@pytest.mark.oracle
+def test_no_repeat_ngram_size_gives_the_tokens_of_transformers(oracle: Any, ours: Any) -> None:
+    """no_repeat_ngram_size was refused before; with it, no n-gram repeats and the tokens are the reference's."""
+    batch = batch_of_three()
+    for n in (1, 2, 3):
+        kwargs = {"max_new_tokens": 12, "no_repeat_ngram_size": n, "repetition_penalty": 1.1}
+        expected = oracle.generate(**batch, do_sample=False, **kwargs)
+        got = ours.generate(**batch, use_cache=False, **kwargs)
+        assert torch.equal(got, expected), n
+    T = batch["input_ids"].shape[1]
+    row = got[2].tolist()
+    for end in range(T, len(row)):  # no new token completes a 3-gram seen before it
+        gram = row[end - 2:end + 1]
+        assert all(row[i:i + 3] != gram for i in range(end - 2)), end
+    assert not torch.equal(got[:, T:], ours.generate(**batch, max_new_tokens=12)[:, T:])
+    with pytest.raises(ValueError, match="no_repeat_ngram_size must be an integer >= 0"):
+        ours.generate(**batch, no_repeat_ngram_size=-1)
+
+
+def test_transformers_options_we_do_not_implement_are_refused_by_name(plain_model: Any) -> None:
+    """generate(num_beams=3) ended in a TypeError before; the switched-off values are accepted."""
+    batch = batch_of_three()
+    base = plain_model.generate(**batch, max_new_tokens=4)
+    assert torch.equal(plain_model.generate(**batch, max_new_tokens=4, num_beams=1, output_attentions=False), base)
+    with pytest.raises(ValueError, match=r"generate does not implement num_beams=3 \(beam search"):
+        plain_model.generate(**batch, num_beams=3)
+    with pytest.raises(ValueError, match=r"unknown generate option\(s\) \['max_new_token'\]"):
+        plain_model.generate(**batch, max_new_token=4)
+
+
 def test_same_seed_same_tokens_and_top_k_1_is_greedy(plain_model: Any) -> None:
     batch = batch_of_three()
     sample = {"do_sample": True, "temperature": 1.5, "top_k": 0, "max_new_tokens": 12}

@@ -28,7 +28,7 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "max_new_tokens": 20, "min_new_tokens": 0, "do_sample": False, "temperature": 1.0, "top_k": 50,
     "top_p": 1.0, "repetition_penalty": 1.0, "bad_words_ids": [], "stop_strings": [],
     "output_scores": False, "output_logits": False, "return_dict_in_generate": False,
-    "num_return_sequences": 1,
+    "num_return_sequences": 1, "no_repeat_ngram_size": 0,
 }
 _BOOKKEEPING_KEYS = {"_from_model_config", "transformers_version"}
 
@@ -59,6 +59,7 @@ class GenerationConfig:
     output_logits: bool | None = None
     return_dict_in_generate: bool | None = None
     num_return_sequences: int | None = None
+    no_repeat_ngram_size: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -76,6 +77,25 @@ class GenerationConfig:
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         return {**self.extra, **{k: v for k, v in out.items() if v is not None}}
+
+
+# transformers' generate options we do not implement, with the value that leaves them off (accepted).
+UNSUPPORTED_OPTIONS: dict[str, Any] = {
+    "num_beams": 1, "num_beam_groups": 1, "length_penalty": 1.0, "early_stopping": False,
+    "output_attentions": False, "output_hidden_states": False, "diversity_penalty": 0.0,
+    "constraints": None, "force_words_ids": None, "assistant_model": None, "prompt_lookup_num_tokens": None,
+}
+
+
+def check_unsupported(options: dict[str, Any]) -> None:
+    """A ValueError naming each option `generate` does not take, or takes only switched off."""
+    unknown = sorted(set(options) - set(UNSUPPORTED_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown generate option(s) {unknown}")
+    used = sorted(f"{k}={v!r}" for k, v in options.items() if v != UNSUPPORTED_OPTIONS[k])
+    if used:
+        raise ValueError(f"generate does not implement {', '.join(used)} (beam search, constrained and "
+                         "assisted decoding, attention outputs); leave them at their defaults")
 
 
 def load_generation_config(folder: str | os.PathLike[str]) -> GenerationConfig | None:
@@ -133,6 +153,9 @@ def validate(cfg: GenerationConfig, eos_ids: list[int], vocab_size: int, max_pos
     if n > 1 and not (cfg.do_sample and cfg.temperature != 0):
         fail(f"num_return_sequences={n} needs do_sample=True with a temperature above 0: greedy decoding "
              "returns the same sequence each time (beam search is not implemented)")
+    ngram = cfg.no_repeat_ngram_size
+    if not isinstance(ngram, int) or isinstance(ngram, bool) or ngram < 0:
+        fail(f"no_repeat_ngram_size must be an integer >= 0 (0 = off), got {ngram!r}")
     if not cfg.temperature >= 0:  # type: ignore[operator]
         fail(f"temperature must be >= 0 (0 = greedy), got {cfg.temperature!r}")
     if not isinstance(cfg.top_k, int) or cfg.top_k < 0:

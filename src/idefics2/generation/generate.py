@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -22,12 +22,14 @@ from idefics2.generation.config import (
     GenerationConfig,
     as_id_list,
     check_inputs,
+    check_unsupported,
     resolve,
     validate,
 )
 from idefics2.generation.sampling import (
     BadWords,
     apply_repetition_penalty,
+    ban_repeated_ngrams,
     choose_tokens,
     filter_logits,
     seen_tokens,
@@ -124,8 +126,9 @@ class Generator:
                  tokenizer: Decoder | None = None, streamer: Streamer | None = None,
                  output_scores: bool | None = None, output_logits: bool | None = None,
                  return_dict_in_generate: bool | None = None, num_return_sequences: int | None = None,
+                 no_repeat_ngram_size: int | None = None, use_cache: bool = True,
                  compile: bool = False, vision_cache: bool | VisionFeatureCache | None = True,
-                 decode_threads: int | None | str = "auto") -> Tensor | GenerateOutput:
+                 decode_threads: int | None | str = "auto", **unsupported: Any) -> Tensor | GenerateOutput:
         """Prompt + new tokens (B, T + N) for left-padded `input_ids` (B, T) and optional images.
 
         Unset arguments come from `model.generation_config`, then from the built-in defaults
@@ -141,18 +144,24 @@ class Generator:
         pays off for a server or a batch job, not for one question.
         `num_return_sequences` > 1 (sampling only): that many continuations per prompt, each
         prompt's rows together. `output_logits`: the raw logits of each step in the dict output.
+        `no_repeat_ngram_size` n > 0: no n-gram occurs twice in a row's tokens (prompt included).
+        `use_cache` is accepted for transformers' signature: decoding always uses the KV cache,
+        which gives the same tokens as recomputing.
         `vision_cache`: see `vision_cache_for`.
         `decode_threads`: torch intra-op threads for the CPU decode steps: "auto" times 1 and
         torch's setting and keeps the faster (`ThreadTuner`), an int fixes it, None leaves torch's
         setting; torch's setting is restored afterwards. With `compile=True`, "auto" keeps torch's
         setting: every thread count is a graph of its own (`fast_linear.linear`), compiled on first use.
+        Other transformers options are refused by name (`config.check_unsupported`).
         """
+        check_unsupported(unsupported)
         model = self.model
         cfg = resolve(model, {
             "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "do_sample": do_sample,
             "temperature": temperature, "top_k": top_k, "top_p": top_p, "repetition_penalty": repetition_penalty,
             "eos_token_id": eos_token_id, "pad_token_id": pad_token_id, "output_scores": output_scores,
             "output_logits": output_logits, "num_return_sequences": num_return_sequences,
+            "no_repeat_ngram_size": no_repeat_ngram_size,
             "bad_words_ids": bad_words_ids, "return_dict_in_generate": return_dict_in_generate,
             "stop_strings": [stop_strings] if isinstance(stop_strings, str) else stop_strings,
         })
@@ -284,6 +293,8 @@ def _decode(model: nn.Module, input_ids: Tensor, mask: Tensor, next_positions: T
         scores = logits
         if seen is not None:
             scores = apply_repetition_penalty(scores, seen, penalty)
+        if cfg.no_repeat_ngram_size:
+            scores = ban_repeated_ngrams(scores, sequences[rows, : T + step], cfg.no_repeat_ngram_size)
         if bans is not None:
             scores = bans.apply(scores, sequences[rows, : T + step])
         if step < cfg.min_new_tokens and plan.eos_ids:

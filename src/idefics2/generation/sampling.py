@@ -1,8 +1,8 @@
 """Next-token choice: logits processors (penalties, bans, minimum length) and sampling filters.
 
 Last stage of each generation step: float32 logits of the last position (B, V) -> scores -> token
-ids (B,). Order and arithmetic follow transformers 5.24's `generate` (repetition penalty, bad
-words, min_new_tokens; then, when sampling, temperature, top-k, top-p) so that greedy choices and
+ids (B,). Order and arithmetic follow transformers 5.24's `generate` (repetition penalty, repeated
+n-grams, bad words, min_new_tokens; then, when sampling, temperature, top-k, top-p) so that greedy choices and
 filtered distributions equal the reference's. Everything here is pure: state is passed in.
 """
 
@@ -55,6 +55,20 @@ class BadWords:
             bias.index_add_(1, last, torch.where(matches, float("-inf"), 0.0).to(scores.dtype))
             scores = scores + bias
         return scores
+
+
+def ban_repeated_ngrams(scores: Tensor, history: Tensor, n: int) -> Tensor:
+    """scores (B, V); history (B, S) every token so far (padding included, as in the reference).
+    A token that would repeat an n-gram already in its row's history gets -inf."""
+    if n <= 0 or history.shape[1] + 1 < n:
+        return scores
+    banned = torch.zeros_like(scores, dtype=torch.bool)
+    for b, row in enumerate(history.tolist()):
+        prefix = tuple(row[len(row) - n + 1:]) if n > 1 else ()
+        for i in range(len(row) - n + 1):
+            if tuple(row[i:i + n - 1]) == prefix:
+                banned[b, row[i + n - 1]] = True
+    return scores.masked_fill(banned, float("-inf"))
 
 
 def seen_tokens(input_ids: Tensor, attention_mask: Tensor, vocab_size: int) -> Tensor:
