@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_model import make_batch
 
-from conftest import oracle_model, tiny_config_dict
+from conftest import make_batch, oracle_model, tiny_config_dict
 from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2Model, checkpoint
 
 CONFIG = tiny_config_dict(sliding_window=8)
@@ -171,3 +170,30 @@ def test_generation_defaults_travel_with_the_checkpoint(tmp_path: Path) -> None:
     assert loaded.generation_config.max_new_tokens == 7 and loaded.generation_config.eos_token_id == [2, 5]
     (tmp_path / "generation_config.json").unlink()
     assert Idefics2ForConditionalGeneration.from_pretrained(tmp_path).generation_config is None
+
+
+@pytest.mark.oracle
+def test_from_pretrained_with_config_and_state_dict_like_transformers(tmp_path: Path) -> None:
+    """from_pretrained(None, config=..., state_dict=...) and output_loading_info=True failed before."""
+    reference = oracle_model(TIED)
+    config = Idefics2Config.from_dict(TIED)
+    ours, info = Idefics2ForConditionalGeneration.from_pretrained(
+        None, config=config, state_dict=reference.state_dict(), output_loading_info=True)
+    assert info == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+    batch = make_batch(TIED)
+    torch.testing.assert_close(real_logits(ours, batch), real_logits(reference, batch), rtol=0, atol=1e-4)
+    state = reference.state_dict()
+    assert all(p.data_ptr() != state[name].data_ptr() for name, p in ours.named_parameters())  # own copies
+    headless = Idefics2Model.from_pretrained(None, config=config, state_dict=state)  # "model." prefixes dropped
+    assert torch.equal(headless.text_model.norm.weight, state["model.text_model.norm.weight"])
+    broken = {k: v for k, v in state.items() if "latents" not in k}
+    with pytest.raises(ValueError, match=r"state_dict does not fit the model(.|\n)*missing keys \(3\)"):
+        Idefics2ForConditionalGeneration.from_pretrained(None, config=config, state_dict=broken)
+    with pytest.raises(ValueError, match="needs both config= and state_dict="):
+        Idefics2ForConditionalGeneration.from_pretrained(None, config=config)
+    # a folder's weights under a config given in code
+    reference.save_pretrained(tmp_path)
+    other = Idefics2Config.from_dict(TIED)
+    other.use_cache = False
+    loaded = Idefics2ForConditionalGeneration.from_pretrained(tmp_path, config=other)
+    assert loaded.config is other

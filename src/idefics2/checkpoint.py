@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -143,56 +143,85 @@ def _checkpoint_key_map(cls: type[nn.Module], keys: list[str]) -> dict[str, str]
     return {k: k for k in keys}
 
 
+# One source of weights: its keys and a function reading one of them (a safetensors shard, a state dict).
+Shard = tuple[list[str], Callable[[str], torch.Tensor]]
+
+
 def load_pretrained(cls: type[M], folder_or_repo_id: str | os.PathLike[str], *, dtype: Any = None,
                     device: Any = None, perceiver_eps_from_text: bool = False,
-                    progress: bool | None = None) -> M:
+                    progress: bool | None = None, config: Idefics2Config | None = None) -> M:
     """Build `cls` (Idefics2Model or Idefics2ForConditionalGeneration) from a checkpoint folder.
 
     dtype: None/"auto" keeps the stored dtype; device: where the weights go (default CPU).
     progress: a progress bar over the bytes read (default: on for checkpoints over 1 GB on a terminal).
+    config: use this instead of the folder's config.json.
     """
     folder = resolve_folder(folder_or_repo_id)
+    if config is None:
+        config = Idefics2Config.from_pretrained(folder, perceiver_eps_from_text=perceiver_eps_from_text)
+    files = weight_files(folder)
+    total = sum(f.stat().st_size for f in files)
+    if progress is None:
+        progress = total > 1e9
+
+    def shards() -> Iterator[Shard]:
+        for file in files:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                yield list(f.keys()), f.get_tensor
+
+    # disable=None: tqdm shows the bar only on a terminal.
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights",
+              disable=None if progress else True) as bar:
+        return _build(cls, config, shards(), dtype=dtype, device=device, source=f"checkpoint {folder}",
+                      read=lambda t: bar.update(t.numel() * t.element_size()))
+
+
+def load_state_dict(cls: type[M], config: Idefics2Config, state_dict: dict[str, torch.Tensor], *,
+                    dtype: Any = None, device: Any = None) -> M:
+    """Build `cls` with `config` and the tensors of `state_dict` (names as in a checkpoint or as the
+    model's own), with the checks of `load_pretrained`."""
+    def copy(key: str) -> torch.Tensor:  # the model gets its own tensors, as from files
+        return state_dict[key].detach().clone()
+
+    return _build(cls, config, [(list(state_dict), copy)], dtype=dtype, device=device, source="state_dict",
+                  read=lambda t: None)
+
+
+def _build(cls: type[M], config: Idefics2Config, shards: Iterable[Shard], *, dtype: Any, device: Any,
+           source: str, read: Callable[[torch.Tensor], None]) -> M:
+    """The model built on the meta device, every weight assigned from `shards`; a ValueError listing
+    missing, unexpected and mis-shaped keys when they do not fit."""
     target_dtype = resolve_dtype(dtype)
-    config = Idefics2Config.from_pretrained(folder, perceiver_eps_from_text=perceiver_eps_from_text)
     with skip_init(), torch.device("meta"):
         model = cls(config)  # type: ignore[call-arg]
     expected = {k: v.shape for k, v in model.state_dict().items()}
     tied = getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in expected
     if tied:
         expected.pop("lm_head.weight")
-
-    files = weight_files(folder)
-    total = sum(f.stat().st_size for f in files)
-    if progress is None:
-        progress = total > 1e9
     state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     mis_shaped: list[str] = []
-    # disable=None: tqdm shows the bar only on a terminal.
-    with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=None if progress else True) as bar:
-        for file in files:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                key_map = _checkpoint_key_map(cls, list(f.keys()))
-                for ckpt_key in f.keys():
-                    key = key_map.get(ckpt_key)
-                    if key is None:
-                        continue  # a head the headless model does not have
-                    if key not in expected:
-                        if not (tied and key == "lm_head.weight"):
-                            unexpected.append(ckpt_key)
-                        continue
-                    tensor = f.get_tensor(ckpt_key)
-                    if tensor.shape != expected[key]:
-                        mis_shaped.append(f"{ckpt_key}: checkpoint {tuple(tensor.shape)}, model "
-                                          f"{tuple(expected[key])}")
-                        continue
-                    if target_dtype is not None and tensor.is_floating_point():
-                        tensor = tensor.to(target_dtype)
-                    state[key] = tensor.to(device) if device is not None else tensor
-                    bar.update(tensor.numel() * tensor.element_size())
+    for keys, get_tensor in shards:
+        key_map = _checkpoint_key_map(cls, keys)
+        for ckpt_key in keys:
+            key = key_map.get(ckpt_key)
+            if key is None:
+                continue  # a head the headless model does not have
+            if key not in expected:
+                if not (tied and key == "lm_head.weight"):
+                    unexpected.append(ckpt_key)
+                continue
+            tensor = get_tensor(ckpt_key)
+            if tensor.shape != expected[key]:
+                mis_shaped.append(f"{ckpt_key}: checkpoint {tuple(tensor.shape)}, model {tuple(expected[key])}")
+                continue
+            if target_dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(target_dtype)
+            state[key] = tensor.to(device) if device is not None else tensor
+            read(tensor)
     missing = sorted(k for k in set(expected) - set(state) if not any(m.startswith(f"{k}:") for m in mis_shaped))
     if missing or unexpected or mis_shaped:
-        raise ValueError(f"checkpoint {folder} does not fit the model built from its config.json:"
+        raise ValueError(f"{source} does not fit the model built from its config:"
                          + (f"\n  missing keys ({len(missing)}): {missing[:20]}" if missing else "")
                          + (f"\n  unexpected keys ({len(unexpected)}): {unexpected[:20]}" if unexpected else "")
                          + (f"\n  mis-shaped keys ({len(mis_shaped)}): {mis_shaped[:20]}" if mis_shaped else ""))

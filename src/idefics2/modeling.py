@@ -23,13 +23,28 @@ class PretrainedMixin:
     """`from_pretrained` / `save_pretrained` for a network class."""
 
     @classmethod
-    def from_pretrained(cls: type[M], folder_or_repo_id: str | os.PathLike[str], *, dtype: Any = None,
-                        device: Any = None, torch_dtype: Any = None, **kwargs: Any) -> M:
-        folder = checkpoint.resolve_folder(folder_or_repo_id)
-        model = checkpoint.load_pretrained(cls, folder, dtype=dtype if dtype is not None else torch_dtype,
-                                           device=device, **kwargs)
-        if isinstance(model, Idefics2ForConditionalGeneration):
-            model.generation_config = load_generation_config(folder)
+    def from_pretrained(cls: type[M], folder_or_repo_id: str | os.PathLike[str] | None = None, *,
+                        config: Idefics2Config | None = None, state_dict: dict[str, Any] | None = None,
+                        output_loading_info: bool = False, dtype: Any = None, device: Any = None,
+                        torch_dtype: Any = None, **kwargs: Any) -> M | tuple[M, dict[str, list[str]]]:
+        """From a checkpoint folder (its config.json, or `config`), or with `folder_or_repo_id=None`
+        from `config` and `state_dict`, as transformers takes them. Weights that do not fit raise a
+        ValueError, so `output_loading_info=True` always reports empty lists next to the model."""
+        dtype = dtype if dtype is not None else torch_dtype
+        if folder_or_repo_id is None:
+            if config is None or state_dict is None:
+                raise ValueError("from_pretrained(None, ...) needs both config= and state_dict=")
+            model = checkpoint.load_state_dict(cls, config, state_dict, dtype=dtype, device=device)
+        else:
+            if state_dict is not None:
+                raise ValueError("pass either a checkpoint folder or state_dict=, not both")
+            folder = checkpoint.resolve_folder(folder_or_repo_id)
+            model = checkpoint.load_pretrained(cls, folder, dtype=dtype, device=device, config=config,
+                                               **kwargs)
+            if isinstance(model, Idefics2ForConditionalGeneration):
+                model.generation_config = load_generation_config(folder)
+        if output_loading_info:
+            return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
         return model
 
     def save_pretrained(self, folder: str | os.PathLike[str], max_shard_size: int | str = "5GB") -> None:

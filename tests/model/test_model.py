@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import oracle_model, tiny_config_dict
+from conftest import make_batch, oracle_model, tiny_config_dict
 from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2Model
 from idefics2.model.vision import bucket_position_ids
 
@@ -30,39 +30,6 @@ def ours_from(reference: Any, config: dict[str, Any]) -> Idefics2ForConditionalG
     model.load_state_dict(reference.state_dict(), strict=True)
     return model
 
-
-def make_batch(config: dict[str, Any], seed: int = 1) -> dict[str, torch.Tensor]:
-    """Three rows: two images of different sizes; one image + a padding image, left padded; text only.
-
-    The canvas (27 x 30 pixels) is not a multiple of the patch size, and the smaller images leave
-    partial patches at their edges.
-    """
-    g = torch.Generator().manual_seed(seed)
-    L = config["perceiver_config"]["resampler_n_latents"]
-    image = config["image_token_id"]
-    T = 6 + 3 * L + 8
-    H, W = 27, 30
-    pixel_values = torch.randn(3, 2, 3, H, W, generator=g)
-    pixel_mask = torch.ones(3, 2, H, W, dtype=torch.long)
-    for (b, m), (h, w) in {(0, 1): (19, 30), (1, 0): (27, 13)}.items():
-        pixel_mask[b, m, h:, :] = 0
-        pixel_mask[b, m, :, w:] = 0
-        pixel_values[b, m] *= pixel_mask[b, m]
-    pixel_values[1, 1] = 0  # padding image
-    pixel_mask[1, 1] = 0
-    pixel_values[2] = 0  # the text-only row has two padding images
-    pixel_mask[2] = 0
-    input_ids = torch.randint(3, image - 1, (3, T), generator=g)
-    attention_mask = torch.ones(3, T, dtype=torch.long)
-    input_ids[0, 2:2 + L] = image
-    input_ids[0, 5 + L:5 + 2 * L] = image
-    input_ids[1, :5] = 0  # left padding
-    attention_mask[1, :5] = 0
-    input_ids[1, 7:7 + L] = image
-    input_ids[2, :2] = 0
-    attention_mask[2, :2] = 0
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
-            "pixel_attention_mask": pixel_mask}
 
 
 def loss_labels(batch: dict[str, torch.Tensor], image_token_id: int) -> torch.Tensor:
