@@ -247,13 +247,36 @@ def test_no_repeat_ngram_size_gives_the_tokens_of_transformers(oracle: Any, ours
         ours.generate(**batch, no_repeat_ngram_size=-1)
 
 
+@pytest.mark.oracle
+@pytest.mark.parametrize("options", [
+    {"num_beams": 3},
+    {"num_beams": 4, "num_return_sequences": 2, "length_penalty": 0.5},
+    {"num_beams": 3, "early_stopping": True, "repetition_penalty": 1.2},
+    {"num_beams": 2, "early_stopping": "never", "length_penalty": 2.0, "no_repeat_ngram_size": 2},
+], ids=["plain", "return-2", "early-stop", "never"])
+def test_beam_search_gives_the_tokens_of_transformers(oracle: Any, ours: Any, options: dict[str, Any]) -> None:
+    """generate(num_beams=3) failed before; now the reference's hypotheses and scores, for a batch with
+    images and left padding, and with EOS ids that end some beams early."""
+    batch = batch_of_three()
+    kwargs = {"max_new_tokens": 10, "eos_token_id": [EOS, eos_after(oracle, batch, 0, 3)], **options}
+    expected = oracle.generate(**batch, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                               **kwargs)
+    got = ours.generate(**batch, return_dict_in_generate=True, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(got.sequences_scores, expected.sequences_scores, rtol=0, atol=1e-4)
+    assert torch.equal(ours.generate(**batch, **kwargs), expected.sequences)
+
+
 def test_transformers_options_we_do_not_implement_are_refused_by_name(plain_model: Any) -> None:
     """generate(num_beams=3) ended in a TypeError before; the switched-off values are accepted."""
     batch = batch_of_three()
     base = plain_model.generate(**batch, max_new_tokens=4)
-    assert torch.equal(plain_model.generate(**batch, max_new_tokens=4, num_beams=1, output_attentions=False), base)
-    with pytest.raises(ValueError, match=r"generate does not implement num_beams=3 \(beam search"):
-        plain_model.generate(**batch, num_beams=3)
+    assert torch.equal(plain_model.generate(**batch, max_new_tokens=4, num_beams=1, output_attentions=False,
+                                            num_beam_groups=1), base)
+    with pytest.raises(ValueError, match=r"generate does not implement num_beam_groups=2 \(group beam search"):
+        plain_model.generate(**batch, num_beam_groups=2)
+    with pytest.raises(ValueError, match=r"num_beams > 1 does not support do_sample=True \(beam sampling\)"):
+        plain_model.generate(**batch, num_beams=2, do_sample=True)
     with pytest.raises(ValueError, match=r"unknown generate option\(s\) \['max_new_token'\]"):
         plain_model.generate(**batch, max_new_token=4)
 
@@ -407,10 +430,11 @@ def test_generate_streams_in_a_thread_and_stops_on_a_stop_string(plain_model: An
 
 def test_generation_config_supplies_defaults_and_loads_from_a_folder(plain_model: Any, tmp_path: Any) -> None:
     (tmp_path / "generation_config.json").write_text('{"max_new_tokens": 3, "eos_token_id": [2, 32002], '
-                                                     '"transformers_version": "4.40.0", "num_beams": 1}')
+                                                     '"transformers_version": "4.40.0", "num_beams": 1, '
+                                                     '"num_beam_groups": 1}')
     config = load_generation_config(tmp_path)
-    assert config == GenerationConfig(max_new_tokens=3, eos_token_id=[2, 32002])
-    assert config.extra == {"num_beams": 1}
+    assert config == GenerationConfig(max_new_tokens=3, eos_token_id=[2, 32002], num_beams=1)
+    assert config.extra == {"num_beam_groups": 1}
     assert load_generation_config(tmp_path / "missing") is None
     batch = single(prompt())
     plain_model.generation_config = GenerationConfig(max_new_tokens=3)

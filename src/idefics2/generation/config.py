@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,8 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "max_new_tokens": 20, "min_new_tokens": 0, "do_sample": False, "temperature": 1.0, "top_k": 50,
     "top_p": 1.0, "repetition_penalty": 1.0, "bad_words_ids": [], "stop_strings": [],
     "output_scores": False, "output_logits": False, "return_dict_in_generate": False,
-    "num_return_sequences": 1, "no_repeat_ngram_size": 0,
+    "num_return_sequences": 1, "no_repeat_ngram_size": 0, "num_beams": 1, "length_penalty": 1.0,
+    "early_stopping": False,
 }
 _BOOKKEEPING_KEYS = {"_from_model_config", "transformers_version"}
 
@@ -60,6 +62,9 @@ class GenerationConfig:
     return_dict_in_generate: bool | None = None
     num_return_sequences: int | None = None
     no_repeat_ngram_size: int | None = None
+    num_beams: int | None = None
+    length_penalty: float | None = None
+    early_stopping: bool | str | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -81,8 +86,7 @@ class GenerationConfig:
 
 # transformers' generate options we do not implement, with the value that leaves them off (accepted).
 UNSUPPORTED_OPTIONS: dict[str, Any] = {
-    "num_beams": 1, "num_beam_groups": 1, "length_penalty": 1.0, "early_stopping": False,
-    "output_attentions": False, "output_hidden_states": False, "diversity_penalty": 0.0,
+    "num_beam_groups": 1, "output_attentions": False, "output_hidden_states": False, "diversity_penalty": 0.0,
     "constraints": None, "force_words_ids": None, "assistant_model": None, "prompt_lookup_num_tokens": None,
 }
 
@@ -94,8 +98,8 @@ def check_unsupported(options: dict[str, Any]) -> None:
         raise ValueError(f"unknown generate option(s) {unknown}")
     used = sorted(f"{k}={v!r}" for k, v in options.items() if v != UNSUPPORTED_OPTIONS[k])
     if used:
-        raise ValueError(f"generate does not implement {', '.join(used)} (beam search, constrained and "
-                         "assisted decoding, attention outputs); leave them at their defaults")
+        raise ValueError(f"generate does not implement {', '.join(used)} (group beam search, constrained "
+                         "and assisted decoding, attention outputs); leave them at their defaults")
 
 
 def load_generation_config(folder: str | os.PathLike[str]) -> GenerationConfig | None:
@@ -147,12 +151,20 @@ def validate(cfg: GenerationConfig, eos_ids: list[int], vocab_size: int, max_pos
     if not isinstance(cfg.min_new_tokens, int) or not 0 <= cfg.min_new_tokens <= cfg.max_new_tokens:
         fail(f"min_new_tokens must be an integer in [0, max_new_tokens={cfg.max_new_tokens}], "
              f"got {cfg.min_new_tokens!r}")
-    n = cfg.num_return_sequences
+    n, beams = cfg.num_return_sequences, cfg.num_beams
+    if not isinstance(beams, int) or isinstance(beams, bool) or beams < 1:
+        fail(f"num_beams must be an integer >= 1 (1 = no beam search), got {beams!r}")
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         fail(f"num_return_sequences must be an integer >= 1, got {n!r}")
-    if n > 1 and not (cfg.do_sample and cfg.temperature != 0):
-        fail(f"num_return_sequences={n} needs do_sample=True with a temperature above 0: greedy decoding "
-             "returns the same sequence each time (beam search is not implemented)")
+    if beams > 1 and n > beams:
+        fail(f"num_return_sequences ({n}) must be at most num_beams ({beams})")
+    if n > 1 and beams == 1 and not (cfg.do_sample and cfg.temperature != 0):
+        fail(f"num_return_sequences={n} needs do_sample=True with a temperature above 0, or num_beams >= {n}: "
+             "greedy decoding returns the same sequence each time")
+    if cfg.early_stopping not in (True, False, "never"):
+        fail(f"early_stopping must be True, False or 'never', got {cfg.early_stopping!r}")
+    if not isinstance(cfg.length_penalty, (int, float)) or not math.isfinite(cfg.length_penalty):
+        fail(f"length_penalty must be a finite number, got {cfg.length_penalty!r}")
     ngram = cfg.no_repeat_ngram_size
     if not isinstance(ngram, int) or isinstance(ngram, bool) or ngram < 0:
         fail(f"no_repeat_ngram_size must be an integer >= 0 (0 = off), got {ngram!r}")

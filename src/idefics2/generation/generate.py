@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from idefics2.generation.beam_search import beam_search, check_beam_options
 from idefics2.generation.config import (
     GenerationConfig,
     as_id_list,
@@ -54,6 +55,7 @@ class GenerateOutput:
     scores: tuple[Tensor, ...] | None = None
     logits: tuple[Tensor, ...] | None = None
     log_probs: Tensor | None = None
+    sequences_scores: Tensor | None = None  # beam search: each returned hypothesis's length-penalised score
 
 
 class Streamer(Protocol):
@@ -126,7 +128,9 @@ class Generator:
                  tokenizer: Decoder | None = None, streamer: Streamer | None = None,
                  output_scores: bool | None = None, output_logits: bool | None = None,
                  return_dict_in_generate: bool | None = None, num_return_sequences: int | None = None,
-                 no_repeat_ngram_size: int | None = None, use_cache: bool = True,
+                 no_repeat_ngram_size: int | None = None, num_beams: int | None = None,
+                 length_penalty: float | None = None, early_stopping: bool | str | None = None,
+                 use_cache: bool = True,
                  compile: bool = False, vision_cache: bool | VisionFeatureCache | None = True,
                  decode_threads: int | None | str = "auto", **unsupported: Any) -> Tensor | GenerateOutput:
         """Prompt + new tokens (B, T + N) for left-padded `input_ids` (B, T) and optional images.
@@ -144,6 +148,9 @@ class Generator:
         pays off for a server or a batch job, not for one question.
         `num_return_sequences` > 1 (sampling only): that many continuations per prompt, each
         prompt's rows together. `output_logits`: the raw logits of each step in the dict output.
+        `num_beams` > 1: beam search (greedy, as transformers' `num_beams` with `do_sample=False`),
+        with `length_penalty` and `early_stopping`; `num_return_sequences` <= num_beams hypotheses
+        per prompt, best first.
         `no_repeat_ngram_size` n > 0: no n-gram occurs twice in a row's tokens (prompt included).
         `use_cache` is accepted for transformers' signature: decoding always uses the KV cache,
         which gives the same tokens as recomputing.
@@ -161,7 +168,8 @@ class Generator:
             "temperature": temperature, "top_k": top_k, "top_p": top_p, "repetition_penalty": repetition_penalty,
             "eos_token_id": eos_token_id, "pad_token_id": pad_token_id, "output_scores": output_scores,
             "output_logits": output_logits, "num_return_sequences": num_return_sequences,
-            "no_repeat_ngram_size": no_repeat_ngram_size,
+            "no_repeat_ngram_size": no_repeat_ngram_size, "num_beams": num_beams,
+            "length_penalty": length_penalty, "early_stopping": early_stopping,
             "bad_words_ids": bad_words_ids, "return_dict_in_generate": return_dict_in_generate,
             "stop_strings": [stop_strings] if isinstance(stop_strings, str) else stop_strings,
         })
@@ -173,14 +181,14 @@ class Generator:
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
         check_inputs(input_ids, attention_mask, pixel_values, pixel_attention_mask)
         validate(cfg, eos_ids, V, text_config.max_position_embeddings, input_ids.shape[1])
-        n = int(cfg.num_return_sequences)  # type: ignore[arg-type]
-        if n > 1:  # each prompt n times in a row, as transformers expands it
-            input_ids = input_ids.repeat_interleave(n, 0)
-            attention_mask = attention_mask.repeat_interleave(n, 0)
-            if pixel_values is not None:
-                pixel_values = pixel_values.repeat_interleave(n, 0)
-                if pixel_attention_mask is not None:
-                    pixel_attention_mask = pixel_attention_mask.repeat_interleave(n, 0)
+        beams = int(cfg.num_beams)  # type: ignore[arg-type]
+        if beams > 1:
+            check_beam_options(cfg, streamer)
+        n = beams if beams > 1 else int(cfg.num_return_sequences)  # type: ignore[arg-type]
+        # each prompt n times in a row, as transformers expands it
+        input_ids, attention_mask, pixel_values, pixel_attention_mask = (
+            t.repeat_interleave(n, 0) if t is not None and n > 1 else t
+            for t in (input_ids, attention_mask, pixel_values, pixel_attention_mask))
         stops = list(cfg.stop_strings or [])
         if stops and tokenizer is None:
             raise ValueError("stop_strings need a tokenizer to decode the new tokens: pass tokenizer=")
@@ -193,6 +201,9 @@ class Generator:
         if isinstance(streamer, TextIteratorStreamer):
             streamer.add_stop_strings(stops)
 
+        if beams > 1:
+            return _run_beam_search(model, input_ids, attention_mask.long(), pixel_values, pixel_attention_mask,
+                                    cfg, eos_ids, self.vision_cache_for(vision_cache))
         threads = check_decode_threads(decode_threads, device, compile)
         several = torch.get_num_threads() > 1
         tuner = self.thread_tuner(torch.get_num_threads()) if threads == "auto" and several else None
@@ -205,6 +216,20 @@ class Generator:
         finally:
             if streamer is not None:
                 streamer.end()
+
+
+def _run_beam_search(model: nn.Module, input_ids: Tensor, mask: Tensor, pixel_values: Tensor | None,
+                     pixel_attention_mask: Tensor | None, cfg: GenerationConfig, eos_ids: list[int],
+                     vision_cache: VisionFeatureCache | None) -> Tensor | GenerateOutput:
+    """The validated request, each prompt repeated num_beams times, through `beam_search`."""
+    features = None
+    if pixel_values is not None:
+        features = model.get_image_features(pixel_values, pixel_attention_mask, vision_cache)
+    sequences, scores = beam_search(model, input_ids, mask, features, cfg, eos_ids, cfg.pad_token_id,
+                                    int(cfg.num_beams), float(cfg.length_penalty), cfg.early_stopping)  # type: ignore[arg-type]
+    if not cfg.return_dict_in_generate:
+        return sequences
+    return GenerateOutput(sequences=sequences, sequences_scores=scores)
 
 
 @dataclass

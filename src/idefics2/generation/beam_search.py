@@ -1,0 +1,177 @@
+"""Beam search: the `num_beams` most probable continuations of each prompt, kept side by side.
+
+Each step scores every (beam, token) pair by the beam's summed log-probability plus the token's,
+keeps the best candidates, moves candidates that end (EOS or the length limit) into a store of
+finished hypotheses scored with `length_penalty`, and continues the best unfinished ones. The
+rules (how many candidates, when the search may stop early, which finished hypotheses are kept)
+follow transformers 5.24's vectorised beam search, so the tokens are the same. Shape letters: B
+prompts, K beams, C candidates per prompt (at least 2K), V vocabulary, S sequence length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from idefics2.generation.config import GenerationConfig
+from idefics2.generation.sampling import BadWords, apply_repetition_penalty, ban_repeated_ngrams, seen_tokens
+from idefics2.model.text import positions_from_mask
+
+_NEVER = -1.0e9  # the score of a candidate that must not be chosen
+
+
+@dataclass
+class Beams:
+    """The search state of B prompts: running beams, and the best K finished hypotheses each."""
+
+    running: Tensor  # (B, K, S) token ids
+    running_scores: Tensor  # (B, K) summed log-probabilities
+    finished: Tensor  # (B, K, S)
+    finished_scores: Tensor  # (B, K) length-penalised scores, _NEVER where empty
+    finished_lengths: Tensor  # (B, K) generated tokens of each finished hypothesis
+    is_finished: Tensor  # (B, K) bool: a real hypothesis is stored there
+    improvable: Tensor  # (B, 1) bool: a running beam may still beat the worst finished one
+
+
+def check_beam_options(cfg: GenerationConfig, streamer: object | None) -> None:
+    """What beam search does not combine with, refused by name."""
+    used = [name for name, on in (("do_sample=True (beam sampling)", bool(cfg.do_sample)),
+                                  ("stop_strings", bool(cfg.stop_strings)),
+                                  ("streamer", streamer is not None),
+                                  ("output_scores", bool(cfg.output_scores)),
+                                  ("output_logits", bool(cfg.output_logits))) if on]
+    if used:
+        raise ValueError(f"num_beams > 1 does not support {', '.join(used)}")
+
+
+def _gather(tensor: Tensor, index: Tensor) -> Tensor:
+    """tensor (B, N, ...) -> (B, M, ...) at index (B, M) along dim 1."""
+    while index.dim() < tensor.dim():
+        index = index.unsqueeze(-1)
+    return torch.take_along_dim(tensor, index, dim=1)
+
+
+def beam_search(model: nn.Module, input_ids: Tensor, mask: Tensor, features: Tensor | None,
+                cfg: GenerationConfig, eos_ids: list[int], pad: int | None, num_beams: int,
+                length_penalty: float, early_stopping: bool | str) -> tuple[Tensor, Tensor]:
+    """input_ids, mask (B*K, T): each prompt repeated K times; features of the repeated images.
+    Returns the best `num_return_sequences` hypotheses per prompt, (B*R, T + N_max) with their
+    length-penalised scores (B*R,)."""
+    BK, T = input_ids.shape
+    K, B = num_beams, input_ids.shape[0] // num_beams
+    N = int(cfg.max_new_tokens)  # type: ignore[arg-type]
+    S = T + N
+    device = input_ids.device
+    V = model.config.text_config.vocab_size
+    fill = (pad if pad else eos_ids[0]) if eos_ids else -1  # the reference's fill value
+    C = max(2, 1 + len(eos_ids)) * K
+    sequences = torch.full((B, K, S), fill, dtype=torch.long, device=device)
+    sequences[:, :, :T] = input_ids.view(B, K, T)
+    beams = Beams(running=sequences, running_scores=torch.zeros(B, K, device=device),
+                  finished=sequences.clone(), finished_scores=torch.full((B, K), _NEVER, device=device),
+                  finished_lengths=torch.zeros(B, K, dtype=torch.long, device=device),
+                  is_finished=torch.zeros(B, K, dtype=torch.bool, device=device),
+                  improvable=torch.ones(B, 1, dtype=torch.bool, device=device))
+    beams.running_scores[:, 1:] = _NEVER  # the K copies of a prompt must not all be continued alike
+    cache = model.new_kv_cache(S)
+    positions = positions_from_mask(mask)  # (B*K, T)
+    hidden = model.run_decoder(model.embed_inputs(input_ids, features), positions, mask, cache)
+    logits = model.compute_logits(hidden[:, -1]).float()  # (B*K, V)
+    next_positions = positions[:, -1:] + 1
+    full_mask = torch.ones(BK, S, dtype=torch.long, device=device)
+    full_mask[:, :T] = mask
+    padded = not bool(mask.all())
+    penalty = float(cfg.repetition_penalty)  # type: ignore[arg-type]
+    seen = seen_tokens(input_ids, mask, V) if penalty != 1.0 else None
+    bans = BadWords.build(cfg.bad_words_ids or [], eos_ids, V, device)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+    for step in range(N):
+        history = beams.running[:, :, : T + step].reshape(BK, T + step)
+        log_probs = logits.log_softmax(dim=-1)  # the processors see log-probabilities here
+        if seen is not None:
+            log_probs = apply_repetition_penalty(log_probs, seen, penalty)
+        if cfg.no_repeat_ngram_size:
+            log_probs = ban_repeated_ngrams(log_probs, history, cfg.no_repeat_ngram_size)
+        if bans is not None:
+            log_probs = bans.apply(log_probs, history)
+        if step < int(cfg.min_new_tokens or 0) and eos_ids:
+            log_probs[:, eos] = float("-inf")
+        origin, tokens, candidate_scores, candidates = _candidates(beams, log_probs.view(B, K, V), C,
+                                                                   T + step)
+        ends = torch.isin(tokens, eos) | (T + step + 1 >= S)  # (B, C)
+        _store_finished(beams, candidates, candidate_scores, ends, K, step + 1, length_penalty,
+                        early_stopping)
+        chosen = torch.topk(candidate_scores + ends.float() * _NEVER, k=K).indices  # (B, K)
+        beams.running = _gather(candidates, chosen)
+        beams.running_scores = _gather(candidate_scores + ends.float() * _NEVER, chosen)
+        parents = (_gather(origin, chosen) + torch.arange(B, device=device)[:, None] * K).view(BK)
+        beams.improvable = _still_improvable(beams, T + step + 1 - T, N, length_penalty, early_stopping)
+        if not _continues(beams, ends, early_stopping) or step == N - 1:
+            break
+        cache.select_rows(parents)
+        new = beams.running[:, :, T + step].reshape(BK)
+        if seen is not None:
+            seen = seen[parents]
+            seen[torch.arange(BK, device=device), new] = True
+        step_mask = full_mask[:, : T + step + 1] if padded else None
+        hidden = model.run_decoder(model.embed_inputs(new[:, None]), next_positions, step_mask, cache)
+        logits = model.compute_logits(hidden[:, -1]).float()
+        next_positions = next_positions + 1
+    R = int(cfg.num_return_sequences)  # type: ignore[arg-type]
+    length = T + int(beams.finished_lengths[:, :R].max())
+    return beams.finished[:, :R, :length].reshape(B * R, length), beams.finished_scores[:, :R].reshape(B * R)
+
+
+def _candidates(beams: Beams, log_probs: Tensor, C: int,
+                position: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The C best (beam, token) continuations of each prompt: their beam (B, C), token (B, C),
+    summed log-probability (B, C) and sequences (B, C, S) with the token written at `position`."""
+    B, K, V = log_probs.shape
+    totals = (log_probs + beams.running_scores[:, :, None]).view(B, K * V)
+    scores, flat = torch.topk(totals, k=C)
+    origin, tokens = flat // V, flat % V
+    candidates = _gather(beams.running, origin)
+    candidates[:, :, position] = tokens
+    return origin, tokens, scores, candidates
+
+
+def _store_finished(beams: Beams, candidates: Tensor, scores: Tensor, ends: Tensor, K: int, generated: int,
+                    length_penalty: float, early_stopping: bool | str) -> None:
+    """Merge the candidates that end now (among the first K only) into the K best finished hypotheses,
+    unless the prompt's store is closed (full with early_stopping=True) or cannot be improved."""
+    B, C = scores.shape
+    first_k = torch.arange(C, device=scores.device)[None, :] < K
+    new = ends & first_k
+    penalised = scores / (generated ** length_penalty)
+    closed = torch.all(beams.is_finished, dim=-1, keepdim=True) & (early_stopping is True)
+    # each reason adds its own _NEVER, as the reference does (the order of the refused ones follows it)
+    penalised = (penalised + closed.float() * _NEVER + (~beams.improvable).float() * _NEVER
+                 + (~new).float() * _NEVER)
+    merged_scores = torch.cat([beams.finished_scores, penalised], dim=1)
+    keep = torch.topk(merged_scores, k=K).indices
+    beams.finished = _gather(torch.cat([beams.finished, candidates], dim=1), keep)
+    beams.finished_scores = _gather(merged_scores, keep)
+    lengths = torch.full((B, C), generated, dtype=torch.long, device=scores.device)
+    beams.finished_lengths = _gather(torch.cat([beams.finished_lengths, lengths], dim=1), keep)
+    beams.is_finished = _gather(torch.cat([beams.is_finished, new], dim=1), keep)
+
+
+def _still_improvable(beams: Beams, generated: int, max_new: int, length_penalty: float,
+                      early_stopping: bool | str) -> Tensor:
+    """Whether the best running beam could still beat the worst finished hypothesis (B, 1): with
+    early_stopping="never" and a positive length penalty its best length is the longest allowed."""
+    best_length = max_new if early_stopping == "never" and length_penalty > 0.0 else generated
+    best_running = beams.running_scores[:, :1] / (best_length ** length_penalty)
+    worst = beams.finished_scores.min(dim=1, keepdim=True).values
+    worst_finished = torch.where(beams.is_finished, worst, _NEVER)
+    return beams.improvable & torch.any(best_running > worst_finished, dim=-1, keepdim=True)
+
+
+def _continues(beams: Beams, ends: Tensor, early_stopping: bool | str) -> bool:
+    """The search goes on while some prompt can improve, some store is open (early_stopping=True) and
+    some candidate (B, C) of this step has not ended."""
+    improvable = bool(beams.improvable.any())
+    open_store = not (bool(beams.is_finished.all()) and early_stopping is True)
+    return improvable and open_store and not bool(ends.all())
