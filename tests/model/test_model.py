@@ -25,6 +25,14 @@ CONFIGS = {
 }
 
 
+def models_and_batch(name: str) -> tuple[dict[str, Any], Any, Idefics2ForConditionalGeneration,
+                                         dict[str, torch.Tensor]]:
+    """The config of CONFIGS[name], the oracle built from it, ours with its weights, and a batch."""
+    config = CONFIGS[name]
+    reference = oracle_model(config)
+    return config, reference, ours_from(reference, config), make_batch(config)
+
+
 def ours_from(reference: Any, config: dict[str, Any]) -> Idefics2ForConditionalGeneration:
     model = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(config)).eval()
     model.load_state_dict(reference.state_dict(), strict=True)
@@ -47,10 +55,7 @@ def loss_labels(batch: dict[str, torch.Tensor], image_token_id: int) -> torch.Te
 @pytest.mark.parametrize("name", CONFIGS)
 @torch.no_grad()
 def test_logits_and_loss_match_transformers(name: str) -> None:
-    config = CONFIGS[name]
-    reference = oracle_model(config)
-    ours = ours_from(reference, config)
-    batch = make_batch(config)
+    config, reference, ours, batch = models_and_batch(name)
     labels = loss_labels(batch, config["image_token_id"])
     expected = reference(**batch, labels=labels)
     got = ours(**batch, labels=labels)
@@ -61,10 +66,7 @@ def test_logits_and_loss_match_transformers(name: str) -> None:
 
 @torch.no_grad()
 def test_image_features_match_transformers_per_sample_order() -> None:
-    config = CONFIGS["gqa-window8"]
-    reference = oracle_model(config)
-    ours = ours_from(reference, config)
-    batch = make_batch(config)
+    config, reference, ours, batch = models_and_batch("gqa-window8")
     expected = reference.model.get_image_features(batch["pixel_values"], batch["pixel_attention_mask"])
     got = ours.get_image_features(batch["pixel_values"], batch["pixel_attention_mask"])
     L, D = config["perceiver_config"]["resampler_n_latents"], config["text_config"]["hidden_size"]
@@ -74,10 +76,7 @@ def test_image_features_match_transformers_per_sample_order() -> None:
 
 @torch.no_grad()
 def test_inputs_embeds_give_the_same_logits_as_input_ids() -> None:
-    config = CONFIGS["gqa-window8"]
-    reference = oracle_model(config)
-    ours = ours_from(reference, config)
-    batch = make_batch(config)
+    config, reference, ours, batch = models_and_batch("gqa-window8")
     embeds = ours.get_input_embeddings()(batch["input_ids"])
     by_ids = ours(**batch).logits
     by_embeds = ours(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
@@ -122,10 +121,7 @@ def test_logits_to_keep_selects_the_last_positions() -> None:
 def test_hidden_states_match_transformers_layer_by_layer() -> None:
     """`output_hidden_states=True` failed before; now: the embeddings, each layer's output, the last
     one after the final norm, as the reference gives them."""
-    config = CONFIGS["gqa-window8"]
-    reference = oracle_model(config)
-    ours = ours_from(reference, config)
-    batch = make_batch(config)
+    config, reference, ours, batch = models_and_batch("gqa-window8")
     real = batch["attention_mask"].bool()
     got = ours(**batch, output_hidden_states=True)
     expected = reference(**batch, output_hidden_states=True)
@@ -140,10 +136,7 @@ def test_hidden_states_match_transformers_layer_by_layer() -> None:
 @torch.no_grad()
 def test_outputs_index_and_unpack_like_transformers() -> None:
     """`outputs[0]` and `return_dict=False` failed before: set fields, in transformers' order."""
-    config = CONFIGS["tied-mqa"]
-    reference = oracle_model(config)
-    ours = ours_from(reference, config)
-    batch = make_batch(config)
+    config, reference, ours, batch = models_and_batch("tied-mqa")
     out = ours(**batch)
     assert torch.equal(out[0], out.logits) and torch.equal(out["logits"], out.logits)
     assert out.keys() == ["logits", "past_key_values", "image_hidden_states"] and out.cache is out.past_key_values
@@ -262,10 +255,7 @@ def test_bad_inputs_raise_clear_value_errors(change: Any, message: str) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @torch.no_grad()
 def test_half_precision_runs_and_stays_close_to_float32(dtype: torch.dtype) -> None:
-    config = CONFIGS["gqa-window8"]
-    reference = oracle_model(config)
-    ours = ours_from(reference, config)
-    batch = make_batch(config)
+    config, reference, ours, batch = models_and_batch("gqa-window8")
     full = ours(**batch).logits
     half = ours.to(dtype)(**batch).logits
     assert half.dtype == dtype
