@@ -267,6 +267,40 @@ def test_beam_search_gives_the_tokens_of_transformers(oracle: Any, ours: Any, op
     assert torch.equal(ours.generate(**batch, **kwargs), expected.sequences)
 
 
+class PreferEvenIds:
+    """A caller's rule with transformers' processor signature: odd ids lose `bonus` after step 2."""
+
+    def __init__(self, bonus: float) -> None:
+        self.bonus, self.calls = bonus, 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if input_ids.shape[1] < 2:
+            return scores
+        odd = torch.arange(scores.shape[-1]) % 2 == 1
+        return scores - odd.to(scores.dtype) * self.bonus
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("options", [{}, {"num_beams": 3}, {"repetition_penalty": 1.3}],
+                         ids=["greedy", "beams", "penalty"])
+def test_a_callers_logits_processor_runs_as_in_transformers(oracle: Any, ours: Any,
+                                                            options: dict[str, Any]) -> None:
+    """One processor list for greedy, sampled and beam decoding, open to the caller's processors."""
+    from transformers import LogitsProcessorList
+
+    batch = batch_of_three()
+    kwargs = {"max_new_tokens": 8, **options}
+    mine, theirs = PreferEvenIds(3.0), PreferEvenIds(3.0)
+    expected = oracle.generate(**batch, do_sample=False, logits_processor=LogitsProcessorList([theirs]),
+                               **kwargs)
+    got = ours.generate(**batch, logits_processor=[mine], **kwargs)
+    assert torch.equal(got, expected) and mine.calls > 0
+    T = batch["input_ids"].shape[1]
+    without = ours.generate(**batch, **kwargs)[:, T:]
+    assert (got[:, T:] % 2 == 0).float().mean() > (without % 2 == 0).float().mean()
+
+
 def test_transformers_options_we_do_not_implement_are_refused_by_name(plain_model: Any) -> None:
     """generate(num_beams=3) ended in a TypeError before; the switched-off values are accepted."""
     batch = batch_of_three()

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from idefics2.generation.config import GenerationConfig
-from idefics2.generation.sampling import BadWords, apply_repetition_penalty, ban_repeated_ngrams, seen_tokens
+from idefics2.generation.sampling import TokenRules
 from idefics2.model.text import positions_from_mask
 
 _NEVER = -1.0e9  # the score of a candidate that must not be chosen
@@ -54,13 +54,16 @@ def _gather(tensor: Tensor, index: Tensor) -> Tensor:
 
 
 def beam_search(model: nn.Module, input_ids: Tensor, mask: Tensor, features: Tensor | None,
-                cfg: GenerationConfig, eos_ids: list[int], pad: int | None, num_beams: int,
-                length_penalty: float, early_stopping: bool | str) -> tuple[Tensor, Tensor]:
-    """input_ids, mask (B*K, T): each prompt repeated K times; features of the repeated images.
-    Returns the best `num_return_sequences` hypotheses per prompt, (B*R, T + N_max) with their
-    length-penalised scores (B*R,)."""
+                cfg: GenerationConfig, eos_ids: list[int], rules: TokenRules) -> tuple[Tensor, Tensor]:
+    """input_ids, mask (B*K, T): each prompt repeated K = cfg.num_beams times; features of the
+    repeated images; `rules` the request's logits processors, applied to the log-probabilities.
+    Returns the best `num_return_sequences` (<= K) hypotheses per prompt, best first,
+    (B*R, T + N_max), with their length-penalised scores (B*R,)."""
     BK, T = input_ids.shape
-    K, B = num_beams, input_ids.shape[0] // num_beams
+    K = int(cfg.num_beams)  # type: ignore[arg-type]
+    B = BK // K
+    pad = cfg.pad_token_id
+    length_penalty, early_stopping = float(cfg.length_penalty), cfg.early_stopping  # type: ignore[arg-type]
     N = int(cfg.max_new_tokens)  # type: ignore[arg-type]
     S = T + N
     device = input_ids.device
@@ -83,21 +86,10 @@ def beam_search(model: nn.Module, input_ids: Tensor, mask: Tensor, features: Ten
     full_mask = torch.ones(BK, S, dtype=torch.long, device=device)
     full_mask[:, :T] = mask
     padded = not bool(mask.all())
-    penalty = float(cfg.repetition_penalty)  # type: ignore[arg-type]
-    seen = seen_tokens(input_ids, mask, V) if penalty != 1.0 else None
-    bans = BadWords.build(cfg.bad_words_ids or [], eos_ids, V, device)
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
     for step in range(N):
         history = beams.running[:, :, : T + step].reshape(BK, T + step)
-        log_probs = logits.log_softmax(dim=-1)  # the processors see log-probabilities here
-        if seen is not None:
-            log_probs = apply_repetition_penalty(log_probs, seen, penalty)
-        if cfg.no_repeat_ngram_size:
-            log_probs = ban_repeated_ngrams(log_probs, history, cfg.no_repeat_ngram_size)
-        if bans is not None:
-            log_probs = bans.apply(log_probs, history)
-        if step < int(cfg.min_new_tokens or 0) and eos_ids:
-            log_probs[:, eos] = float("-inf")
+        log_probs = rules(history, logits.log_softmax(dim=-1), step)  # the rules see log-probabilities
         origin, tokens, candidate_scores, candidates = _candidates(beams, log_probs.view(B, K, V), C,
                                                                    T + step)
         ends = torch.isin(tokens, eos) | (T + step + 1 >= S)  # (B, C)
@@ -112,9 +104,8 @@ def beam_search(model: nn.Module, input_ids: Tensor, mask: Tensor, features: Ten
             break
         cache.select_rows(parents)
         new = beams.running[:, :, T + step].reshape(BK)
-        if seen is not None:
-            seen = seen[parents]
-            seen[torch.arange(BK, device=device), new] = True
+        rules.select(parents)
+        rules.record(new)
         step_mask = full_mask[:, : T + step + 1] if padded else None
         hidden = model.run_decoder(model.embed_inputs(new[:, None]), next_positions, step_mask, cache)
         logits = model.compute_logits(hidden[:, -1]).float()

@@ -27,14 +27,7 @@ from idefics2.generation.config import (
     resolve,
     validate,
 )
-from idefics2.generation.sampling import (
-    BadWords,
-    apply_repetition_penalty,
-    ban_repeated_ngrams,
-    choose_tokens,
-    filter_logits,
-    seen_tokens,
-)
+from idefics2.generation.sampling import LogitsProcessor, TokenRules, choose_tokens, filter_logits
 from idefics2.generation.streaming import Decoder, TextIteratorStreamer
 from idefics2.generation.threads import ThreadTuner, check_decode_threads
 from idefics2.generation.vision_cache import VisionFeatureCache
@@ -130,7 +123,7 @@ class Generator:
                  return_dict_in_generate: bool | None = None, num_return_sequences: int | None = None,
                  no_repeat_ngram_size: int | None = None, num_beams: int | None = None,
                  length_penalty: float | None = None, early_stopping: bool | str | None = None,
-                 use_cache: bool = True,
+                 logits_processor: Sequence[LogitsProcessor] | None = None, use_cache: bool = True,
                  compile: bool = False, vision_cache: bool | VisionFeatureCache | None = True,
                  decode_threads: int | None | str = "auto", **unsupported: Any) -> Tensor | GenerateOutput:
         """Prompt + new tokens (B, T + N) for left-padded `input_ids` (B, T) and optional images.
@@ -148,12 +141,10 @@ class Generator:
         pays off for a server or a batch job, not for one question.
         `num_return_sequences` > 1 (sampling only): that many continuations per prompt, each
         prompt's rows together. `output_logits`: the raw logits of each step in the dict output.
-        `num_beams` > 1: beam search (greedy, as transformers' `num_beams` with `do_sample=False`),
-        with `length_penalty` and `early_stopping`; `num_return_sequences` <= num_beams hypotheses
-        per prompt, best first.
+        `num_beams` > 1: beam search (`length_penalty`, `early_stopping`; `beam_search`).
+        `logits_processor`: `LogitsProcessor`s (transformers' signature) run after the built-in rules.
         `no_repeat_ngram_size` n > 0: no n-gram occurs twice in a row's tokens (prompt included).
-        `use_cache` is accepted for transformers' signature: decoding always uses the KV cache,
-        which gives the same tokens as recomputing.
+        `use_cache` is accepted: decoding always uses the KV cache (the same tokens).
         `vision_cache`: see `vision_cache_for`.
         `decode_threads`: torch intra-op threads for the CPU decode steps: "auto" times 1 and
         torch's setting and keeps the faster (`ThreadTuner`), an int fixes it, None leaves torch's
@@ -203,12 +194,13 @@ class Generator:
 
         if beams > 1:
             return _run_beam_search(model, input_ids, attention_mask.long(), pixel_values, pixel_attention_mask,
-                                    cfg, eos_ids, self.vision_cache_for(vision_cache))
+                                    cfg, eos_ids, self.vision_cache_for(vision_cache), list(logits_processor or []))
         threads = check_decode_threads(decode_threads, device, compile)
         several = torch.get_num_threads() > 1
         tuner = self.thread_tuner(torch.get_num_threads()) if threads == "auto" and several else None
         plan = _Plan(cfg, eos_ids, pad, sampling, stops, generator, tokenizer, streamer,
-                     self.step_function(compile), self.vision_cache_for(vision_cache), threads, tuner)
+                     self.step_function(compile), self.vision_cache_for(vision_cache), threads, tuner,
+                     list(logits_processor or []))
         try:
             if streamer is not None:
                 streamer.put(input_ids.cpu())
@@ -220,13 +212,15 @@ class Generator:
 
 def _run_beam_search(model: nn.Module, input_ids: Tensor, mask: Tensor, pixel_values: Tensor | None,
                      pixel_attention_mask: Tensor | None, cfg: GenerationConfig, eos_ids: list[int],
-                     vision_cache: VisionFeatureCache | None) -> Tensor | GenerateOutput:
+                     vision_cache: VisionFeatureCache | None,
+                     logits_processor: list[LogitsProcessor]) -> Tensor | GenerateOutput:
     """The validated request, each prompt repeated num_beams times, through `beam_search`."""
     features = None
     if pixel_values is not None:
         features = model.get_image_features(pixel_values, pixel_attention_mask, vision_cache)
-    sequences, scores = beam_search(model, input_ids, mask, features, cfg, eos_ids, cfg.pad_token_id,
-                                    int(cfg.num_beams), float(cfg.length_penalty), cfg.early_stopping)  # type: ignore[arg-type]
+    rules = TokenRules.for_request(cfg, eos_ids, input_ids, mask, model.config.text_config.vocab_size,
+                                   logits_processor)
+    sequences, scores = beam_search(model, input_ids, mask, features, cfg, eos_ids, rules)
     if not cfg.return_dict_in_generate:
         return sequences
     return GenerateOutput(sequences=sequences, sequences_scores=scores)
@@ -248,6 +242,7 @@ class _Plan:
     vision_cache: VisionFeatureCache | None
     decode_threads: int | None | str
     thread_tuner: ThreadTuner | None  # with decode_threads "auto" on several CPU threads
+    logits_processor: list[LogitsProcessor]
 
 
 def _run(model: nn.Module, input_ids: Tensor, mask: Tensor, pixel_values: Tensor | None,
@@ -307,23 +302,11 @@ def _decode(model: nn.Module, input_ids: Tensor, mask: Tensor, next_positions: T
     rows = torch.arange(B, device=device)  # original row of each row still in the batch
     padded = not bool(mask.all())
     eos = torch.tensor(plan.eos_ids, dtype=torch.long, device=device)
-    eos_mask = torch.zeros(V, dtype=torch.bool, device=device)
-    eos_mask[eos] = True
-    penalty = float(cfg.repetition_penalty)  # type: ignore[arg-type]
-    seen = seen_tokens(input_ids, mask, V) if penalty != 1.0 else None
-    bans = BadWords.build(cfg.bad_words_ids or [], plan.eos_ids, V, device)
+    rules = TokenRules.for_request(cfg, plan.eos_ids, input_ids, mask, V, plan.logits_processor)
     all_scores: list[Tensor] = []
     all_logits: list[Tensor] = []
     for step in range(N):
-        scores = logits
-        if seen is not None:
-            scores = apply_repetition_penalty(scores, seen, penalty)
-        if cfg.no_repeat_ngram_size:
-            scores = ban_repeated_ngrams(scores, sequences[rows, : T + step], cfg.no_repeat_ngram_size)
-        if bans is not None:
-            scores = bans.apply(scores, sequences[rows, : T + step])
-        if step < cfg.min_new_tokens and plan.eos_ids:
-            scores = scores.masked_fill(eos_mask, float("-inf"))
+        scores = rules(sequences[rows, : T + step], logits, step)
         if plan.sampling:
             scores = filter_logits(scores, float(cfg.temperature), int(cfg.top_k), float(cfg.top_p))  # type: ignore[arg-type]
         tokens = choose_tokens(scores, plan.sampling, plan.generator)  # (B_active,)
@@ -341,15 +324,14 @@ def _decode(model: nn.Module, input_ids: Tensor, mask: Tensor, next_positions: T
                 new_ids = sequences[row, T:T + step + 1].tolist()
                 if not done[i] and _hits_stop_string(plan.tokenizer, new_ids, plan.stops):
                     done[i] = True
-        if seen is not None:
-            seen[torch.arange(tokens.shape[0], device=device), tokens] = True
+        rules.record(tokens)
         if step == N - 1 or bool(done.all()):
             return sequences[:, : T + step + 1], all_scores, all_logits
         if bool(done.any()):  # finished rows stop costing compute
             keep = (~done).nonzero().squeeze(1)
             rows, tokens, next_positions = rows[keep], tokens[keep], next_positions[keep]
             full_mask = full_mask[keep]
-            seen = seen[keep] if seen is not None else None
+            rules.select(keep)
             cache.select_rows(keep)
             padded = not bool(full_mask[:, :T].all())
         step_mask = full_mask[:, : T + step + 1] if padded else None

@@ -2,17 +2,22 @@
 
 Last stage of each generation step: float32 logits of the last position (B, V) -> scores -> token
 ids (B,). Order and arithmetic follow transformers 5.24's `generate` (repetition penalty, repeated
-n-grams, bad words, min_new_tokens; then, when sampling, temperature, top-k, top-p) so that greedy choices and
-filtered distributions equal the reference's. Everything here is pure: state is passed in.
+n-grams, bad words, min_new_tokens, the caller's processors; then, when sampling, temperature,
+top-k, top-p) so that greedy choices and filtered distributions equal the reference's. The rules
+of one request are one `TokenRules`, shared by greedy, sampled and beam decoding (and open to
+`LogitsProcessor`s of the caller); the rest are pure functions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
+
+from idefics2.generation.config import GenerationConfig
 
 
 @dataclass
@@ -89,6 +94,68 @@ def apply_repetition_penalty(scores: Tensor, seen: Tensor, penalty: float) -> Te
     """Divide positive scores of already-seen ids by `penalty`, multiply negative ones (CTRL rule)."""
     penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
     return torch.where(seen, penalised, scores)
+
+
+class LogitsProcessor(Protocol):
+    """A rule on the next token, as transformers' logits processors take it: `input_ids` (B, S),
+    every token of each row so far, prompt included; `scores` (B, V) -> new scores. Pass a list of
+    them to `generate(logits_processor=[...])`; they run after the built-in rules, before sampling."""
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor: ...
+
+
+class TokenRules:
+    """The logits processors of one request in the reference's order: repetition penalty, repeated
+    n-grams, bad words, min_new_tokens, then the caller's. Greedy, sampled and beam decoding all
+    run this one list. The repetition penalty keeps a per-row seen-token mask instead of rescanning
+    the history: `record` each step's tokens and `select` the rows that go on (finished rows
+    dropped, beams reordered)."""
+
+    def __init__(self, input_ids: Tensor, mask: Tensor, vocab_size: int, *, repetition_penalty: float,
+                 no_repeat_ngram_size: int, bad_words_ids: Sequence[Sequence[int]], eos_ids: Sequence[int],
+                 min_new_tokens: int, extra: Sequence[LogitsProcessor] = ()) -> None:
+        device = input_ids.device
+        self.penalty = repetition_penalty
+        self.seen = seen_tokens(input_ids, mask, vocab_size) if repetition_penalty != 1.0 else None
+        self.ngram = no_repeat_ngram_size
+        self.bans = BadWords.build(bad_words_ids, eos_ids, vocab_size, device)
+        self.min_new_tokens = min_new_tokens if eos_ids else 0
+        self.eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
+        self.extra = list(extra)
+
+    @classmethod
+    def for_request(cls, cfg: GenerationConfig, eos_ids: Sequence[int], input_ids: Tensor, mask: Tensor,
+                    vocab_size: int, extra: Sequence[LogitsProcessor] = ()) -> TokenRules:
+        """The rules a resolved generation config asks for, on prompts `input_ids` (B, T) with `mask`."""
+        penalty = float(cfg.repetition_penalty)  # type: ignore[arg-type]
+        return cls(input_ids, mask, vocab_size, repetition_penalty=penalty,
+                   no_repeat_ngram_size=int(cfg.no_repeat_ngram_size or 0),
+                   bad_words_ids=cfg.bad_words_ids or [], eos_ids=eos_ids,
+                   min_new_tokens=int(cfg.min_new_tokens or 0), extra=extra)
+
+    def __call__(self, history: Tensor, scores: Tensor, step: int) -> Tensor:
+        """history (B, S) every token so far; scores (B, V) of new token number `step` (from 0)."""
+        if self.seen is not None:
+            scores = apply_repetition_penalty(scores, self.seen, self.penalty)
+        if self.ngram:
+            scores = ban_repeated_ngrams(scores, history, self.ngram)
+        if self.bans is not None:
+            scores = self.bans.apply(scores, history)
+        if step < self.min_new_tokens:
+            scores = scores.index_fill(1, self.eos, float("-inf"))
+        for processor in self.extra:
+            scores = processor(history, scores)
+        return scores
+
+    def record(self, tokens: Tensor) -> None:
+        """The tokens (B,) each row got this step."""
+        if self.seen is not None:
+            self.seen[torch.arange(tokens.shape[0], device=tokens.device), tokens] = True
+
+    def select(self, rows: Tensor) -> None:
+        """Keep the rows `rows` (1-D index, repeats allowed), in that order."""
+        if self.seen is not None:
+            self.seen = self.seen[rows]
 
 
 def filter_logits(scores: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
