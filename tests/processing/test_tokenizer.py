@@ -187,3 +187,29 @@ def test_saved_files_load_in_transformers(tok: Tokenizer, tmp_path: Path) -> Non
         11143,
         28747,
     ]
+
+
+@pytest.mark.oracle
+def test_tokenizer_apply_chat_template_like_transformers() -> None:
+    """The tokenizer had no apply_chat_template; transformers' defaults: tokenize, a dict, no BOS added."""
+    import transformers
+
+    ours = Tokenizer.from_pretrained(HUB_LIKE_TOKENIZER)
+    reference = transformers.AutoTokenizer.from_pretrained(HUB_LIKE_TOKENIZER)
+    # (text right after a special token follows the 4.x rule, README; this template writes none)
+    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant:{% endif %}")
+    chats = [[{"role": "user", "content": "Hello there"}], [{"role": "user", "content": "Hi"}]]
+    for options in ({}, {"tokenize": False}, {"return_dict": False}, {"add_generation_prompt": True}):
+        got = ours.apply_chat_template(chats[0], chat_template=template, **options)
+        expected = reference.apply_chat_template(chats[0], chat_template=template, **options)
+        assert (dict(got) if isinstance(got, dict) else got) == (
+            expected if isinstance(expected, (str, list)) else dict(expected)), options
+    got = ours.apply_chat_template(chats, chat_template=template, padding=True, return_tensors="pt")
+    expected = reference.apply_chat_template(chats, chat_template=template, padding=True, return_tensors="pt")
+    assert torch.equal(got["input_ids"], expected["input_ids"])
+    assert torch.equal(got.attention_mask, expected["attention_mask"])
+    with pytest.raises(ValueError, match="this tokenizer has no chat template"):
+        ours.apply_chat_template(chats[0])
+    with pytest.raises(ValueError, match=r"\['documents'\] are not supported"):
+        ours.apply_chat_template(chats[0], chat_template=template, documents=[{"text": "x"}])

@@ -17,6 +17,8 @@ import tokenizers
 import torch
 
 from idefics2.processing.batch import BatchFeature
+from idefics2.processing.chat_inputs import check_options
+from idefics2.processing.chat_template import Message, render_chat
 from idefics2.processing.tokenizer_files import (
     SPECIAL_KEYS,
     UNLIMITED,
@@ -302,6 +304,34 @@ class Tokenizer:
                 mask.extend([0] * n)
 
     # ------------------------------------------------------------------ decoding
+    def apply_chat_template(self, conversation: Sequence[Message] | Sequence[Sequence[Message]], *,
+                            chat_template: str | None = None, add_generation_prompt: bool = False,
+                            tokenize: bool = True, padding: bool | str = False,
+                            truncation: bool | str = False,
+                            max_length: int | None = None, return_tensors: str | None = None,
+                            return_dict: bool = True, tokenizer_kwargs: dict[str, Any] | None = None,
+                            **template_kwargs: Any) -> Any:
+        """transformers' tokenizer form: render with `chat_template` (default: the tokenizer's) and,
+        with `tokenize` (the default), tokenize without adding special tokens (the template writes
+        them): a BatchFeature with `return_dict` (the default), else the ids. Other keywords are
+        template variables; transformers options we do not implement raise naming them."""
+        check_options(template_kwargs)
+        template = chat_template or self.chat_template
+        if template is None:
+            raise ValueError("this tokenizer has no chat template: pass chat_template=, or use the "
+                             "processor's apply_chat_template (it has the Idefics2 template)")
+        is_batched = bool(conversation) and all(isinstance(c, (list, tuple)) for c in conversation)
+        conversations = list(conversation) if is_batched else [conversation]
+        variables = {**self.special_tokens_map, **template_kwargs}
+        rendered = [render_chat(c, template, add_generation_prompt=add_generation_prompt, **variables)
+                    for c in conversations]
+        if not tokenize:
+            return rendered if is_batched else rendered[0]
+        options = {"add_special_tokens": False, "padding": padding, "truncation": truncation,
+                   "max_length": max_length, "return_tensors": return_tensors, **(tokenizer_kwargs or {})}
+        encoded = self(rendered if is_batched else rendered[0], **options)
+        return encoded if return_dict else encoded["input_ids"]
+
     def decode(
         self, ids: Any, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None
     ) -> str:
