@@ -180,6 +180,27 @@ def test_resize_token_embeddings_like_transformers(name: str) -> None:
 
 
 @torch.no_grad()
+def test_a_4d_attention_mask_is_used_as_given_like_transformers() -> None:
+    """A (B, 1, T, S) mask was refused before: float additive masks give the reference's logits;
+    a bool one (True = may attend) gives ours with the 2-D mask it spells out."""
+    config, reference, ours, batch = models_and_batch("mha-no-window-default-eps")
+    B, T = batch["input_ids"].shape
+    real = batch["attention_mask"].bool()
+    visible = torch.tril(torch.ones(T, T, dtype=torch.bool))[None, None] & real[:, None, None, :]
+    visible = visible | torch.eye(T, dtype=torch.bool)[None, None]  # a padding query sees itself
+    additive = torch.where(visible, 0.0, torch.finfo(torch.float32).min)
+    two_d = ours(**batch).logits
+    for mask in (additive, visible):
+        got = ours(**{**batch, "attention_mask": mask}).logits
+        torch.testing.assert_close(got[real], two_d[real], rtol=0, atol=1e-5)
+    expected = reference(**{**batch, "attention_mask": additive}).logits
+    torch.testing.assert_close(ours(**{**batch, "attention_mask": additive}).logits[real], expected[real],
+                               rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match=r"a 4-D attention_mask must be \(3 or 1, 1, \d+, \d+\)"):
+        ours(**{**batch, "attention_mask": additive[:, :, :-1]})
+
+
+@torch.no_grad()
 def test_assigning_use_cache_on_the_model_config_turns_the_cache_off() -> None:
     """Configs take assignments, as transformers' do: `model.config.use_cache = False` is read by forward."""
     config = CONFIGS["tied-mqa"]

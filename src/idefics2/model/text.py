@@ -37,12 +37,15 @@ def positions_from_mask(attention_mask: Tensor) -> Tensor:
 def decoder_attention_mask(attention_mask: Tensor | None, batch_size: int, past: int, num_new: int,
                            sliding_window: int | None, device: torch.device) -> Tensor | None:
     """Causal + sliding-window + padding mask (B, 1, T, S), True = visible; None when all visible.
+    A 4-D `attention_mask` is the caller's own and is used as given (`_given_4d_mask`).
 
     Query i (a cache position) sees key j iff j <= i, j > i - W and key j is not padding. Each query
     also sees itself, so a padding query never has an empty row (its output is unused, but a NaN
     there would reach the real rows through later layers' values).
     """
     S = past + num_new
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return _given_4d_mask(attention_mask, batch_size, num_new, S)
     if attention_mask is None and num_new == 1 and (sliding_window is None or S <= sliding_window):
         return None  # one new token, no padding, window not reached: it sees every key
     i = torch.arange(past, S, device=device)[:, None]  # (T, 1)
@@ -58,6 +61,16 @@ def decoder_attention_mask(attention_mask: Tensor | None, batch_size: int, past:
     visible = visible[None] & attention_mask.bool()[:, None, :]  # (B, T, S)
     visible = visible | (j == i)[None]
     return visible[:, None]
+
+
+def _given_4d_mask(mask: Tensor, batch_size: int, num_new: int, num_keys: int) -> Tensor:
+    """A caller's own (B or 1, 1, T, S) mask, used as given, as transformers does: bool with True =
+    may attend, or float added to the attention scores (0 = visible, a large negative = hidden).
+    Causality, the sliding window and padding are then the caller's."""
+    if mask.shape[1] != 1 or mask.shape[0] not in (1, batch_size) or mask.shape[2:] != (num_new, num_keys):
+        raise ValueError(f"a 4-D attention_mask must be ({batch_size} or 1, 1, {num_new}, {num_keys}) "
+                         f"(batch, 1, new tokens, cached + new tokens), got {tuple(mask.shape)}")
+    return mask
 
 
 class TextAttention(nn.Module):
@@ -147,6 +160,8 @@ class MistralDecoder(nn.Module):
         B, T, _ = inputs_embeds.shape
         past = cache.length if cache is not None else 0
         mask = decoder_attention_mask(attention_mask, B, past, T, self.config.sliding_window, inputs_embeds.device)
+        if mask is not None and mask.is_floating_point():
+            mask = mask.to(inputs_embeds.dtype)  # SDPA adds a float mask in the activation dtype
         cos, sin = self.rotary(positions, inputs_embeds.dtype)
         x = inputs_embeds
         for idx, layer in enumerate(self.layers):
