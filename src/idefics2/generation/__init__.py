@@ -2,11 +2,13 @@
 
 Modules: `config` (GenerationConfig, its files, argument resolution and checks), `sampling`
 (logits processors and token choice), `streaming` (text streamers), `vision_cache` (features of
-images seen before), `threads` (CPU thread tuning), `generate` (the prefill and decode loop).
+images seen before), `threads` (CPU thread tuning), `steps` (the prefill and the one-token step),
+`beam_search`, `generate` (the `Generator` and the greedy/sampled decode loop).
 """
 
 from idefics2.generation.config import BUILTIN_DEFAULTS, GenerationConfig, load_generation_config
-from idefics2.generation.generate import GenerateOutput, Generator, decode_step
+from idefics2.generation.generate import GenerateOutput, Generator
+from idefics2.generation.steps import decode_step
 from idefics2.generation.streaming import TextIteratorStreamer
 from idefics2.generation.threads import ThreadTuner
 from idefics2.generation.vision_cache import VisionFeatureCache

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from idefics2.generation.config import GenerationConfig
 from idefics2.generation.sampling import TokenRules
-from idefics2.model.text import positions_from_mask
+from idefics2.generation.steps import decode_step, prefill
 
 _NEVER = -1.0e9  # the score of a candidate that must not be chosen
 
@@ -78,11 +78,7 @@ def beam_search(model: nn.Module, input_ids: Tensor, mask: Tensor, features: Ten
                   is_finished=torch.zeros(B, K, dtype=torch.bool, device=device),
                   improvable=torch.ones(B, 1, dtype=torch.bool, device=device))
     beams.running_scores[:, 1:] = _NEVER  # the K copies of a prompt must not all be continued alike
-    cache = model.new_kv_cache(S)
-    positions = positions_from_mask(mask)  # (B*K, T)
-    hidden = model.run_decoder(model.embed_inputs(input_ids, features), positions, mask, cache)
-    logits = model.compute_logits(hidden[:, -1]).float()  # (B*K, V)
-    next_positions = positions[:, -1:] + 1
+    logits, cache, next_positions = prefill(model, input_ids, mask, features, S)  # (B*K, V)
     full_mask = torch.ones(BK, S, dtype=torch.long, device=device)
     full_mask[:, :T] = mask
     padded = not bool(mask.all())
@@ -95,11 +91,12 @@ def beam_search(model: nn.Module, input_ids: Tensor, mask: Tensor, features: Ten
         ends = torch.isin(tokens, eos) | (T + step + 1 >= S)  # (B, C)
         _store_finished(beams, candidates, candidate_scores, ends, K, step + 1, length_penalty,
                         early_stopping)
-        chosen = torch.topk(candidate_scores + ends.float() * _NEVER, k=K).indices  # (B, K)
+        running_scores = candidate_scores + ends.float() * _NEVER  # ended candidates run no further
+        chosen = torch.topk(running_scores, k=K).indices  # (B, K)
         beams.running = _gather(candidates, chosen)
-        beams.running_scores = _gather(candidate_scores + ends.float() * _NEVER, chosen)
+        beams.running_scores = _gather(running_scores, chosen)
         parents = (_gather(origin, chosen) + torch.arange(B, device=device)[:, None] * K).view(BK)
-        beams.improvable = _still_improvable(beams, T + step + 1 - T, N, length_penalty, early_stopping)
+        beams.improvable = _still_improvable(beams, step + 1, N, length_penalty, early_stopping)
         if not _continues(beams, ends, early_stopping) or step == N - 1:
             break
         cache.select_rows(parents)
@@ -107,8 +104,7 @@ def beam_search(model: nn.Module, input_ids: Tensor, mask: Tensor, features: Ten
         rules.select(parents)
         rules.record(new)
         step_mask = full_mask[:, : T + step + 1] if padded else None
-        hidden = model.run_decoder(model.embed_inputs(new[:, None]), next_positions, step_mask, cache)
-        logits = model.compute_logits(hidden[:, -1]).float()
+        logits = decode_step(model, new[:, None], next_positions, step_mask, cache)
         next_positions = next_positions + 1
     R = int(cfg.num_return_sequences)  # type: ignore[arg-type]
     length = T + int(beams.finished_lengths[:, :R].max())

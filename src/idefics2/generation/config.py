@@ -69,7 +69,7 @@ class GenerationConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> GenerationConfig:
-        """Known keys become fields; the rest (max_length, num_beams, ...) is kept in `extra`, unused."""
+        """Known keys become fields; the rest (max_length, num_beam_groups, ...) is kept in `extra`, unused."""
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in raw.items() if k in names}
         if isinstance(known.get("stop_strings"), str):

@@ -28,12 +28,12 @@ from idefics2.generation.config import (
     validate,
 )
 from idefics2.generation.sampling import LogitsProcessor, TokenRules, choose_tokens, filter_logits
+from idefics2.generation.steps import decode_step, prefill
 from idefics2.generation.streaming import Decoder, TextIteratorStreamer
 from idefics2.generation.threads import ThreadTuner, check_decode_threads
 from idefics2.generation.vision_cache import VisionFeatureCache
 from idefics2.model.fast_linear import prepare_for_compile
 from idefics2.model.kv_cache import KVCache
-from idefics2.model.text import positions_from_mask
 
 
 @dataclass
@@ -58,15 +58,6 @@ class Streamer(Protocol):
     def end(self) -> None: ...
 
 
-def decode_step(model: nn.Module, tokens: Tensor, positions: Tensor, attention_mask: Tensor | None,
-                cache: KVCache) -> Tensor:
-    """One new token per row: tokens, positions (B, 1); attention_mask (B, S) or None when no row
-    is padded -> next-token logits (B, V) in float32. The model's stages without `forward`'s
-    checks, and the LM head on the one position only."""
-    hidden = model.run_decoder(model.embed_inputs(tokens), positions, attention_mask, cache)  # (B, 1, D)
-    return model.compute_logits(hidden[:, -1]).float()  # (B, V)
-
-
 def _hits_stop_string(tokenizer: Decoder, ids: list[int], stop_strings: list[str]) -> bool:
     """A stop string anywhere in the new text; checked after every token, so it ends with the last one."""
     text = tokenizer.decode(ids, skip_special_tokens=False)
@@ -75,9 +66,9 @@ def _hits_stop_string(tokenizer: Decoder, ids: list[int], stop_strings: list[str
 
 class Generator:
     """Generation for one model, and what outlives a single call: the decode step (compiled once, on
-    the first call that asks for it) and the model's vision-feature cache. `model.generate` builds
-    one on first use (`model.generator`); and the thread tuner of CPU decode steps (`ThreadTuner`),
-    which goes on learning from call to call.
+    the first call that asks for it), the model's vision-feature cache and the thread tuner of CPU
+    decode steps (`ThreadTuner`), which goes on learning from call to call. `model.generate` builds
+    one on first use (`model.generator`).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -255,16 +246,13 @@ def _run(model: nn.Module, input_ids: Tensor, mask: Tensor, pixel_values: Tensor
     if pixel_values is not None:
         # (R, L, D), computed once per request, before the prefill, never while decoding
         features = model.get_image_features(pixel_values, pixel_attention_mask, plan.vision_cache)
-    cache = model.new_kv_cache(T + N)
-    positions = positions_from_mask(mask)  # (B, T)
-    hidden = model.run_decoder(model.embed_inputs(input_ids, features), positions, mask, cache)  # (B, T, D)
-    logits = model.compute_logits(hidden[:, -1]).float()  # (B, V)
-    del hidden, features
+    logits, cache, next_positions = prefill(model, input_ids, mask, features, T + N)
+    del features
     threads = torch.get_num_threads()
     if isinstance(plan.decode_threads, int):
         torch.set_num_threads(plan.decode_threads)
     try:
-        sequences, scores, raw = _decode(model, input_ids, mask, positions[:, -1:] + 1, logits, cache, plan)
+        sequences, scores, raw = _decode(model, input_ids, mask, next_positions, logits, cache, plan)
     finally:
         torch.set_num_threads(threads)
     if not plan.cfg.return_dict_in_generate:

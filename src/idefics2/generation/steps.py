@@ -1,0 +1,29 @@
+"""The two forward passes of decoding, over the model's stages: the prefill of the prompts, then
+one-token steps. Greedy, sampled and beam decoding all run these."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from idefics2.model.kv_cache import KVCache
+from idefics2.model.text import positions_from_mask
+
+
+def prefill(model: nn.Module, input_ids: Tensor, mask: Tensor, features: Tensor | None,
+            max_length: int) -> tuple[Tensor, KVCache, Tensor]:
+    """Prompts input_ids, mask (B, T) with image `features` (R, L, D) -> next-token logits (B, V) in
+    float32, a KV cache sized `max_length` holding the prompts, and each row's next RoPE position
+    (B, 1): mask-aware, so a row gets the same positions alone or left-padded in a batch."""
+    cache = model.new_kv_cache(max_length)
+    positions = positions_from_mask(mask)  # (B, T)
+    hidden = model.run_decoder(model.embed_inputs(input_ids, features), positions, mask, cache)  # (B, T, D)
+    return model.compute_logits(hidden[:, -1]).float(), cache, positions[:, -1:] + 1
+
+
+def decode_step(model: nn.Module, tokens: Tensor, positions: Tensor, attention_mask: Tensor | None,
+                cache: KVCache) -> Tensor:
+    """One new token per row: tokens, positions (B, 1); attention_mask (B, S) or None when no row
+    is padded -> next-token logits (B, V) in float32. The model's stages without `forward`'s
+    checks, and the LM head on the one position only."""
+    hidden = model.run_decoder(model.embed_inputs(tokens), positions, attention_mask, cache)  # (B, 1, D)
+    return model.compute_logits(hidden[:, -1]).float()  # (B, V)
