@@ -26,7 +26,6 @@ from idefics2.processing.chat_template import (
     ChatTemplate,
     Message,
     read_chat_template,
-    render_chat,
     template_source,
     write_chat_template,
 )
@@ -315,12 +314,9 @@ class Idefics2Processor:
             template_kwargs.pop(name, None)
         is_batched = bool(messages) and all(isinstance(m, (list, tuple)) for m in messages)
         conversations = list(messages) if is_batched else [messages]
-        template = template_source(self.chat_template, chat_template)
-        variables = {**self.tokenizer.special_tokens_map, **template_kwargs}
-        rendered = [
-            render_chat(c, template, add_generation_prompt=add_generation_prompt, **variables)
-            for c in conversations
-        ]
+        rendered = self.tokenizer.apply_chat_template(
+            conversations, chat_template=template_source(self.chat_template, chat_template),
+            add_generation_prompt=add_generation_prompt, tokenize=False, **template_kwargs)
         if not tokenize:
             return rendered if is_batched else rendered[0]
         bos = self.tokenizer.bos_token
