@@ -9,6 +9,7 @@ non-zero exit code, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import importlib
 import json
 import sys
@@ -182,8 +183,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UserError(f"--port must be between 0 and 65535, got {args.port}")
     model, processor = load(args.model, args.dtype, args.device, args.adapter)
     name = args.served_model_name or (Path(args.model).name if args.model else SHIPPED_MODEL)
+    for flag in ("max_batch_size", "max_queue", "max_body_mb"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise UserError(f"--max-model-len must be at least 2, got {args.max_model_len}")
     serve(model, processor, name, host=args.host, port=args.port, allow_remote_images=args.allow_remote_images,
-          compile=args.compile)
+          compile=args.compile, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
+          max_queue=args.max_queue, max_body_bytes=args.max_body_mb * 2**20, api_key=args.api_key,
+          cors_origins=args.cors_origin or None)
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -237,6 +245,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        help="fetch http(s) image URLs (off: only inline data: URIs)")
     serve.add_argument("--compile", action="store_true",
                        help="torch.compile the decode step: a slow first request, faster decoding after")
+    serve.add_argument("--max-batch-size", type=int, default=16, help="sequences decoding together (default 16)")
+    serve.add_argument("--max-model-len", type=int, default=None,
+                       help="positions per sequence, prompt included (default: the model's)")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429")
+    serve.add_argument("--max-body-mb", type=int, default=20, help="request body limit in MiB; more get 413")
+    serve.add_argument("--api-key", default=os.environ.get("IDEFICS2_API_KEY"),
+                       help="require Authorization: Bearer KEY on /v1 (default: $IDEFICS2_API_KEY, else none)")
+    serve.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                       help="allow browser requests from ORIGIN (repeatable; off by default)")
     serve.set_defaults(func=cmd_serve)
 
     info = commands.add_parser("info", help="config summary, parameter count, file sizes")

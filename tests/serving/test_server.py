@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
+import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -105,31 +108,70 @@ def test_models_lists_the_served_model(client: TestClient) -> None:
     assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [SHIPPED_MODEL]
 
 
+def png_header(width: int, height: int) -> str:
+    """A data URI whose PNG header claims width x height (pixel data cut short): the size check
+    must refuse it from the header, before decoding."""
+    raw = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(raw, "PNG")
+    data = bytearray(raw.getvalue())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return "data:image/png;base64," + base64.b64encode(bytes(data)).decode()
+
+
+def image_part(url: str) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
+
+
 BAD_REQUESTS = [
     ({"messages": []}, "messages", 400),
+    ({"messages": "hi"}, "messages", 400),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", 400),
+    ({"messages": [{"role": ["user"], "content": "hi"}]}, "messages[0].role", 400),
+    ({"messages": [{"role": {"user": 1}, "content": "hi"}]}, "messages[0].role", 400),
+    ({"messages": ["hi"]}, "messages[0].role", 400),
+    ({"messages": [{"role": "user"}]}, "messages[0].content", 400),
+    ({"messages": [{"role": "user", "content": []}]}, "messages[0].content", 400),
     ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "messages[0].content[0]", 400),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}]},
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages[0].content[0].text", 400),
+    ({"messages": [{"role": "user", "content": "\ud800 lone surrogate"}]}, "messages[0].content[0].text", 400),
+    (image_part("data:image/png;base64,@@"), "messages[0].content[0].image_url", 400),
+    (image_part("data:image/png;base64," + base64.b64encode(b"not a png").decode()),
      "messages[0].content[0].image_url", 400),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,"
-                                                                                      + base64.b64encode(b"not a png").decode()}}]}]},
+    (image_part("data:image/png,rawbytes"), "messages[0].content[0].image_url", 400),
+    (image_part("https://example.com/a.png"), "messages[0].content[0].image_url", 400),
+    (image_part("/etc/passwd"), "messages[0].content[0].image_url", 400),
+    (image_part(png_header(13000, 13000)), "messages[0].content[0].image_url", 400),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": 7}]}]},
      "messages[0].content[0].image_url", 400),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]},
-     "messages[0].content[0].image_url", 400),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]},
-     "messages[0].content[0].image_url", 400),
+    ({"messages": [{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]},
+                   {"role": "user", "content": "hi"}]}, "messages[0].content[0]", 400),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
      "messages[1].role", 400),
     ({"messages": [{"role": "user", "content": "What is in <image>?"}]}, "messages[0].content[0].text", 400),
-    ({"n": 2}, "n", 400),
+    ({"n": 0}, "n", 400),
+    ({"n": 100}, "n", 400),
     ({"temperature": -1}, "temperature", 400),
+    ({"temperature": "hot"}, "temperature", 400),
     ({"top_p": 0}, "top_p", 400),
+    ({"top_k": -5}, "top_k", 400),
+    ({"min_p": 2}, "min_p", 400),
+    ({"repetition_penalty": 0}, "repetition_penalty", 400),
     ({"max_tokens": 0}, "max_tokens", 400),
     ({"max_tokens": "ten"}, "max_tokens", 400),
+    ({"max_tokens": 10**40}, "max_tokens", 400),
+    ({"max_tokens": 2.5}, "max_tokens", 400),
+    ({"seed": -1}, "seed", 400),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop", 400),
+    ({"stop": [""]}, "stop", 400),
     ({"tools": [{"type": "function"}]}, "tools", 400),
+    ({"response_format": {"type": "json_object"}}, "response_format", 400),
     ({"presence_penalty": 0.5}, "presence_penalty", 400),
+    ({"logprobs": "yes"}, "logprobs", 400),
+    ({"top_logprobs": 3}, "top_logprobs", 400),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", 400),
     ({"stream": "yes"}, "stream", 400),
+    ({"stream_options": {"include_usage": True}}, "stream_options", 400),
     ({"model": "gpt-4o"}, "model", 404),
 ]
 
@@ -137,7 +179,8 @@ BAD_REQUESTS = [
 @pytest.mark.parametrize("fields, param, status", BAD_REQUESTS)
 def test_bad_requests_get_a_json_error_and_the_server_keeps_serving(client: TestClient, fields: dict[str, Any],
                                                                      param: str, status: int) -> None:
-    response = client.post("/v1/chat/completions", json={**ask("What color is the circle?"), **fields})
+    body = json.dumps({**ask("What color is the circle?"), **fields})  # ASCII: lone surrogates as \\ud800
+    response = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
@@ -145,10 +188,14 @@ def test_bad_requests_get_a_json_error_and_the_server_keeps_serving(client: Test
                                                         max_tokens=4)).status_code == 200
 
 
-def test_body_that_is_not_json_or_not_an_object(client: TestClient) -> None:
-    for payload in (b"{not json", b"[1, 2]"):
+def test_bodies_that_are_not_a_json_object_are_400s(client: TestClient) -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    huge_int = b'{"max_tokens": ' + b"7" * 5000 + b"}"
+    for payload in (b"{not json", b"[1, 2]", b"\xff\xfe", deep, huge_int, b"{"):
         response = client.post("/v1/chat/completions", content=payload, headers={"content-type": "application/json"})
-        assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+        assert response.status_code == 400, payload[:40]
+        assert "JSON" in response.json()["error"]["message"]
+    assert client.post("/v1/chat/completions", json=ask("How many shapes are there?", max_tokens=2)).status_code == 200
 
 
 def test_prompts_beyond_the_position_limit_are_a_400_even_when_streamed(client: TestClient) -> None:
@@ -157,7 +204,7 @@ def test_prompts_beyond_the_position_limit_are_a_400_even_when_streamed(client: 
     assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
     long = ask("What color is the circle? " * 90, EXAMPLES / "shapes.png")
     response = client.post("/v1/chat/completions", json=long)
-    assert response.status_code == 200  # the default max_tokens (512) shrinks to the positions left
+    assert response.status_code == 200  # max_tokens defaults to generation_config.json's (32)
     assert response.json()["usage"]["prompt_tokens"] > 1024 - 512
     response = client.post("/v1/chat/completions", json={**long, "max_tokens": 1000})
     assert response.status_code == 400 and response.json()["error"]["param"] == "max_tokens"

@@ -78,7 +78,8 @@ def beam_search(model: nn.Module, input_ids: Tensor, mask: Tensor, features: Ten
                   is_finished=torch.zeros(B, K, dtype=torch.bool, device=device),
                   improvable=torch.ones(B, 1, dtype=torch.bool, device=device))
     beams.running_scores[:, 1:] = _NEVER  # the K copies of a prompt must not all be continued alike
-    logits, cache, next_positions = prefill(model, input_ids, mask, features, S)  # (B*K, V)
+    cache = model.new_kv_cache(S)
+    logits, next_positions = prefill(model, input_ids, mask, features, cache)  # (B*K, V)
     full_mask = torch.ones(BK, S, dtype=torch.long, device=device)
     full_mask[:, :T] = mask
     padded = not bool(mask.all())

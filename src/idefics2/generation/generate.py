@@ -28,11 +28,10 @@ from idefics2.generation.config import (
     validate,
 )
 from idefics2.generation.sampling import LogitsProcessor, TokenRules, choose_tokens, filter_logits
-from idefics2.generation.steps import decode_step, prefill
+from idefics2.generation.steps import compile_decode_step, decode_step, prefill
 from idefics2.generation.streaming import Decoder, TextIteratorStreamer
 from idefics2.generation.threads import ThreadTuner, check_decode_threads
 from idefics2.generation.vision_cache import VisionFeatureCache
-from idefics2.model.fast_linear import prepare_for_compile
 from idefics2.model.kv_cache import KVCache
 
 
@@ -82,8 +81,7 @@ class Generator:
         if not compile:
             return decode_step
         if self._compiled_step is None:
-            prepare_for_compile()
-            self._compiled_step = torch.compile(decode_step, dynamic=True)
+            self._compiled_step = compile_decode_step()
         return self._compiled_step
 
     def thread_tuner(self, threads: int) -> ThreadTuner:
@@ -246,7 +244,8 @@ def _run(model: nn.Module, input_ids: Tensor, mask: Tensor, pixel_values: Tensor
     if pixel_values is not None:
         # (R, L, D), computed once per request, before the prefill, never while decoding
         features = model.get_image_features(pixel_values, pixel_attention_mask, plan.vision_cache)
-    logits, cache, next_positions = prefill(model, input_ids, mask, features, T + N)
+    cache = model.new_kv_cache(T + N)
+    logits, next_positions = prefill(model, input_ids, mask, features, cache)
     del features
     threads = torch.get_num_threads()
     if isinstance(plan.decode_threads, int):

@@ -158,11 +158,13 @@ class TokenRules:
             self.seen = self.seen[rows]
 
 
-def filter_logits(scores: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
-    """Temperature, then top-k, then top-p (nucleus), on scores (B, V); removed ids get -inf.
+def filter_logits(scores: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  min_p: float = 0.0) -> Tensor:
+    """Temperature, then top-k, then top-p (nucleus), then min-p, on scores (B, V); removed ids get -inf.
 
-    Ties at the k-th score are all kept, and top-p keeps the smallest set of highest-probability
-    ids whose mass exceeds `top_p` (at least one), exactly as the reference's warpers do.
+    Ties at the k-th score are all kept, top-p keeps the smallest set of highest-probability ids
+    whose mass exceeds `top_p` (at least one), and min-p drops ids less likely than `min_p` times
+    the most likely one, exactly as the reference's warpers do.
     """
     if temperature != 1.0:
         scores = scores / temperature
@@ -176,6 +178,9 @@ def filter_logits(scores: Tensor, temperature: float = 1.0, top_k: int = 0, top_
         remove_sorted[..., -1:] = False  # the most likely id always stays
         remove = remove_sorted.scatter(1, order, remove_sorted)
         scores = scores.masked_fill(remove, float("-inf"))
+    if min_p > 0.0:
+        probs = scores.softmax(dim=-1)
+        scores = scores.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
     return scores
 
 

@@ -3,21 +3,25 @@ one-token steps. Greedy, sampled and beam decoding all run these."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 from torch import Tensor, nn
 
+from idefics2.model.fast_linear import prepare_for_compile
 from idefics2.model.kv_cache import KVCache
 from idefics2.model.text import positions_from_mask
 
 
-def prefill(model: nn.Module, input_ids: Tensor, mask: Tensor, features: Tensor | None,
-            max_length: int) -> tuple[Tensor, KVCache, Tensor]:
-    """Prompts input_ids, mask (B, T) with image `features` (R, L, D) -> next-token logits (B, V) in
-    float32, a KV cache sized `max_length` holding the prompts, and each row's next RoPE position
-    (B, 1): mask-aware, so a row gets the same positions alone or left-padded in a batch."""
-    cache = model.new_kv_cache(max_length)
-    positions = positions_from_mask(mask)  # (B, T)
+def prefill(model: nn.Module, input_ids: Tensor, mask: Tensor | None, features: Tensor | None,
+            cache: KVCache) -> tuple[Tensor, Tensor]:
+    """Prompts input_ids, mask (B, T) (None: no padding) with image `features` (R, L, D) -> next-token
+    logits (B, V) in float32 and each row's next RoPE position (B, 1), the prompts' keys and values
+    written to `cache`. Positions are mask-aware, so a row gets the same ones alone or left-padded
+    in a batch."""
+    positions = positions_from_mask(torch.ones_like(input_ids) if mask is None else mask)  # (B, T)
     hidden = model.run_decoder(model.embed_inputs(input_ids, features), positions, mask, cache)  # (B, T, D)
-    return model.compute_logits(hidden[:, -1]).float(), cache, positions[:, -1:] + 1
+    return model.compute_logits(hidden[:, -1]).float(), positions[:, -1:] + 1
 
 
 def decode_step(model: nn.Module, tokens: Tensor, positions: Tensor, attention_mask: Tensor | None,
@@ -27,3 +31,9 @@ def decode_step(model: nn.Module, tokens: Tensor, positions: Tensor, attention_m
     checks, and the LM head on the one position only."""
     hidden = model.run_decoder(model.embed_inputs(tokens), positions, attention_mask, cache)  # (B, 1, D)
     return model.compute_logits(hidden[:, -1]).float()  # (B, V)
+
+
+def compile_decode_step() -> Callable[..., Tensor]:
+    """`decode_step` through `torch.compile` (dynamic shapes: one graph for every batch and length)."""
+    prepare_for_compile()
+    return torch.compile(decode_step, dynamic=True)

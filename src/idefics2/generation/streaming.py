@@ -32,6 +32,58 @@ def held_back_length(text: str, stop_strings: Sequence[str]) -> int:
     return 0
 
 
+class IncrementalText:
+    """Token ids in, text pieces out, each safe to show at once (see the module docstring).
+
+    `add(ids)` returns the new piece ("" when everything new is held back), `finish()` the rest.
+    `stopped` turns True once a stop string completed; the text then ends before it. With
+    `strip=True` (a chat answer) leading whitespace is dropped and trailing whitespace is held
+    back until more text follows, so the joined pieces equal the stripped final text whether a
+    client streams or not.
+    """
+
+    def __init__(self, tokenizer: Decoder, *, skip_special_tokens: bool = True,
+                 stop_strings: Sequence[str] = (), strip: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.stop_strings: list[str] = list(stop_strings)
+        self.strip = strip
+        self.tokens: list[int] = []
+        self.emitted = 0  # characters of the decoded text already handed out
+        self.start = 0  # characters of leading whitespace skipped (strip=True)
+        self.stopped = False
+
+    def add(self, ids: Sequence[int]) -> str:
+        if self.stopped:
+            return ""
+        self.tokens.extend(ids)
+        return self._emit(final=False)
+
+    def finish(self) -> str:
+        return "" if self.stopped else self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=self.skip_special_tokens)
+        if self.strip and self.emitted == self.start:
+            self.start = self.emitted = len(text) - len(text.lstrip())
+        search_from = max(self.start, self.emitted - max((len(s) for s in self.stop_strings), default=0))
+        hits = [i for i in (text.find(s, search_from) for s in self.stop_strings if s) if i >= 0]
+        if hits:
+            end = max(min(hits), self.emitted)
+            self.stopped = True
+        elif final:
+            end = len(text)
+        else:
+            # Trailing U+FFFD is (usually) a character whose remaining bytes are still to come.
+            end = len(text.rstrip(REPLACEMENT_CHAR))
+            end -= held_back_length(text[self.emitted:end], self.stop_strings)
+        if self.strip:  # trailing whitespace: dropped at the end, held back until then
+            end = self.emitted + len(text[self.emitted:end].rstrip())
+        piece = text[self.emitted:end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return piece
+
+
 class TextIteratorStreamer:
     """Iterate over decoded pieces while (or after) `generate` runs; batch size 1 only.
 
@@ -60,13 +112,13 @@ class TextIteratorStreamer:
         self._reset()
 
     def _reset(self) -> None:
-        self._tokens: list[int] = []
-        self._emitted = 0  # characters of the decoded text already handed out
-        self._stopped = False
+        self._text = IncrementalText(self.tokenizer, skip_special_tokens=self.skip_special_tokens,
+                                     stop_strings=self.stop_strings)
         self._awaiting_prompt = self.skip_prompt
 
     def add_stop_strings(self, stop_strings: Sequence[str]) -> None:
         self.stop_strings.extend(s for s in stop_strings if s not in self.stop_strings)
+        self._text.stop_strings = list(self.stop_strings)
 
     def put(self, value: Tensor) -> None:
         """Receive token ids: shape (T,), (1, T) or (1,)."""
@@ -76,34 +128,17 @@ class TextIteratorStreamer:
         if self._awaiting_prompt:
             self._awaiting_prompt = False
             return
-        if self._stopped:
-            return
-        self._tokens.extend(value.reshape(-1).tolist())
-        self._emit(final=False)
+        self._put_piece(self._text.add(value.reshape(-1).tolist()))
 
     def end(self) -> None:
         """Flush what was held back (the sequence is complete, so nothing more can change it)."""
-        if not self._stopped:
-            self._emit(final=True)
+        self._put_piece(self._text.finish())
         self._queue.put(self._END)
         self._reset()
 
-    def _emit(self, final: bool) -> None:
-        text = self.tokenizer.decode(self._tokens, skip_special_tokens=self.skip_special_tokens)
-        search_from = max(0, self._emitted - max((len(s) for s in self.stop_strings), default=0))
-        hits = [i for i in (text.find(s, search_from) for s in self.stop_strings if s) if i >= 0]
-        if hits:
-            end = max(min(hits), self._emitted)
-            self._stopped = True
-        elif final:
-            end = len(text)
-        else:
-            # Trailing U+FFFD is (usually) a character whose remaining bytes are still to come.
-            end = len(text.rstrip(REPLACEMENT_CHAR))
-            end -= held_back_length(text[self._emitted:end], self.stop_strings)
-        if end > self._emitted:
-            self._queue.put(text[self._emitted:end])
-            self._emitted = end
+    def _put_piece(self, piece: str) -> None:
+        if piece:
+            self._queue.put(piece)
 
     def __iter__(self) -> Iterator[str]:
         return self

@@ -1,267 +1,247 @@
-"""OpenAI-compatible HTTP server: `POST /v1/chat/completions` (plain or streamed) and `GET /v1/models`.
+"""OpenAI-compatible HTTP server on the continuous-batching `Engine`.
 
-A request in OpenAI's chat format becomes Idefics2 chat messages plus images, then one
-`AssistantTurn`. Images arrive as `image_url` content parts holding `data:` URIs (base64);
-http(s) URLs are fetched only when the server was started with `allow_remote_images`. Requests
-run one at a time (the model and its vision-feature cache are shared); others wait their turn.
-Every mistake in a request is answered with HTTP 400 and an OpenAI-style JSON error, checked
-before generation starts, and the server goes on serving. Binds 127.0.0.1 unless told otherwise.
+Routes: `POST /v1/chat/completions` (plain or streamed), `GET /v1/models`, `GET /health`,
+`GET /metrics` (Prometheus, vLLM's metric names). The event loop only moves bytes: the body is
+read with a size limit, then parsing, image decoding, templating and image processing run in a
+small pool of worker threads (`parse_workers`), and the engine's scheduler thread runs the model.
+A client that goes away (streamed or not) cancels its request within one decode step. Every
+mistake is an OpenAI-shaped JSON error (400, 401, 404, 405, 413, 429) and the server goes on
+serving. Binds 127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
+import asyncio
+import hmac
 import json
-import threading
 import time
-import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from PIL import Image
-from starlette.concurrency import run_in_threadpool
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
-from idefics2.processing.image_file import read_image
-from idefics2.processing.processor import reserved_token_in
-from idefics2.serving.turn import AssistantTurn
+from idefics2.generation.engine import Engine, EngineRequest, QueueFull, SamplingParams, TokenEvent
+from idefics2.generation.vision_cache import VisionFeatureCache
+from idefics2.serving.choices import Choice, usage
+from idefics2.serving.metrics import ServerMetrics
+from idefics2.serving.protocol import RequestError, parse_request
 
-MAX_IMAGE_BYTES = 20 * 2**20  # per image, after base64 decoding or download
-REMOTE_TIMEOUT_S = 10
-DEFAULT_MAX_TOKENS = 512  # when a request sets neither max_tokens nor max_completion_tokens (less if the
-# prompt leaves fewer positions)
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-UNSUPPORTED = ("tools", "functions", "logprobs", "response_format")  # rejected when set
+MAX_BODY_BYTES = 20 * 2**20
 
 
-class RequestError(ValueError):
-    """A mistake in the request: HTTP `status` with an OpenAI-style error body naming `param`."""
-
-    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
-        super().__init__(message)
-        self.param, self.status = param, status
-
-
-def error_response(message: str, param: str | None = None, status: int = 400) -> JSONResponse:
+def error_response(message: str, param: str | None = None, status: int = 400,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
-                        status_code=status)
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
+                        status_code=status, headers=headers)
 
 
-# ------------------------------------------------------------------------------------------ requests
-def load_image(url: str, param: str, allow_remote: bool) -> Image.Image:
-    """A `data:` URI, or an http(s) URL when `allow_remote`, decoded to an RGB-capable PIL image."""
-    if url.startswith("data:"):
-        header, sep, payload = url.partition(",")
-        if not sep or not header.endswith(";base64"):
-            raise RequestError("a data URI image must be base64: data:image/png;base64,<data>", param)
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise RequestError("the data URI's base64 payload is not valid base64", param) from None
-    elif url.startswith(("http://", "https://")):
-        if not allow_remote:
-            raise RequestError("remote image URLs are off on this server (start it with --allow-remote-images); "
-                               "send the image inline as a data:image/...;base64 URI", param)
-        try:
-            with urllib.request.urlopen(url, timeout=REMOTE_TIMEOUT_S) as response:  # noqa: S310 - opt-in
-                data = response.read(MAX_IMAGE_BYTES + 1)
-        except OSError as err:
-            raise RequestError(f"could not fetch the image URL: {err}", param) from None
-    else:
-        raise RequestError("an image URL must be a data:image/...;base64 URI (or http(s) when remote images "
-                           "are allowed)", param)
-    if len(data) > MAX_IMAGE_BYTES:
-        raise RequestError(f"image larger than {MAX_IMAGE_BYTES // 2**20} MiB", param)
-    try:
-        return read_image(io.BytesIO(data))
-    except ValueError as err:
-        raise RequestError(f"cannot read the image: {err}", param) from None
-
-
-def convert_messages(raw: Any, allow_remote: bool) -> tuple[list[dict[str, Any]], list[Image.Image]]:
-    """OpenAI messages -> (Idefics2 chat messages, images in order of appearance)."""
-    if not isinstance(raw, list) or not raw:
-        raise RequestError("messages must be a non-empty list of {role, content} objects", "messages")
-    messages: list[dict[str, Any]] = []
-    images: list[Image.Image] = []
-    for i, message in enumerate(raw):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise RequestError(f"{where} needs a role, one of {sorted(ROLES)}", f"{where}.role")
-        content = message.get("content")
-        if isinstance(content, str):
-            content = [{"type": "text", "text": content}]
-        if not isinstance(content, list) or not content:
-            raise RequestError(f"{where}.content must be a string or a non-empty list of parts", f"{where}.content")
-        parts: list[dict[str, Any]] = []
-        for j, part in enumerate(content):
-            at = f"{where}.content[{j}]"
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text" and isinstance(part.get("text"), str):
-                reserved = reserved_token_in(part["text"])
-                if reserved:
-                    raise RequestError(f"{at}.text holds {reserved}, which the chat template writes itself; "
-                                       "send an image as an image_url part", f"{at}.text")
-                parts.append({"type": "text", "text": part["text"]})
-            elif kind == "image_url":
-                url = part.get("image_url")
-                url = url.get("url") if isinstance(url, dict) else url
-                if not isinstance(url, str):
-                    raise RequestError(f"{at}.image_url needs a url string", f"{at}.image_url")
-                if ROLES[message["role"]] != "user":
-                    raise RequestError(f"{at}: images may only appear in user messages", at)
-                images.append(load_image(url, f"{at}.image_url", allow_remote))
-                parts.append({"type": "image"})
-            else:
-                raise RequestError(f"{at} must be {{type: text, text}} or {{type: image_url, image_url: {{url}}}}", at)
-        messages.append({"role": ROLES[message["role"]], "content": parts})
-    if messages[-1]["role"] == "assistant":
-        raise RequestError("the last message must not be the assistant's: there is nothing to answer",
-                           f"messages[{len(messages) - 1}].role")
-    return messages, images
-
-
-def _number(body: dict[str, Any], name: str, kind: type, low: float, high: float, default: Any) -> Any:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        raise RequestError(f"{name} must be {'an integer' if kind is int else 'a number'}", name)
-    if not low <= value <= high:
-        raise RequestError(f"{name} must be between {low} and {high}, got {value}", name)
-    return kind(value)
-
-
-def generation_args(body: dict[str, Any], max_tokens_limit: int) -> dict[str, Any]:
-    """OpenAI sampling fields -> `generate` keyword arguments, each checked against its range."""
-    for name in UNSUPPORTED:
-        if body.get(name) not in (None, False, [], {}):
-            raise RequestError(f"{name} is not supported by this server", name)
-    if _number(body, "n", int, 1, 1, 1) != 1:
-        raise RequestError("n must be 1", "n")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _number(body, name, float, -2.0, 2.0, 0.0) != 0.0:
-            raise RequestError(f"{name} is not supported by this server (use 0)", name)
-    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_new = _number(body, key, int, 1, max_tokens_limit, None)
-    temperature = _number(body, "temperature", float, 0.0, 2.0, None)
-    top_p = _number(body, "top_p", float, 0.0, 1.0, None)
-    if top_p == 0.0:
-        raise RequestError("top_p must be in (0, 1]", "top_p")
-    seed = _number(body, "seed", int, 0, 2**63 - 1, None)
-    stop = body.get("stop")
-    stops = [stop] if isinstance(stop, str) else stop
-    if stops is not None and (not isinstance(stops, list) or len(stops) > 4
-                              or not all(isinstance(s, str) and s for s in stops)):
-        raise RequestError("stop must be a non-empty string or a list of up to 4 of them", "stop")
-    # Unset fields fall back to the checkpoint's generation_config.json, as in vLLM; a temperature
-    # turns sampling on (0 = greedy).
-    return {"max_new_tokens": max_new, "do_sample": None if temperature is None else temperature > 0,
-            "temperature": temperature, "top_p": top_p, "seed": seed, "stop_strings": stops}
-
-
-# ------------------------------------------------------------------------------------------- the app
 def create_app(model: Any, processor: Any, model_name: str, *, allow_remote_images: bool = False,
-               max_tokens_limit: int = 4096, compile: bool = False) -> FastAPI:
+               max_tokens_limit: int = 4096, max_batch_size: int = 16, max_model_len: int | None = None,
+               max_queue: int = 64, max_body_bytes: int = MAX_BODY_BYTES, api_key: str | None = None,
+               cors_origins: list[str] | None = None, parse_workers: int = 2,
+               compile: bool = False) -> FastAPI:
     """The FastAPI app serving `model` under `model_name`; run it with uvicorn (see `serve`).
 
-    `compile` runs decode steps through `torch.compile` (`generate(compile=True)`): the first
-    request pays for compiling, later ones decode faster.
+    `max_batch_size` sequences decode together, each of up to `max_model_len` tokens (default: the
+    model's positions); `max_queue` requests may wait (more: 429). `compile` runs the engine's
+    decode step through `torch.compile`. `app.state.engine` is the engine; closed at shutdown.
     """
-    app = FastAPI(title="idefics2", docs_url=None, redoc_url=None)
-    busy = threading.Lock()  # one generation at a time
+    engine = Engine(model, max_batch_size=max_batch_size, max_model_len=max_model_len, max_queue=max_queue,
+                    tokenizer=processor.tokenizer, vision_cache=VisionFeatureCache(), compile=compile)
+    eos = [i for i in (processor.end_of_utterance_id, processor.tokenizer.eos_token_id) if i is not None]
+    defaults = model.generation_config
+    limiter = anyio.CapacityLimiter(parse_workers)
+    metrics = ServerMetrics(model_name, engine)
+    parsing = 0  # requests being read or parsed, counted against max_queue with the engine's waiting ones
+
+    app = FastAPI(title="idefics2", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+    app.router.add_event_handler("shutdown", engine.close)
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request: Request, err: HTTPException) -> JSONResponse:
+        return error_response(str(err.detail), status=err.status_code)
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, err: Exception) -> JSONResponse:
-        return error_response(f"internal error: {type(err).__name__}: {err}", status=500)
+        return error_response(f"internal error ({type(err).__name__})", status=500)
+
+    @app.middleware("http")
+    async def _authenticate(request: Request, call_next: Any) -> Any:
+        if api_key is not None and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return error_response("missing or wrong API key: send Authorization: Bearer <key>", status=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if engine.alive else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
 
     @app.get("/v1/models")
-    def list_models() -> dict[str, Any]:
+    async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "idefics2"}]}
+                                            "owned_by": "idefics2", "max_model_len": engine.max_model_len}]}
+
+    def prepare(body: dict[str, Any]) -> tuple[Any, Any, SamplingParams]:
+        """Worker thread: the checked request, its model inputs and its sampling parameters."""
+        chat = parse_request(body, defaults, max_n=max_batch_size, max_tokens_limit=max_tokens_limit,
+                             allow_remote=allow_remote_images)
+        prompt = processor.apply_chat_template(chat.messages, add_generation_prompt=True)
+        inputs = processor(images=chat.images or None, text=prompt)
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        room = engine.max_model_len - prompt_tokens
+        max_tokens = chat.max_tokens if chat.max_tokens is not None else max(room, 1)
+        if max_tokens > room:
+            raise RequestError(f"the prompt takes {prompt_tokens} of the model's {engine.max_model_len} "
+                               f"positions (images included), which leaves {max(room, 0)} for the answer; "
+                               f"max_tokens asked for {max_tokens}", "messages" if room < 1 else "max_tokens")
+        params = SamplingParams(max_tokens, eos, n=chat.n, logprobs=chat.logprobs, **chat.sampling)
+        return chat, inputs, params
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
+        nonlocal parsing
+        if engine.num_waiting + parsing >= max_queue:
+            return error_response(f"the server is at its queue limit ({max_queue} requests); retry later",
+                                  status=429, headers={"Retry-After": "1"})
+        parsing += 1
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            return error_response(f"the request body is not valid JSON: {err}")
-        if not isinstance(body, dict):
-            return error_response("the request body must be a JSON object")
-        try:
+            body = await _read_json(request, max_body_bytes)
             if body.get("model") not in (None, model_name):
-                raise RequestError(f"the model `{body['model']}` does not exist; this server serves "
+                raise RequestError(f"the model `{str(body['model'])[:100]}` does not exist; this server serves "
                                    f"`{model_name}`", "model", status=404)
-            stream = body.get("stream", False)
-            if not isinstance(stream, bool):
-                raise RequestError("stream must be true or false", "stream")
-            kwargs = generation_args(body, max_tokens_limit)
-            messages, images = convert_messages(body.get("messages"), allow_remote_images)
-            turn = AssistantTurn(model, processor, messages, images, compile=compile, **kwargs)
-            room = model.config.text_config.max_position_embeddings - turn.prompt_tokens
-            if kwargs["max_new_tokens"] is None:  # unset: up to DEFAULT_MAX_TOKENS, as far as positions allow
-                turn.kwargs["max_new_tokens"] = min(DEFAULT_MAX_TOKENS, max_tokens_limit, max(room, 1))
-            if turn.kwargs["max_new_tokens"] > room:  # checked here so that a stream never starts with it
-                raise RequestError(f"the prompt takes {turn.prompt_tokens} of the model's "
-                                   f"{turn.prompt_tokens + room} positions (images included), which leaves "
-                                   f"{max(room, 0)} for the answer; max_tokens asked for "
-                                   f"{turn.kwargs['max_new_tokens']}", "messages" if room < 1 else "max_tokens")
+            chat, inputs, params = await anyio.to_thread.run_sync(prepare, body, limiter=limiter)
         except RequestError as err:
             return error_response(str(err), err.param, err.status)
-        except ValueError as err:  # the processor's or generate's own checks
-            return error_response(" ".join(str(err).split()))
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        if stream:
-            return StreamingResponse(_events(turn, busy, completion_id, created, model_name),
-                                     media_type="text/event-stream")
-        def run() -> Any:
-            with busy:
-                return turn.run()
-
+        except ValueError as err:  # the processor's own checks
+            return error_response(" ".join(str(err).split())[:2000])
+        finally:
+            parsing -= 1
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[TokenEvent | None] = asyncio.Queue()
+        job = EngineRequest(inputs["input_ids"], params, lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
+                            inputs.get("pixel_values"), inputs.get("pixel_attention_mask"))
         try:
-            result = await run_in_threadpool(run)
-        except ValueError as err:
-            return error_response(" ".join(str(err).split()))
-        return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                             "finish_reason": result.finish_reason}],
-                "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-                          "total_tokens": result.prompt_tokens + result.completion_tokens}}
+            engine.submit(job)
+        except QueueFull as err:
+            return error_response(f"{err}; retry later", status=429, headers={"Retry-After": "1"})
+        reply = _Reply(job, events, processor.tokenizer, params, model_name, metrics)
+        if chat.stream:
+            return StreamingResponse(reply.stream(chat.include_usage), media_type="text/event-stream")
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, job, events))
+        try:
+            return await reply.whole()
+        finally:
+            job.cancel()
+            watcher.cancel()
 
     return app
 
 
-def _events(turn: AssistantTurn, busy: threading.Lock, completion_id: str, created: int,
-            model_name: str) -> Iterator[str]:
-    """Server-sent events of a streamed completion: a role chunk, content chunks, a finish chunk, [DONE].
+async def _read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The body, at most `limit` bytes (413 beyond), as a JSON object (400 otherwise)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestError(f"the request body is {declared} bytes, more than the {limit} allowed", status=413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(f"the request body is more than the {limit} bytes allowed", status=413)
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, huge integers, deep nesting
+        raise RequestError(f"the request body is not valid JSON: {str(err)[:200]}") from None
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    return body
 
-    Runs in Starlette's thread pool (a plain iterator), holding the generation lock throughout.
-    An error after the stream has begun cannot change the status code; it is sent as an
-    `error` event before [DONE].
-    """
 
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
-        payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                   "model": model_name, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+async def _cancel_on_disconnect(request: Request, job: EngineRequest, events: asyncio.Queue[Any]) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()
+    events.put_nowait(None)
+
+
+class _Reply:
+    """One request's events, turned into an OpenAI response or stream."""
+
+    def __init__(self, job: EngineRequest, events: asyncio.Queue[TokenEvent | None], tokenizer: Any,
+                 params: SamplingParams, model_name: str, metrics: ServerMetrics) -> None:
+        self.job, self.events, self.metrics = job, events, metrics
+        self.choices = [Choice(i, tokenizer, list(params.stop_strings), params.logprobs) for i in range(params.n)]
+        self.prompt_tokens = int(job.input_ids.shape[1])
+        self.id, self.created, self.model_name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model_name
+        self.open = params.n
+        self.error: str | None = None
+        self.last_token_at: dict[int, float] = {}  # choice index -> when its last token arrived
+
+    async def next(self) -> tuple[Choice, str, list[dict[str, Any]]] | None:
+        """The next choice update, or None when the request is over (finished, failed or cancelled)."""
+        while self.open:
+            event = await self.events.get()
+            if event is None:
+                return None
+            last = self.last_token_at.get(event.index)
+            self.last_token_at[event.index] = self.metrics.token(self.job, event, last)
+            if event.finish_reason == "error":
+                self.error, self.open = event.error, 0
+                self.job.cancel()
+                return None
+            choice = self.choices[event.index]
+            piece, entries = choice.add(event)
+            if event.finish_reason is not None:
+                self.open -= 1
+                self.metrics.finished(self.job, self.prompt_tokens, event.finish_reason)
+            return choice, piece, entries
+        return None
+
+    async def whole(self) -> Any:
+        while await self.next() is not None:
+            pass
+        if self.error is not None:
+            return error_response(f"generation failed: {self.error}"[:2000], status=500)
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model_name,
+                "choices": [c.message() for c in self.choices], "usage": usage(self.prompt_tokens, self.choices)}
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
+        payload = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                   "model": self.model_name, "choices": choices, **extra}
         return f"data: {json.dumps(payload)}\n\n"
 
-    with busy:
-        yield chunk({"role": "assistant", "content": ""})
+    async def stream(self, include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events: a role chunk per choice, content chunks, finish chunks, usage, [DONE].
+        An error after the stream began cannot change the status: it is sent as an `error` event."""
         try:
-            for piece in turn:
-                yield chunk({"content": piece})
-        except ValueError as err:
-            yield f"data: {json.dumps({'error': {'message': str(err), 'type': 'invalid_request_error'}})}\n\n"
-        else:
-            assert turn.result is not None
-            yield chunk({}, turn.result.finish_reason)
-        yield "data: [DONE]\n\n"
+            for c in self.choices:
+                yield self._chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                    "finish_reason": None}])
+            while (update := await self.next()) is not None:
+                choice, piece, entries = update
+                if piece or entries or choice.finish_reason is not None:
+                    yield self._chunk([choice.delta(piece, entries)])
+            if self.error is not None:
+                yield f"data: {json.dumps({'error': {'message': self.error, 'type': 'server_error'}})}\n\n"
+            elif include_usage:
+                yield self._chunk([], usage=usage(self.prompt_tokens, self.choices))
+            yield "data: [DONE]\n\n"
+        finally:  # the client went away (Starlette cancels this generator) or the answer is complete
+            self.job.cancel()
 
 
 def serve(model: Any, processor: Any, model_name: str, host: str = "127.0.0.1", port: int = 8000,
