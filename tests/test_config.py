@@ -6,7 +6,6 @@ import dataclasses
 import json
 
 import pytest
-
 import transformers
 
 from idefics2 import Idefics2Config, Idefics2Model

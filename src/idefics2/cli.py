@@ -9,9 +9,9 @@ non-zero exit code, never a traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import importlib
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence

@@ -226,3 +226,68 @@ def test_closing_a_turn_early_stops_generation(shipped: tuple[Any, Any]) -> None
 def test_serve_binds_this_machine_only_by_default() -> None:
     args = build_parser().parse_args(["serve"])
     assert args.host == "127.0.0.1" and not args.allow_remote_images
+
+
+def test_stream_and_whole_agree_around_stop_strings(client: TestClient) -> None:
+    request = ask("Describe the image.", EXAMPLES / "shapes.png")
+    full = client.post("/v1/chat/completions", json=request).json()["choices"][0]["message"]["content"]
+    for stop in (full.split()[1], " " + full.split()[2], ","):  # "red", " green", ","
+        whole = client.post("/v1/chat/completions", json={**request, "stop": stop}).json()
+        chunks = events(client.post("/v1/chat/completions", json={**request, "stop": stop, "stream": True}))[:-1]
+        streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+        assert streamed == whole["choices"][0]["message"]["content"] == full[: full.index(stop)].rstrip()
+
+
+def test_n_logprobs_and_usage_chunk(client: TestClient, shipped: tuple[Any, Any]) -> None:
+    request = ask("Describe the image.", EXAMPLES / "shapes.png", n=3, temperature=2.0, seed=1, logprobs=True,
+                  top_logprobs=2, max_tokens=12)
+    body = client.post("/v1/chat/completions", json=request).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert len({c["message"]["content"] for c in body["choices"]}) > 1
+    for choice in body["choices"]:
+        entries = choice["logprobs"]["content"]
+        assert entries and all(e["logprob"] <= 0 and len(e["top_logprobs"]) == 2 for e in entries)
+        assert all(e["top_logprobs"][0]["logprob"] >= e["logprob"] - 1e-6 for e in entries)
+    tokens = sum(len(c["logprobs"]["content"]) for c in body["choices"])
+    assert body["usage"]["completion_tokens"] >= tokens
+    streamed = events(client.post("/v1/chat/completions", json={
+        **request, "stream": True, "stream_options": {"include_usage": True}}))
+    assert streamed[-1] == "[DONE]" and streamed[-2]["choices"] == [] and streamed[-2]["usage"] == body["usage"]
+    text = {i: "" for i in range(3)}
+    for chunk in streamed[:-2]:
+        for c in chunk["choices"]:
+            text[c["index"]] += c["delta"].get("content", "")
+    assert [text[i] for i in range(3)] == [c["message"]["content"] for c in body["choices"]]  # same seed
+
+
+def test_health_metrics_and_openai_shaped_route_errors(client: TestClient) -> None:
+    assert client.get("/health").status_code == 200
+    client.post("/v1/chat/completions", json=ask("What color is the circle?", EXAMPLES / "shapes.png"))
+    metrics = client.get("/metrics").text
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:time_to_first_token_seconds_count", "vllm:inter_token_latency_seconds_count",
+                 "vllm:generation_tokens_total", "vllm:prompt_tokens_total"):
+        assert name in metrics
+    for response, status in ((client.get("/v1/nothing"), 404), (client.get("/v1/chat/completions"), 405)):
+        assert response.status_code == status and response.json()["error"]["message"]
+
+
+def test_api_key_body_limit_and_queue_limit(shipped: tuple[Any, Any]) -> None:
+    app = create_app(*shipped, SHIPPED_MODEL, api_key="sekret", max_body_bytes=2**20, max_queue=1)
+    with TestClient(app) as guarded:
+        request = ask("What color is the circle?", EXAMPLES / "shapes.png", max_tokens=3)
+        assert guarded.post("/v1/chat/completions", json=request).status_code == 401
+        wrong = guarded.post("/v1/chat/completions", json=request, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["message"]
+        key = {"Authorization": "Bearer sekret"}
+        assert guarded.post("/v1/chat/completions", json=request, headers=key).status_code == 200
+        big = guarded.post("/v1/chat/completions", content=b" " * (2**20 + 1), headers=key)
+        assert big.status_code == 413 and big.json()["error"]["message"]
+        assert guarded.get("/health").status_code == 200  # not behind the key, as in vLLM
+        engine = app.state.engine
+        with engine._wake:  # the scheduler is idle and stays so: one waiting entry fills the queue of 1
+            engine.waiting.append(None)
+            full = guarded.post("/v1/chat/completions", json=request, headers=key)
+            engine.waiting.clear()
+        assert full.status_code == 429 and full.headers["retry-after"] == "1"
+        assert guarded.post("/v1/chat/completions", json=request, headers=key).status_code == 200

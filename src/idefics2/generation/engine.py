@@ -46,6 +46,7 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    min_new_tokens: int = 0  # EOS is banned before this many tokens
     seed: int | None = None
     stop_strings: Sequence[str] = ()
     n: int = 1
@@ -226,7 +227,7 @@ class Engine:
             extra = list(params.logits_processors()) if params.logits_processors else []
             rules = TokenRules(input_ids, mask, self.vocab_size, repetition_penalty=params.repetition_penalty,
                                no_repeat_ngram_size=0, bad_words_ids=[], eos_ids=params.eos_token_ids,
-                               min_new_tokens=0, extra=extra)
+                               min_new_tokens=params.min_new_tokens, extra=extra)
             self.running.append(_Sequence(request, i, rules, input_ids[0].tolist(), T, T))
         finished = [first + i for i in range(params.n) if not self._choose(first + i, logits)]
         self._remove(finished)

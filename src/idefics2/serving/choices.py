@@ -7,24 +7,19 @@ stop strings included (the text ends before the stop string, as in OpenAI's API)
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from idefics2.generation.engine import TokenEvent
 from idefics2.generation.streaming import IncrementalText
 
-_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
-
-def token_text(tokenizer: Any, token: int) -> tuple[str, list[int]]:
-    """A token's text as OpenAI's logprobs show it ("▁" as a space, byte tokens as their byte)."""
-    piece = tokenizer.convert_ids_to_tokens(token)
-    match = _BYTE_TOKEN.fullmatch(piece)
-    if match:
-        raw = bytes([int(match.group(1), 16)])
-        return raw.decode("utf-8", errors="replace"), list(raw)
-    text = piece.replace("\u2581", " ")
-    return text, list(text.encode("utf-8"))
+def token_text(tokenizer: Any, context: list[int], token: int) -> tuple[str, list[int]]:
+    """The text `token` adds after the `context` ids (its last few tokens), and its UTF-8 bytes:
+    what OpenAI's logprobs show, for SentencePiece and byte-level vocabularies alike."""
+    before = tokenizer.decode(context, skip_special_tokens=False)
+    text = tokenizer.decode([*context, token], skip_special_tokens=False)
+    text = text[len(before):] if text.startswith(before) else tokenizer.decode([token], skip_special_tokens=False)
+    return text, list(text.encode("utf-8", errors="replace"))
 
 
 class Choice:
@@ -51,10 +46,11 @@ class Choice:
         return piece, entries
 
     def _entry(self, event: TokenEvent) -> dict[str, Any]:
-        text, raw = token_text(self.tokenizer, event.token)
+        context = self.text.tokens[-5:-1]  # the tokens before this one
+        text, raw = token_text(self.tokenizer, context, event.token)
         top = []
         for token, logprob in event.top_logprobs or []:
-            t, b = token_text(self.tokenizer, token)
+            t, b = token_text(self.tokenizer, context, token)
             top.append({"token": t, "logprob": logprob, "bytes": b})
         return {"token": text, "logprob": event.logprob, "bytes": raw, "top_logprobs": top}
 

@@ -53,7 +53,7 @@ class ChatRequest:
     include_usage: bool
     n: int
     max_tokens: int | None
-    sampling: dict[str, Any]  # temperature, top_k, top_p, min_p, repetition_penalty, seed, stop_strings
+    sampling: dict[str, Any]  # SamplingParams fields: temperature, top_k, top_p, min_p, ..., stop_strings
     logprobs: int | None  # None: none; k: the chosen token's and the top k
 
 
@@ -221,6 +221,9 @@ def parse_request(body: dict[str, Any], defaults: GenerationConfig, *, max_n: in
     if stops is not None and (not isinstance(stops, list) or len(stops) > 4
                               or not all(isinstance(s, str) and s for s in stops)):
         raise RequestError("stop must be a non-empty string or a list of up to 4 of them", "stop")
+    min_tokens = _number(body, "min_tokens", int, 0, max_tokens_limit, 0)
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise RequestError(f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens})", "min_tokens")
     logprobs = None
     if _flag(body, "logprobs"):
         logprobs = _number(body, "top_logprobs", int, 0, MAX_TOP_LOGPROBS, 0)
@@ -231,5 +234,6 @@ def parse_request(body: dict[str, Any], defaults: GenerationConfig, *, max_n: in
         messages, images, stream, include_usage, _number(body, "n", int, 1, max_n, 1), max_tokens,
         {"temperature": temperature, "top_p": top_p, "top_k": max(top_k, 0),
          "min_p": _number(body, "min_p", float, 0.0, 1.0, 0.0), "repetition_penalty": penalty,
+         "min_new_tokens": min_tokens,
          "seed": _number(body, "seed", int, 0, 2**63 - 1, None), "stop_strings": stops or []},
         logprobs)

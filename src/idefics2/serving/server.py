@@ -12,6 +12,7 @@ serving. Binds 127.0.0.1 unless told otherwise.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import time
@@ -29,7 +30,7 @@ from idefics2.generation.engine import Engine, EngineRequest, QueueFull, Samplin
 from idefics2.generation.vision_cache import VisionFeatureCache
 from idefics2.serving.choices import Choice, usage
 from idefics2.serving.metrics import ServerMetrics
-from idefics2.serving.protocol import RequestError, parse_request
+from idefics2.serving.protocol import ChatRequest, RequestError, parse_request
 
 MAX_BODY_BYTES = 20 * 2**20
 
@@ -58,6 +59,8 @@ def create_app(model: Any, processor: Any, model_name: str, *, allow_remote_imag
     defaults = model.generation_config
     limiter = anyio.CapacityLimiter(parse_workers)
     metrics = ServerMetrics(model_name, engine)
+    prepare = functools.partial(_prepare, processor=processor, engine=engine, defaults=defaults, eos=eos,
+                                max_tokens_limit=max_tokens_limit, allow_remote=allow_remote_images)
     parsing = 0  # requests being read or parsed, counted against max_queue with the engine's waiting ones
 
     app = FastAPI(title="idefics2", docs_url=None, redoc_url=None, openapi_url=None)
@@ -94,22 +97,6 @@ def create_app(model: Any, processor: Any, model_name: str, *, allow_remote_imag
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
                                             "owned_by": "idefics2", "max_model_len": engine.max_model_len}]}
-
-    def prepare(body: dict[str, Any]) -> tuple[Any, Any, SamplingParams]:
-        """Worker thread: the checked request, its model inputs and its sampling parameters."""
-        chat = parse_request(body, defaults, max_n=max_batch_size, max_tokens_limit=max_tokens_limit,
-                             allow_remote=allow_remote_images)
-        prompt = processor.apply_chat_template(chat.messages, add_generation_prompt=True)
-        inputs = processor(images=chat.images or None, text=prompt)
-        prompt_tokens = int(inputs["input_ids"].shape[1])
-        room = engine.max_model_len - prompt_tokens
-        max_tokens = chat.max_tokens if chat.max_tokens is not None else max(room, 1)
-        if max_tokens > room:
-            raise RequestError(f"the prompt takes {prompt_tokens} of the model's {engine.max_model_len} "
-                               f"positions (images included), which leaves {max(room, 0)} for the answer; "
-                               f"max_tokens asked for {max_tokens}", "messages" if room < 1 else "max_tokens")
-        params = SamplingParams(max_tokens, eos, n=chat.n, logprobs=chat.logprobs, **chat.sampling)
-        return chat, inputs, params
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
@@ -149,6 +136,23 @@ def create_app(model: Any, processor: Any, model_name: str, *, allow_remote_imag
             watcher.cancel()
 
     return app
+
+
+def _prepare(body: dict[str, Any], *, processor: Any, engine: Engine, defaults: Any, eos: list[int],
+             max_tokens_limit: int, allow_remote: bool) -> tuple[ChatRequest, Any, SamplingParams]:
+    """Worker thread: the checked request, its model inputs and its sampling parameters."""
+    chat = parse_request(body, defaults, max_n=engine.max_batch_size, max_tokens_limit=max_tokens_limit,
+                         allow_remote=allow_remote)
+    prompt = processor.apply_chat_template(chat.messages, add_generation_prompt=True)
+    inputs = processor(images=chat.images or None, text=prompt)
+    prompt_tokens = int(inputs["input_ids"].shape[1])
+    room = engine.max_model_len - prompt_tokens
+    max_tokens = chat.max_tokens if chat.max_tokens is not None else max(room, 1)
+    if max_tokens > room:
+        raise RequestError(f"the prompt takes {prompt_tokens} of the model's {engine.max_model_len} "
+                           f"positions (images included), which leaves {max(room, 0)} for the answer; "
+                           f"max_tokens asked for {max_tokens}", "messages" if room < 1 else "max_tokens")
+    return chat, inputs, SamplingParams(max_tokens, eos, n=chat.n, logprobs=chat.logprobs, **chat.sampling)
 
 
 async def _read_json(request: Request, limit: int) -> dict[str, Any]:
