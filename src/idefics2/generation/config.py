@@ -30,7 +30,8 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "top_p": 1.0, "repetition_penalty": 1.0, "bad_words_ids": [], "stop_strings": [],
     "output_scores": False, "output_logits": False, "return_dict_in_generate": False,
     "num_return_sequences": 1, "no_repeat_ngram_size": 0, "num_beams": 1, "length_penalty": 1.0,
-    "early_stopping": False,
+    "early_stopping": False, "remove_invalid_values": False, "output_hidden_states": False,
+    "output_attentions": False,
 }
 _BOOKKEEPING_KEYS = {"_from_model_config", "transformers_version"}
 
@@ -65,6 +66,9 @@ class GenerationConfig:
     num_beams: int | None = None
     length_penalty: float | None = None
     early_stopping: bool | str | None = None
+    remove_invalid_values: bool | None = None
+    output_hidden_states: bool | None = None
+    output_attentions: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -86,20 +90,24 @@ class GenerationConfig:
 
 # transformers' generate options we do not implement, with the value that leaves them off (accepted).
 UNSUPPORTED_OPTIONS: dict[str, Any] = {
-    "num_beam_groups": 1, "output_attentions": False, "output_hidden_states": False, "diversity_penalty": 0.0,
-    "constraints": None, "force_words_ids": None, "assistant_model": None, "prompt_lookup_num_tokens": None,
+    "num_beam_groups": 1, "diversity_penalty": 0.0, "constraints": None, "force_words_ids": None,
+    "assistant_model": None, "prompt_lookup_num_tokens": None,
 }
+# Options accepted with any value because they cannot change the result: decoding computes the
+# logits of the last position only, whatever `logits_to_keep` asks of `forward`.
+IGNORED_OPTIONS = {"logits_to_keep"}
 
 
 def check_unsupported(options: dict[str, Any]) -> None:
     """A ValueError naming each option `generate` does not take, or takes only switched off."""
-    unknown = sorted(set(options) - set(UNSUPPORTED_OPTIONS))
+    unknown = sorted(set(options) - set(UNSUPPORTED_OPTIONS) - IGNORED_OPTIONS)
     if unknown:
         raise ValueError(f"unknown generate option(s) {unknown}")
-    used = sorted(f"{k}={v!r}" for k, v in options.items() if v != UNSUPPORTED_OPTIONS[k])
+    used = sorted(f"{k}={v!r}" for k, v in options.items()
+                  if k not in IGNORED_OPTIONS and v != UNSUPPORTED_OPTIONS[k])
     if used:
         raise ValueError(f"generate does not implement {', '.join(used)} (group beam search, constrained "
-                         "and assisted decoding, attention outputs); leave them at their defaults")
+                         "and assisted decoding); leave them at their defaults")
 
 
 def load_generation_config(folder: str | os.PathLike[str]) -> GenerationConfig | None:
@@ -206,10 +214,11 @@ def check_inputs(input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor
     real = attention_mask != 0
     if not bool(real.any(dim=1).all()):
         raise ValueError("attention_mask has a row with no real token; every row needs at least one")
-    # Left padding only: once a row's real tokens start, they run to the end (docs/numerics.md §4.8).
-    if bool((real.int().diff(dim=1) < 0).any()):
-        raise ValueError("attention_mask has padding after real tokens: pad on the left for generation "
-                         "(the processor and tokenizer do by default)")
+    # Masked tokens anywhere are hidden from attention and skipped by the positions, as in transformers;
+    # a masked last token still gives the next one (its logits), which is rarely what was meant.
+    if not bool(real[:, -1].all()):
+        logger.warning("attention_mask ends with padding in some row: generation continues after the padding; "
+                       "pad on the left for generation (the processor and tokenizer do by default)")
     if pixel_values is not None:
         check_pixel_inputs(pixel_values, pixel_attention_mask)
         if pixel_values.shape[0] != input_ids.shape[0]:

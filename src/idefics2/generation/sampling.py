@@ -2,8 +2,9 @@
 
 Last stage of each generation step: float32 logits of the last position (B, V) -> scores -> token
 ids (B,). Order and arithmetic follow transformers 5.24's `generate` (repetition penalty, repeated
-n-grams, bad words, min_new_tokens, the caller's processors; then, when sampling, temperature,
-top-k, top-p) so that greedy choices and filtered distributions equal the reference's. The rules
+n-grams, bad words, min_new_tokens, invalid-value removal, the caller's processors; then, when
+sampling, temperature, top-k, top-p) so that greedy choices and filtered distributions equal the
+reference's. The rules
 of one request are one `TokenRules`, shared by greedy, sampled and beam decoding (and open to
 `LogitsProcessor`s of the caller); the rest are pure functions.
 """
@@ -90,6 +91,15 @@ def seen_tokens(input_ids: Tensor, attention_mask: Tensor, vocab_size: int) -> T
     return seen[:, :vocab_size]
 
 
+def remove_invalid_values(scores: Tensor) -> Tensor:
+    """nan -> 0, +inf / -inf -> the dtype's largest / smallest finite value (transformers'
+    `InfNanRemoveLogitsProcessor`): banned ids then hold a huge negative score instead of -inf."""
+    finfo = torch.finfo(scores.dtype)
+    cleaned = torch.where(scores != scores, 0.0, scores)
+    cleaned = torch.where(scores == float("inf"), finfo.max, cleaned)
+    return torch.where(scores == float("-inf"), finfo.min, cleaned)
+
+
 def apply_repetition_penalty(scores: Tensor, seen: Tensor, penalty: float) -> Tensor:
     """Divide positive scores of already-seen ids by `penalty`, multiply negative ones (CTRL rule)."""
     penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
@@ -106,14 +116,15 @@ class LogitsProcessor(Protocol):
 
 class TokenRules:
     """The logits processors of one request in the reference's order: repetition penalty, repeated
-    n-grams, bad words, min_new_tokens, then the caller's. Greedy, sampled and beam decoding all
+    n-grams, bad words, min_new_tokens, invalid-value removal, then the caller's. Greedy, sampled and beam decoding all
     run this one list. The repetition penalty keeps a per-row seen-token mask instead of rescanning
     the history: `record` each step's tokens and `select` the rows that go on (finished rows
     dropped, beams reordered)."""
 
     def __init__(self, input_ids: Tensor, mask: Tensor, vocab_size: int, *, repetition_penalty: float,
                  no_repeat_ngram_size: int, bad_words_ids: Sequence[Sequence[int]], eos_ids: Sequence[int],
-                 min_new_tokens: int, extra: Sequence[LogitsProcessor] = ()) -> None:
+                 min_new_tokens: int, extra: Sequence[LogitsProcessor] = (),
+                 remove_invalid: bool = False) -> None:
         device = input_ids.device
         self.penalty = repetition_penalty
         self.seen = seen_tokens(input_ids, mask, vocab_size) if repetition_penalty != 1.0 else None
@@ -122,6 +133,7 @@ class TokenRules:
         self.min_new_tokens = min_new_tokens if eos_ids else 0
         self.eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
         self.extra = list(extra)
+        self.remove_invalid = remove_invalid
 
     @classmethod
     def for_request(cls, cfg: GenerationConfig, eos_ids: Sequence[int], input_ids: Tensor, mask: Tensor,
@@ -131,7 +143,8 @@ class TokenRules:
         return cls(input_ids, mask, vocab_size, repetition_penalty=penalty,
                    no_repeat_ngram_size=int(cfg.no_repeat_ngram_size or 0),
                    bad_words_ids=cfg.bad_words_ids or [], eos_ids=eos_ids,
-                   min_new_tokens=int(cfg.min_new_tokens or 0), extra=extra)
+                   min_new_tokens=int(cfg.min_new_tokens or 0), extra=extra,
+                   remove_invalid=bool(cfg.remove_invalid_values))
 
     def __call__(self, history: Tensor, scores: Tensor, step: int) -> Tensor:
         """history (B, S) every token so far; scores (B, V) of new token number `step` (from 0)."""
@@ -143,6 +156,8 @@ class TokenRules:
             scores = self.bans.apply(scores, history)
         if step < self.min_new_tokens:
             scores = scores.index_fill(1, self.eos, float("-inf"))
+        if self.remove_invalid:
+            scores = remove_invalid_values(scores)
         for processor in self.extra:
             scores = processor(history, scores)
         return scores
@@ -159,28 +174,34 @@ class TokenRules:
 
 
 def filter_logits(scores: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  min_p: float = 0.0) -> Tensor:
+                  min_p: float = 0.0, min_tokens_to_keep: int = 1) -> Tensor:
     """Temperature, then top-k, then top-p (nucleus), then min-p, on scores (B, V); removed ids get -inf.
 
     Ties at the k-th score are all kept, top-p keeps the smallest set of highest-probability ids
-    whose mass exceeds `top_p` (at least one), and min-p drops ids less likely than `min_p` times
-    the most likely one, exactly as the reference's warpers do.
+    whose mass exceeds `top_p`, and min-p drops ids less likely than `min_p` times the most likely
+    one, exactly as the reference's warpers do. Each filter keeps at least `min_tokens_to_keep` ids
+    (beam sampling keeps one more than there are EOS ids, so a beam can always go on).
     """
     if temperature != 1.0:
         scores = scores / temperature
     if top_k > 0:
-        kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[..., -1:]  # (B, 1)
+        k = min(max(top_k, min_tokens_to_keep), scores.shape[-1])
+        kth = torch.topk(scores, k).values[..., -1:]  # (B, 1)
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if top_p < 1.0:
         sorted_scores, order = torch.sort(scores, descending=False)
         cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
         remove_sorted = cumulative <= 1 - top_p
-        remove_sorted[..., -1:] = False  # the most likely id always stays
+        remove_sorted[..., -min_tokens_to_keep:] = False  # the most likely ids always stay
         remove = remove_sorted.scatter(1, order, remove_sorted)
         scores = scores.masked_fill(remove, float("-inf"))
     if min_p > 0.0:
         probs = scores.softmax(dim=-1)
-        scores = scores.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+        remove = probs < min_p * probs.amax(dim=-1, keepdim=True)
+        if min_tokens_to_keep > 1:
+            top = torch.topk(probs, min(min_tokens_to_keep, probs.shape[-1]), dim=-1).indices
+            remove = remove.scatter(-1, top, False)
+        scores = scores.masked_fill(remove, float("-inf"))
     return scores
 
 

@@ -15,6 +15,7 @@ import asyncio
 import functools
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from idefics2.generation.config import GenerationConfig
 from idefics2.generation.engine import Engine, EngineRequest, QueueFull, SamplingParams, TokenEvent
 from idefics2.generation.vision_cache import VisionFeatureCache
 from idefics2.serving.choices import Choice, usage
@@ -33,6 +35,7 @@ from idefics2.serving.metrics import ServerMetrics
 from idefics2.serving.protocol import ChatRequest, RequestError, parse_request
 
 MAX_BODY_BYTES = 20 * 2**20
+logger = logging.getLogger(__name__)
 
 
 def error_response(message: str, param: str | None = None, status: int = 400,
@@ -56,7 +59,7 @@ def create_app(model: Any, processor: Any, model_name: str, *, allow_remote_imag
     engine = Engine(model, max_batch_size=max_batch_size, max_model_len=max_model_len, max_queue=max_queue,
                     tokenizer=processor.tokenizer, vision_cache=VisionFeatureCache(), compile=compile)
     eos = [i for i in (processor.end_of_utterance_id, processor.tokenizer.eos_token_id) if i is not None]
-    defaults = model.generation_config
+    defaults = model.generation_config or GenerationConfig()
     limiter = anyio.CapacityLimiter(parse_workers)
     metrics = ServerMetrics(model_name, engine)
     prepare = functools.partial(_prepare, processor=processor, engine=engine, defaults=defaults, eos=eos,
@@ -115,6 +118,9 @@ def create_app(model: Any, processor: Any, model_name: str, *, allow_remote_imag
             return error_response(str(err), err.param, err.status)
         except ValueError as err:  # the processor's own checks
             return error_response(" ".join(str(err).split())[:2000])
+        except Exception as err:  # a bug of ours: logged, answered, and the connection stays usable
+            logger.exception("preparing a request failed")
+            return error_response(f"internal error ({type(err).__name__})", status=500)
         finally:
             parsing -= 1
         loop = asyncio.get_running_loop()
