@@ -27,6 +27,9 @@ class UserError(Exception):
     """A mistake in what the user gave: reported as one line, exit code 1."""
 
 
+DEFAULT_MAX_NEW_TOKENS = 512  # when neither --max-new-tokens nor the checkpoint sets it
+
+
 def shipped_model_path() -> Path:
     return Path(str(resources.files("idefics2") / "assets" / SHIPPED_MODEL))
 
@@ -82,9 +85,7 @@ def answer(model: Any, processor: Any, messages: list[dict[str, Any]], images: l
     from idefics2.serving.turn import AssistantTurn
 
     start = time.perf_counter()
-    turn = AssistantTurn(model, processor, messages, images, max_new_tokens=args.max_new_tokens,
-                         do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, seed=args.seed)
+    turn = AssistantTurn(model, processor, messages, images, **sampling_options(model, args))
     for piece in turn:
         if stream:
             sys.stdout.write(piece)
@@ -92,6 +93,23 @@ def answer(model: Any, processor: Any, messages: list[dict[str, Any]], images: l
     assert turn.result is not None
     return {"answer": turn.result.text, "new_tokens": turn.result.completion_tokens,
             "seconds": round(time.perf_counter() - start, 3)}
+
+
+def sampling_options(model: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """`generate` options from the flags; unset ones resolve as in the server (`sampling_defaults`:
+    the checkpoint's generation_config.json, else OpenAI's defaults, no top-k unless asked).
+    `--do-sample` samples at temperature 1 where the checkpoint would decode greedily."""
+    from idefics2.generation.config import GenerationConfig
+    from idefics2.serving.protocol import sampling_defaults
+
+    resolved = sampling_defaults(model.generation_config or GenerationConfig())
+    temperature = args.temperature if args.temperature is not None else resolved["temperature"]
+    if args.do_sample and temperature == 0:
+        temperature = 1.0
+    return {"max_new_tokens": args.max_new_tokens or resolved["max_tokens"] or DEFAULT_MAX_NEW_TOKENS,
+            "do_sample": temperature > 0, "temperature": temperature or 1.0,
+            "top_k": args.top_k if args.top_k is not None else resolved["top_k"],
+            "top_p": args.top_p if args.top_p is not None else resolved["top_p"], "seed": args.seed}
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -203,11 +221,14 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeatable)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help=f"default: generation_config.json's max_new_tokens, else {DEFAULT_MAX_NEW_TOKENS}")
+    parser.add_argument("--do-sample", action="store_true",
+                        help="sample even where the checkpoint decodes greedily (do_sample: false)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="0 = greedy; default: generation_config.json's, else 1 (sampling), as the server")
+    parser.add_argument("--top-k", type=int, default=None, help="default: generation_config.json's, else off")
+    parser.add_argument("--top-p", type=float, default=None, help="default: generation_config.json's, else 1")
     parser.add_argument("--seed", type=int, default=None)
 
 

@@ -291,3 +291,30 @@ def test_api_key_body_limit_and_queue_limit(shipped: tuple[Any, Any]) -> None:
             engine.waiting.clear()
         assert full.status_code == 429 and full.headers["retry-after"] == "1"
         assert guarded.post("/v1/chat/completions", json=request, headers=key).status_code == 200
+
+
+@pytest.mark.parametrize("checkpoint, expected", [
+    ({}, (1.0, 0, 1.0)),  # OpenAI's defaults: sampling, no top-k
+    ({"do_sample": False, "max_new_tokens": 32}, (0.0, 0, 1.0)),
+    ({"temperature": 0.7, "top_k": 50, "top_p": 0.9}, (0.7, 50, 0.9)),
+])
+def test_cli_and_server_resolve_unset_sampling_fields_alike(checkpoint: dict[str, Any],
+                                                            expected: tuple[float, int, float]) -> None:
+    from types import SimpleNamespace
+
+    from idefics2.cli import sampling_options
+    from idefics2.generation.config import GenerationConfig
+    from idefics2.serving.protocol import parse_request
+
+    defaults = GenerationConfig.from_dict(checkpoint)
+    chat = parse_request({"messages": [{"role": "user", "content": "hi"}]}, defaults, max_n=1,
+                         max_tokens_limit=4096, allow_remote=False)
+    served = (chat.sampling["temperature"], chat.sampling["top_k"], chat.sampling["top_p"])
+    args = build_parser().parse_args(["generate", "hi"])
+    cli = sampling_options(SimpleNamespace(generation_config=defaults), args)
+    assert served == expected
+    assert (cli["temperature"] if cli["do_sample"] else 0.0, cli["top_k"], cli["top_p"]) == expected
+    if "max_new_tokens" in checkpoint:
+        assert chat.max_tokens == cli["max_new_tokens"] == checkpoint["max_new_tokens"]
+    else:  # the server: what the positions leave; the CLI: its documented default
+        assert chat.max_tokens is None and cli["max_new_tokens"] == 512

@@ -5,11 +5,14 @@ per request, cached per image) -> `embed_inputs` -> prefill `run_decoder`, filli
 sized prompt + max_new_tokens -> `compute_logits` -> decode steps (`decode_step`) with mask-aware
 positions (docs/numerics.md §4.8-4.9) -> `sampling` -> ids. Must give the tokens of
 transformers 5.24's `generate` (greedy; same processors and order when sampling). Rows that finish
-leave the batch; the output pads them with `pad_token_id`, like the reference.
+leave the batch; the output pads them with `pad_token_id`, like the reference. A dict output with
+hidden states or the cache keeps them instead, fed the pad token as the reference does, so those
+cover every row (`outputs.keeps_every_row`).
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,27 +30,13 @@ from idefics2.generation.config import (
     resolve,
     validate,
 )
+from idefics2.generation.outputs import GenerateOutput, StepRecorder, every_row, keeps_every_row
 from idefics2.generation.sampling import LogitsProcessor, TokenRules, choose_tokens, filter_logits
 from idefics2.generation.steps import compile_decode_step, decode_step, prefill
 from idefics2.generation.streaming import Decoder, TextIteratorStreamer
 from idefics2.generation.threads import ThreadTuner, check_decode_threads
 from idefics2.generation.vision_cache import VisionFeatureCache
 from idefics2.model.kv_cache import KVCache
-
-
-@dataclass
-class GenerateOutput:
-    """`generate(..., return_dict_in_generate=True)`. `scores`: per step, the processed (B, V)
-    scores the token was chosen from (as transformers' `output_scores`); `logits`: per step, the
-    model's raw (B, V) logits (`output_logits`). A row that has finished holds -inf with 0 at the pad
-    token in both (it emits its pad with certainty). `log_probs` (B, N_new): log-softmax of the
-    scores at the chosen token (0 for padding after a row finished)."""
-
-    sequences: Tensor
-    scores: tuple[Tensor, ...] | None = None
-    logits: tuple[Tensor, ...] | None = None
-    log_probs: Tensor | None = None
-    sequences_scores: Tensor | None = None  # beam search: each returned hypothesis's length-penalised score
 
 
 class Streamer(Protocol):
@@ -98,7 +87,7 @@ class Generator:
         return self.vision_cache if choice else None
 
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+    def generate(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                  pixel_values: Tensor | None = None, pixel_attention_mask: Tensor | None = None, *,
                  max_new_tokens: int | None = None, min_new_tokens: int | None = None,
                  do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
@@ -106,34 +95,43 @@ class Generator:
                  eos_token_id: int | Sequence[int] | None = None, extra_eos_token_ids: Sequence[int] = (),
                  stop_strings: str | Sequence[str] | None = None,
                  bad_words_ids: Sequence[Sequence[int]] | None = None, pad_token_id: int | None = None,
+                 bos_token_id: int | None = None, remove_invalid_values: bool | None = None,
                  generator: torch.Generator | None = None, seed: int | None = None,
                  tokenizer: Decoder | None = None, streamer: Streamer | None = None,
                  output_scores: bool | None = None, output_logits: bool | None = None,
+                 output_hidden_states: bool | None = None, output_attentions: bool | None = None,
                  return_dict_in_generate: bool | None = None, num_return_sequences: int | None = None,
                  no_repeat_ngram_size: int | None = None, num_beams: int | None = None,
                  length_penalty: float | None = None, early_stopping: bool | str | None = None,
                  logits_processor: Sequence[LogitsProcessor] | None = None, use_cache: bool = True,
                  compile: bool = False, vision_cache: bool | VisionFeatureCache | None = True,
                  decode_threads: int | None | str = "auto", **unsupported: Any) -> Tensor | GenerateOutput:
-        """Prompt + new tokens (B, T + N) for left-padded `input_ids` (B, T) and optional images.
+        """Prompt + new tokens (B, T + N) for `input_ids` (B, T) and optional images; without
+        `input_ids`, each row starts from `bos_token_id` (batch size from the first tensor given).
 
         Unset arguments come from `model.generation_config`, then from the built-in defaults
-        (`BUILTIN_DEFAULTS`: 20 new tokens, greedy) and the model config (EOS, pad). `eos_token_id`
+        (`BUILTIN_DEFAULTS`: 20 new tokens, greedy) and the model config (EOS, pad, BOS). `eos_token_id`
         may be a list; `extra_eos_token_ids` adds to it (e.g. `<end_of_utterance>` for chat).
         `temperature=0` means greedy. `stop_strings` need `tokenizer` (anything with `decode`).
         Randomness comes from `generator`, or a new one seeded with `seed`, else torch's global RNG.
         `streamer` receives the prompt ids, then each step's new ids (B,) (`TextIteratorStreamer`:
-        batch 1).
+        batch 1). `attention_mask` 0 hides a token (padding, normally on the left) from attention and
+        from the positions.
         `compile=True` runs the decode step through `torch.compile`. Off by default because the
         first call compiles for up to a minute on a 2-core CPU (small config); after that a step
         takes 29 ms instead of 44 ms there (the ~300 small ops fuse into a few kernels; README), so it
-        pays off for a server or a batch job, not for one question.
+        pays off for a server or a batch job, not for one question. Steps that record hidden states
+        run uncompiled.
         `num_return_sequences` > 1 (sampling only): that many continuations per prompt, each
-        prompt's rows together. `output_logits`: the raw logits of each step in the dict output.
-        `num_beams` > 1: beam search (`length_penalty`, `early_stopping`; `beam_search`).
+        prompt's rows together. `num_beams` > 1: beam search (`length_penalty`, `early_stopping`;
+        `beam_search`), sampled with `do_sample=True`. `remove_invalid_values`: nan and inf scores
+        become finite (transformers' `InfNanRemoveLogitsProcessor`).
+        Dict output (`return_dict_in_generate`): `output_scores`, `output_logits`,
+        `output_hidden_states`, `output_attentions` and the cache; see `GenerateOutput`.
         `logits_processor`: `LogitsProcessor`s (transformers' signature) run after the built-in rules.
         `no_repeat_ngram_size` n > 0: no n-gram occurs twice in a row's tokens (prompt included).
-        `use_cache` is accepted: decoding always uses the KV cache (the same tokens).
+        `use_cache=False` gives the same tokens (decoding always uses the KV cache) and leaves the
+        cache out of the dict output. `logits_to_keep` is accepted and has no effect.
         `vision_cache`: see `vision_cache_for`.
         `decode_threads`: torch intra-op threads for the CPU decode steps: "auto" times 1 and
         torch's setting and keeps the faster (`ThreadTuner`), an int fixes it, None leaves torch's
@@ -146,73 +144,91 @@ class Generator:
         cfg = resolve(model, {
             "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "do_sample": do_sample,
             "temperature": temperature, "top_k": top_k, "top_p": top_p, "repetition_penalty": repetition_penalty,
-            "eos_token_id": eos_token_id, "pad_token_id": pad_token_id, "output_scores": output_scores,
-            "output_logits": output_logits, "num_return_sequences": num_return_sequences,
+            "eos_token_id": eos_token_id, "pad_token_id": pad_token_id, "bos_token_id": bos_token_id,
+            "output_scores": output_scores, "output_logits": output_logits,
+            "output_hidden_states": output_hidden_states, "output_attentions": output_attentions,
+            "remove_invalid_values": remove_invalid_values, "num_return_sequences": num_return_sequences,
             "no_repeat_ngram_size": no_repeat_ngram_size, "num_beams": num_beams,
             "length_penalty": length_penalty, "early_stopping": early_stopping,
             "bad_words_ids": bad_words_ids, "return_dict_in_generate": return_dict_in_generate,
             "stop_strings": [stop_strings] if isinstance(stop_strings, str) else stop_strings,
         })
-        text_config = model.config.text_config
-        V = text_config.vocab_size
         eos_ids = list(dict.fromkeys(as_id_list(cfg.eos_token_id) + as_id_list(list(extra_eos_token_ids))))
-        device = model.device
-        input_ids = input_ids.to(device)
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
-        check_inputs(input_ids, attention_mask, pixel_values, pixel_attention_mask)
-        validate(cfg, eos_ids, V, text_config.max_position_embeddings, input_ids.shape[1])
+        inputs = _prepared_inputs(model, cfg, eos_ids, input_ids, attention_mask, pixel_values,
+                                  pixel_attention_mask)
         beams = int(cfg.num_beams)  # type: ignore[arg-type]
         if beams > 1:
             check_beam_options(cfg, streamer)
-        n = beams if beams > 1 else int(cfg.num_return_sequences)  # type: ignore[arg-type]
-        # each prompt n times in a row, as transformers expands it
-        input_ids, attention_mask, pixel_values, pixel_attention_mask = (
-            t.repeat_interleave(n, 0) if t is not None and n > 1 else t
-            for t in (input_ids, attention_mask, pixel_values, pixel_attention_mask))
         stops = list(cfg.stop_strings or [])
         if stops and tokenizer is None:
             raise ValueError("stop_strings need a tokenizer to decode the new tokens: pass tokenizer=")
         if generator is not None and seed is not None:
             raise ValueError("pass either generator or seed, not both")
         if seed is not None:
-            generator = torch.Generator(device=device).manual_seed(seed)
+            generator = torch.Generator(device=model.device).manual_seed(seed)
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
         sampling = bool(cfg.do_sample) and cfg.temperature != 0
         if isinstance(streamer, TextIteratorStreamer):
             streamer.add_stop_strings(stops)
-
-        if beams > 1:
-            return _run_beam_search(model, input_ids, attention_mask.long(), pixel_values, pixel_attention_mask,
-                                    cfg, eos_ids, self.vision_cache_for(vision_cache), list(logits_processor or []))
-        threads = check_decode_threads(decode_threads, device, compile)
+        threads = check_decode_threads(decode_threads, model.device, compile)
         several = torch.get_num_threads() > 1
         tuner = self.thread_tuner(torch.get_num_threads()) if threads == "auto" and several else None
         plan = _Plan(cfg, eos_ids, pad, sampling, stops, generator, tokenizer, streamer,
                      self.step_function(compile), self.vision_cache_for(vision_cache), threads, tuner,
-                     list(logits_processor or []))
+                     list(logits_processor or []), use_cache)
+        if beams > 1:
+            return _run_beam_search(model, *inputs, plan)
         try:
             if streamer is not None:
-                streamer.put(input_ids.cpu())
-            return _run(model, input_ids, attention_mask.long(), pixel_values, pixel_attention_mask, plan)
+                streamer.put(inputs[0].cpu())
+            return _run(model, *inputs, plan)
         finally:
             if streamer is not None:
                 streamer.end()
 
 
+def _prepared_inputs(model: nn.Module, cfg: GenerationConfig, eos_ids: list[int], input_ids: Tensor | None,
+                     attention_mask: Tensor | None, pixel_values: Tensor | None,
+                     pixel_attention_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """The checked inputs on the model's device, each prompt repeated once per beam or returned
+    sequence (together, as transformers expands them); no `input_ids`: (B, 1) BOS tokens."""
+    text_config = model.config.text_config
+    device = model.device
+    if input_ids is None:
+        bos = cfg.bos_token_id if cfg.bos_token_id is not None else text_config.bos_token_id
+        if bos is None:
+            raise ValueError("generate without input_ids starts from bos_token_id, and none is set: "
+                             "pass input_ids or bos_token_id")
+        given = [t for t in (attention_mask, pixel_values, pixel_attention_mask) if t is not None]
+        input_ids = torch.full((given[0].shape[0] if given else 1, 1), bos, dtype=torch.long)
+    input_ids = input_ids.to(device)
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+    check_inputs(input_ids, attention_mask, pixel_values, pixel_attention_mask)
+    validate(cfg, eos_ids, text_config.vocab_size, text_config.max_position_embeddings, input_ids.shape[1])
+    beams = int(cfg.num_beams)  # type: ignore[arg-type]
+    n = beams if beams > 1 else int(cfg.num_return_sequences)  # type: ignore[arg-type]
+    ids, mask, values, pmask = (t.repeat_interleave(n, 0) if t is not None and n > 1 else t
+                                for t in (input_ids, attention_mask.long(), pixel_values, pixel_attention_mask))
+    assert ids is not None and mask is not None
+    return ids, mask, values, pmask
+
+
 def _run_beam_search(model: nn.Module, input_ids: Tensor, mask: Tensor, pixel_values: Tensor | None,
-                     pixel_attention_mask: Tensor | None, cfg: GenerationConfig, eos_ids: list[int],
-                     vision_cache: VisionFeatureCache | None,
-                     logits_processor: list[LogitsProcessor]) -> Tensor | GenerateOutput:
+                     pixel_attention_mask: Tensor | None, plan: _Plan) -> Tensor | GenerateOutput:
     """The validated request, each prompt repeated num_beams times, through `beam_search`."""
     features = None
     if pixel_values is not None:
-        features = model.get_image_features(pixel_values, pixel_attention_mask, vision_cache)
-    rules = TokenRules.for_request(cfg, eos_ids, input_ids, mask, model.config.text_config.vocab_size,
-                                   logits_processor)
-    sequences, scores = beam_search(model, input_ids, mask, features, cfg, eos_ids, rules)
-    if not cfg.return_dict_in_generate:
-        return sequences
-    return GenerateOutput(sequences=sequences, sequences_scores=scores)
+        features = model.get_image_features(pixel_values, pixel_attention_mask, plan.vision_cache)
+    rules = TokenRules.for_request(plan.cfg, plan.eos_ids, input_ids, mask, model.config.text_config.vocab_size,
+                                   plan.logits_processor)
+    record = StepRecorder(plan.cfg, plan.use_cache)
+    found = beam_search(model, input_ids, mask, features, plan.cfg, plan.eos_ids, rules, record,
+                        plan.sampling, plan.generator)
+    if not plan.cfg.return_dict_in_generate:
+        return found.sequences
+    out = GenerateOutput(sequences=found.sequences, sequences_scores=found.scores,
+                         beam_indices=found.beam_indices)
+    return record.fill(out, found.cache)
 
 
 @dataclass
@@ -232,6 +248,7 @@ class _Plan:
     decode_threads: int | None | str
     thread_tuner: ThreadTuner | None  # with decode_threads "auto" on several CPU threads
     logits_processor: list[LogitsProcessor]
+    use_cache: bool  # False: the dict output carries no cache, its hidden states the whole sequence
 
 
 def _run(model: nn.Module, input_ids: Tensor, mask: Tensor, pixel_values: Tensor | None,
@@ -245,66 +262,60 @@ def _run(model: nn.Module, input_ids: Tensor, mask: Tensor, pixel_values: Tensor
         # (R, L, D), computed once per request, before the prefill, never while decoding
         features = model.get_image_features(pixel_values, pixel_attention_mask, plan.vision_cache)
     cache = model.new_kv_cache(T + N)
-    logits, next_positions = prefill(model, input_ids, mask, features, cache)
+    record = StepRecorder(plan.cfg, plan.use_cache)
+    layers = record.layers()
+    logits, next_positions = prefill(model, input_ids, mask, features, cache, layers)
     del features
     threads = torch.get_num_threads()
     if isinstance(plan.decode_threads, int):
         torch.set_num_threads(plan.decode_threads)
     try:
-        sequences, scores, raw = _decode(model, input_ids, mask, next_positions, logits, cache, plan)
+        sequences = _decode(model, input_ids, mask, next_positions, (logits, layers), cache, plan, record)
     finally:
         torch.set_num_threads(threads)
     if not plan.cfg.return_dict_in_generate:
         return sequences
-    out = GenerateOutput(sequences=sequences, logits=tuple(raw) if raw else None)
-    if scores:
-        stacked = torch.stack(scores, dim=1)  # (B, N_new, V)
-        out.scores = tuple(scores)
+    out = record.fill(GenerateOutput(sequences=sequences), cache)
+    if out.scores:
+        stacked = torch.stack(out.scores, dim=1)  # (B, N_new, V)
         out.log_probs = stacked.log_softmax(dim=-1).gather(2, sequences[:, T:, None]).squeeze(2)  # (B, N_new)
     return out
 
 
-def _every_row(values: Tensor, rows: Tensor, batch: int, pad: int) -> Tensor:
-    """values (B_active, V) of the rows still decoding -> (batch, V); a finished row emits its pad
-    with certainty (-inf everywhere, 0 at the pad token)."""
-    full = values.new_full((batch, values.shape[-1]), float("-inf"))
-    full[:, pad] = 0.0
-    full[rows] = values
-    return full
-
-
-def _decode(model: nn.Module, input_ids: Tensor, mask: Tensor, next_positions: Tensor, logits: Tensor,
-            cache: KVCache, plan: _Plan) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """Choose a token from `logits` (B, V), feed it, repeat. Returns (B, T + N_new) ids and, with
-    output_scores / output_logits, the per-step scores and raw logits (B, V). Rows that finish leave
-    the batch (and the cache)."""
+def _decode(model: nn.Module, input_ids: Tensor, mask: Tensor, next_positions: Tensor,
+            first: tuple[Tensor, list[Tensor] | None], cache: KVCache, plan: _Plan,
+            record: StepRecorder) -> Tensor:
+    """Choose a token from the prefill's logits (B, V), feed it, repeat; returns (B, T + N_new) ids,
+    each step's scores, raw logits and hidden states (`first[1]`, the prefill's) into `record`.
+    Finished rows leave the batch (and the cache), unless `keeps_every_row`: then they are fed the
+    pad token."""
     cfg, device = plan.cfg, input_ids.device
     B, T = input_ids.shape
-    N, V = cfg.max_new_tokens, logits.shape[-1]
+    N = cfg.max_new_tokens
     assert N is not None and cfg.min_new_tokens is not None
+    logits, layers = first
     sequences = torch.full((B, T + N), plan.pad, dtype=torch.long, device=device)
     sequences[:, :T] = input_ids
     full_mask = torch.ones(B, T + N, dtype=torch.long, device=device)
     full_mask[:, :T] = mask
     rows = torch.arange(B, device=device)  # original row of each row still in the batch
+    keep_all = keeps_every_row(cfg, plan.use_cache)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)  # with keep_all: rows that emit pad
     padded = not bool(mask.all())
     eos = torch.tensor(plan.eos_ids, dtype=torch.long, device=device)
-    rules = TokenRules.for_request(cfg, plan.eos_ids, input_ids, mask, V, plan.logits_processor)
-    all_scores: list[Tensor] = []
-    all_logits: list[Tensor] = []
+    rules = TokenRules.for_request(cfg, plan.eos_ids, input_ids, mask, logits.shape[-1], plan.logits_processor)
     for step in range(N):
         scores = rules(sequences[rows, : T + step], logits, step)
         if plan.sampling:
             scores = filter_logits(scores, float(cfg.temperature), int(cfg.top_k), float(cfg.top_p))  # type: ignore[arg-type]
         tokens = choose_tokens(scores, plan.sampling, plan.generator)  # (B_active,)
+        live = ~finished[rows]  # (B_active,)
+        tokens = tokens.masked_fill(~live, plan.pad)
         sequences[rows, T + step] = tokens
-        if cfg.output_scores:
-            all_scores.append(_every_row(scores, rows, B, plan.pad))
-        if cfg.output_logits:
-            all_logits.append(_every_row(logits, rows, B, plan.pad))
+        record.add(scores, logits, layers, lambda v: every_row(v[live], rows[live], B, plan.pad))
         if plan.streamer is not None:
             plan.streamer.put(tokens.cpu())
-        done = torch.isin(tokens, eos)
+        done = torch.isin(tokens, eos) | finished[rows]
         if plan.stops:
             assert plan.tokenizer is not None
             for i, row in enumerate(rows.tolist()):
@@ -313,8 +324,10 @@ def _decode(model: nn.Module, input_ids: Tensor, mask: Tensor, next_positions: T
                     done[i] = True
         rules.record(tokens)
         if step == N - 1 or bool(done.all()):
-            return sequences[:, : T + step + 1], all_scores, all_logits
-        if bool(done.any()):  # finished rows stop costing compute
+            return sequences[:, : T + step + 1]
+        if keep_all:
+            finished = done
+        elif bool(done.any()):  # finished rows stop costing compute
             keep = (~done).nonzero().squeeze(1)
             rows, tokens, next_positions = rows[keep], tokens[keep], next_positions[keep]
             full_mask = full_mask[keep]
@@ -322,13 +335,15 @@ def _decode(model: nn.Module, input_ids: Tensor, mask: Tensor, next_positions: T
             cache.select_rows(keep)
             padded = not bool(full_mask[:, :T].all())
         step_mask = full_mask[:, : T + step + 1] if padded else None
+        layers = record.layers()
         tuner = plan.thread_tuner
         if tuner is not None:
             threads = tuner.pick()
             if threads != torch.get_num_threads():
                 torch.set_num_threads(threads)
             start = time.perf_counter()
-        logits = plan.step_fn(model, tokens[:, None], next_positions, step_mask, cache)
+        step_fn = plan.step_fn if layers is None else functools.partial(decode_step, hidden_states=layers)
+        logits = step_fn(model, tokens[:, None], next_positions, step_mask, cache)
         if tuner is not None:
             tuner.record(threads, time.perf_counter() - start)
         next_positions = next_positions + 1

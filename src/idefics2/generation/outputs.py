@@ -8,6 +8,7 @@ logits, each layer's hidden states, and (empty, see `StepRecorder`) attentions; 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -93,12 +94,14 @@ class StepRecorder:
         """A list for the next forward pass to fill with its hidden states, if they are recorded."""
         return [] if self.hidden is not None else None
 
-    def add(self, scores: Tensor, logits: Tensor, layers: list[Tensor] | None) -> None:
-        """One step: scores and raw logits (B, V), and the hidden states of the forward that gave them."""
+    def add(self, scores: Tensor, logits: Tensor, layers: list[Tensor] | None,
+            to_batch: Callable[[Tensor], Tensor] | None = None) -> None:
+        """One step: scores and raw logits (B_active, V), made whole-batch by `to_batch` when kept,
+        and the hidden states of the forward that gave them."""
         if self.scores is not None:
-            self.scores.append(scores)
+            self.scores.append(to_batch(scores) if to_batch is not None else scores)
         if self.logits is not None:
-            self.logits.append(logits)
+            self.logits.append(to_batch(logits) if to_batch is not None else logits)
         if self.attentions is not None:
             self.attentions.append(())
         if self.hidden is not None:

@@ -1,4 +1,5 @@
-"""Leaves shared by the parts of the model: RMSNorm, the SwiGLU MLP, rotary helpers, attention.
+"""Leaves shared by the parts of the model: RMSNorm, the SwiGLU MLP, rotary helpers, attention,
+and `CheckpointedLayer`, the base of the repeated blocks that activation checkpointing recomputes.
 
 Nothing here knows about Idefics2; the vision tower, the perceiver and the Mistral decoder build
 on these. Shape letters: B batch, T query length, S key length, H heads, H_kv key/value heads,
@@ -7,9 +8,12 @@ hd head dim. Masks are bool with True = may attend.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from idefics2.model.fast_linear import Linear
 
@@ -25,6 +29,30 @@ def activation(name: str):  # noqa: ANN201 - a plain callable Tensor -> Tensor
     if name not in ACTIVATIONS:
         raise ValueError(f"unsupported activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
+
+
+class CheckpointedLayer(nn.Module):
+    """A repeated block (decoder layer, vision encoder layer) that can drop its activations in the
+    forward pass and recompute them in the backward pass, as transformers' `GradientCheckpointingLayer`.
+
+    Subclasses put their computation in `block`. `gradient_checkpointing` and `checkpoint_kwargs`
+    (for `torch.utils.checkpoint.checkpoint`) are set by the model's `gradient_checkpointing_enable`;
+    checkpointing runs only while training with gradients on, so evaluation and generation pay
+    nothing. The recompute runs `block`, not `__call__`, so hooks on the layer run once.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gradient_checkpointing = False
+        self.checkpoint_kwargs: dict[str, Any] = {}
+
+    def forward(self, *args: Any) -> Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self.block, *args, **self.checkpoint_kwargs)
+        return self.block(*args)
+
+    def block(self, *args: Any) -> Tensor:
+        raise NotImplementedError
 
 
 class RMSNorm(nn.Module):

@@ -187,6 +187,17 @@ def _flag(body: dict[str, Any], name: str) -> bool:
     return value
 
 
+def sampling_defaults(defaults: GenerationConfig) -> dict[str, Any]:
+    """What a request (or the CLI) that sets nothing gets: the checkpoint's generation_config.json
+    fields, else OpenAI's defaults; `do_sample: false` there means greedy (temperature 0)."""
+    if defaults.do_sample is False:
+        return {"temperature": 0.0, "top_p": 1.0, "top_k": 0,
+                "repetition_penalty": defaults.repetition_penalty or 1.0, "max_tokens": defaults.max_new_tokens}
+    return {"temperature": defaults.temperature if defaults.temperature is not None else 1.0,
+            "top_p": defaults.top_p if defaults.top_p is not None else 1.0, "top_k": defaults.top_k or 0,
+            "repetition_penalty": defaults.repetition_penalty or 1.0, "max_tokens": defaults.max_new_tokens}
+
+
 def parse_request(body: dict[str, Any], defaults: GenerationConfig, *, max_n: int, max_tokens_limit: int,
                   allow_remote: bool) -> ChatRequest:
     """The whole request body, checked field by field (the model field is the caller's)."""
@@ -202,20 +213,16 @@ def parse_request(body: dict[str, Any], defaults: GenerationConfig, *, max_n: in
         raise RequestError("stream_options must be an object, and only with stream: true", "stream_options")
     include_usage = _flag(options or {}, "include_usage")
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    fallback = sampling_defaults(defaults)
     max_tokens = _number(body, key, int, 1, max_tokens_limit, None)
-    if max_tokens is None and defaults.max_new_tokens is not None:
-        max_tokens = min(defaults.max_new_tokens, max_tokens_limit)
-    greedy_default = defaults.do_sample is False
-    temperature = _number(body, "temperature", float, 0.0, 2.0,
-                          0.0 if greedy_default else (defaults.temperature if defaults.temperature is not None
-                                                      else 1.0))
-    top_p = _number(body, "top_p", float, 0.0, 1.0, 1.0 if greedy_default or defaults.top_p is None
-                    else defaults.top_p)
+    if max_tokens is None and fallback["max_tokens"] is not None:
+        max_tokens = min(fallback["max_tokens"], max_tokens_limit)
+    temperature = _number(body, "temperature", float, 0.0, 2.0, fallback["temperature"])
+    top_p = _number(body, "top_p", float, 0.0, 1.0, fallback["top_p"])
     if top_p == 0.0:
         raise RequestError("top_p must be in (0, 1]", "top_p")
-    top_k = _number(body, "top_k", int, -1, 2**31 - 1, 0 if greedy_default or defaults.top_k is None
-                    else defaults.top_k)
-    penalty = _number(body, "repetition_penalty", float, 0.01, 10.0, defaults.repetition_penalty or 1.0)
+    top_k = _number(body, "top_k", int, -1, 2**31 - 1, fallback["top_k"])
+    penalty = _number(body, "repetition_penalty", float, 0.01, 10.0, fallback["repetition_penalty"])
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop
     if stops is not None and (not isinstance(stops, list) or len(stops) > 4
