@@ -111,3 +111,17 @@ def _give_up(url: str, messages: list[dict[str, Any]]) -> None:
     """A non-streamed request whose client times out (and drops the connection) mid-answer."""
     with pytest.raises(httpx.TimeoutException):
         httpx.post(url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 900, "min_tokens": 800}, timeout=0.5)
+
+
+def test_malformed_requests_keep_the_connection_usable(server: tuple[str, Any]) -> None:
+    url = server[0] + "/v1/chat/completions"
+    bad = [b'{"messages": [{"role": ["user"], "content": "hi"}]}', b"[" * 100_000 + b"]" * 100_000,
+           b'{"max_tokens": ' + b"9" * 5000 + b"}", b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+           b"{not json"]
+    with httpx.Client(timeout=30) as http:  # one keep-alive connection for all of them
+        for payload in bad:
+            response = http.post(url, content=payload, headers={"content-type": "application/json"})
+            assert response.status_code == 400 and response.json()["error"]["message"], payload[:30]
+        good = http.post(url, json={"messages": user("What color is the circle?", EXAMPLES / "shapes.png")})
+        assert good.status_code == 200 and good.json()["choices"][0]["message"]["content"] == "Red."
+        assert http.get(server[0] + "/nothing").json()["error"]["code"] == 404

@@ -101,7 +101,7 @@ def beam_search(model: nn.Module, input_ids: Tensor, mask: Tensor, features: Ten
                                       float(cfg.top_p), min_tokens_to_keep=C // K)  # type: ignore[arg-type]
         record.add(log_probs, logits, layers)
         origin, tokens, candidate_scores, candidates, origins = _candidates(
-            beams, log_probs.view(B, K, V), C, T + step, step, generator if sampling else False)
+            beams, log_probs.view(B, K, V), C, T + step, step, sampling, generator)
         ends = torch.isin(tokens, eos) | (T + step + 1 >= S)  # (B, C)
         _store_finished(beams, candidates, origins, candidate_scores, ends, K, step + 1, length_penalty,
                         early_stopping)
@@ -149,20 +149,20 @@ def _initial_beams(prompts: Tensor, S: int, fill: int) -> Beams:
     return beams
 
 
-def _candidates(beams: Beams, log_probs: Tensor, C: int, position: int, step: int,
-                generator: torch.Generator | None | bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The C best (beam, token) continuations of each prompt, or with `generator` not False C drawn
+def _candidates(beams: Beams, log_probs: Tensor, C: int, position: int, step: int, sampling: bool,
+                generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The C best (beam, token) continuations of each prompt, or with `sampling` C drawn
     without replacement from softmax of the summed log-probabilities and sorted best first: their
     beam (B, C), token (B, C), summed log-probability (B, C), sequences (B, C, S) with the token
     written at `position`, and origins (B, C, N) with the flat beam row written at `step`."""
     B, K, V = log_probs.shape
     totals = (log_probs + beams.running_scores[:, :, None]).view(B, K * V)
-    if generator is False:
-        scores, flat = torch.topk(totals, k=C)
-    else:
-        drawn = torch.multinomial(totals.softmax(dim=-1), C, generator=generator)  # type: ignore[arg-type]
+    if sampling:
+        drawn = torch.multinomial(totals.softmax(dim=-1), C, generator=generator)
         scores, order = totals.gather(1, drawn).sort(dim=-1, descending=True)
         flat = drawn.gather(1, order)
+    else:
+        scores, flat = torch.topk(totals, k=C)
     origin, tokens = flat // V, flat % V
     candidates = _gather(beams.running, origin)
     candidates[:, :, position] = tokens

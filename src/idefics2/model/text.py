@@ -15,6 +15,7 @@ from idefics2.config import TextConfig
 from idefics2.model.fast_linear import Linear
 from idefics2.model.kv_cache import KVCache
 from idefics2.model.layers import (
+    CheckpointedLayer,
     GatedMLP,
     RMSNorm,
     apply_rotary,
@@ -97,7 +98,7 @@ class TextAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(CheckpointedLayer):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.self_attn = TextAttention(cfg)
@@ -107,6 +108,12 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: KVCache | None, layer_idx: int) -> Tensor:
+        if cache is not None:  # never recomputed: the replay would append this step's keys to the cache again
+            return self.block(x, cos, sin, mask, cache, layer_idx)
+        return super().forward(x, cos, sin, mask, cache, layer_idx)
+
+    def block(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+              cache: KVCache | None, layer_idx: int) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_idx)
         return x + self.mlp(self.post_attention_layernorm(x))
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from idefics2.config import VisionConfig
-from idefics2.model.layers import activation, attention
+from idefics2.model.layers import CheckpointedLayer, activation, attention
 
 
 def bucket_position_ids(patch_mask: Tensor, num_patches_per_side: int) -> Tensor:
@@ -107,7 +107,7 @@ class VisionMLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class VisionEncoderLayer(nn.Module):
+class VisionEncoderLayer(CheckpointedLayer):
     """Pre-LayerNorm transformer block."""
 
     def __init__(self, cfg: VisionConfig) -> None:
@@ -117,7 +117,7 @@ class VisionEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = VisionMLP(cfg)
 
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+    def block(self, x: Tensor, mask: Tensor | None) -> Tensor:
         x = x + self.self_attn(self.layer_norm1(x), mask)
         return x + self.mlp(self.layer_norm2(x))
 
