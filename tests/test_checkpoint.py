@@ -99,16 +99,31 @@ def test_pickle_checkpoints_are_refused_with_an_explanation(tmp_path: Path) -> N
         Idefics2ForConditionalGeneration.from_pretrained(folder)
 
 
-def test_a_repo_id_without_network_says_how_to_pass_a_local_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_repo_id_is_read_from_the_cache_and_downloaded_only_when_allowed(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     huggingface_hub = pytest.importorskip("huggingface_hub")
+    folder = _saved(tmp_path)
+    calls: list[dict[str, object]] = []
 
-    def offline(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - no test may reach the network
-        raise OSError("offline")
+    def hub(repo_id: str, *, cached: bool, **kwargs: object) -> str:
+        calls.append({"repo_id": repo_id, **kwargs})
+        if kwargs.get("local_files_only") and not cached:
+            raise OSError("not in the cache")
+        return str(folder)
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(ValueError, match=r"HuggingFaceM4/idefics2-8b.*local folder"):
-        Idefics2ForConditionalGeneration.from_pretrained("HuggingFaceM4/idefics2-8b")
-    with pytest.raises(ValueError, match=r"is not a checkpoint folder"):
+    monkeypatch.delenv("IDEFICS2_ALLOW_DOWNLOADS", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda r, **k: hub(r, cached=False, **k))
+    with pytest.raises(ValueError, match=r"'runs/ft' is not a local folder, nor a Hub repo in the Hugging Face "
+                                         r"cache.*allow_download=True.*check the path"):
+        Idefics2ForConditionalGeneration.from_pretrained("runs/ft")  # the README's fine-tune folder, mistyped
+    assert [c.get("local_files_only") for c in calls] == [True]  # the cache was asked, the network never
+    monkeypatch.setenv("IDEFICS2_ALLOW_DOWNLOADS", "1")
+    assert Idefics2ForConditionalGeneration.from_pretrained("org/name").config is not None
+    assert calls[-1].get("local_files_only") is None  # downloaded, as allowed
+    monkeypatch.delenv("IDEFICS2_ALLOW_DOWNLOADS")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda r, **k: hub(r, cached=True, **k))
+    Idefics2ForConditionalGeneration.from_pretrained("HuggingFaceM4/idefics2-8b")  # cached: no permission needed
+    with pytest.raises(ValueError, match=r"is not a folder"):
         Idefics2ForConditionalGeneration.from_pretrained("./no/such/folder/here")
 
 

@@ -40,7 +40,7 @@ def test_info_prints_parameter_counts_and_files(hub_like_checkpoint: Path,  # no
 @pytest.mark.parametrize("argv, message", [
     (["generate", "--image", "no/such.png", "hi"], "idefics2: error: image not found: no/such.png"),
     (["generate", "<image>What is this?"], "idefics2: error: the prompt holds <image>"),
-    (["generate", "--model", "no/such/folder/x", "hi"], "idefics2: error: 'no/such/folder/x' is not a checkpoint folder"),
+    (["generate", "--model", "no/such/folder/x", "hi"], "idefics2: error: 'no/such/folder/x' is not a folder"),
 ])
 def test_user_mistakes_end_in_one_line_and_exit_code_1(argv: list[str], message: str,
                                                        capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,8 +14,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from idefics2.config import Idefics2Config
+from idefics2.files import inside, resolve_folder, write_folder_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +33,6 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16, "fp16": torch.float16}
@@ -65,35 +63,20 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
-def resolve_folder(folder_or_repo_id: str | os.PathLike[str]) -> Path:
-    """A local folder as is; a Hub repo id ("org/name") through huggingface_hub when installed and online."""
-    path = Path(folder_or_repo_id)
-    if path.is_dir():
-        return path
-    name = os.fspath(folder_or_repo_id)
-    if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        raise ValueError(f"{name!r} is not a checkpoint folder: pass a folder holding config.json and "
-                         "*.safetensors (the Hub layout)")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise ValueError(f"{name!r} is not a local folder, and downloading a Hub repo needs huggingface_hub "
-                         "(pip install huggingface_hub). Or download it elsewhere "
-                         f"(`hf download {name} --local-dir DIR`) and pass DIR.") from None
-    try:
-        return Path(snapshot_download(name, allow_patterns=_HUB_PATTERNS))
-    except Exception as err:  # offline, unknown repo, gated: all end the same way for the user
-        reason = " ".join(str(err).split())
-        raise ValueError(f"could not download {name!r} from the Hub ({type(err).__name__}: {reason}). "
-                         f"Pass a local folder instead (e.g. one made with `hf download {name} --local-dir DIR`).") from err
-
-
 def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a checkpoint folder, in index order."""
+    """The safetensors files of a checkpoint folder, in index order; an index may name only files
+    inside the folder."""
     index = folder / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        names = sorted(set(weight_map.values()))
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        except (ValueError, AttributeError) as err:
+            raise ValueError(f"{index} is not a JSON object ({err})") from None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index}: weight_map must be an object of tensor name -> shard file, got "
+                             f"{type(weight_map).__name__}")
+        names = sorted({inside(folder, n, f"{index} weight_map[{k!r}]").relative_to(folder).as_posix()
+                        for k, n in weight_map.items()})
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
             raise ValueError(f"{index} lists shards that are not in the folder: {missing}")
@@ -163,17 +146,56 @@ def load_pretrained(cls: type[M], folder_or_repo_id: str | os.PathLike[str], *, 
     total = sum(f.stat().st_size for f in files)
     if progress is None:
         progress = total > 1e9
+    check_layer_counts(config, [k for file in files for k in _open(file, lambda f: list(f.keys()))], folder)
 
     def shards() -> Iterator[Shard]:
         for file in files:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                yield list(f.keys()), f.get_tensor
+            with _opened(file) as f:
+                yield list(f.keys()), lambda key, f=f, file=file: _read(f, file, key)
 
     # disable=None: tqdm shows the bar only on a terminal.
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights",
               disable=None if progress else True) as bar:
         return _build(cls, config, shards(), dtype=dtype, device=device, source=f"checkpoint {folder}",
                       read=lambda t: bar.update(t.numel() * t.element_size()))
+
+
+@contextlib.contextmanager
+def _opened(file: Path) -> Iterator[Any]:
+    """A safetensors file opened for reading; a file that is not one is a ValueError naming it."""
+    try:
+        handle = safe_open(file, framework="pt", device="cpu")
+    except Exception as err:  # SafetensorError and OSError alike: empty, truncated, garbage
+        raise ValueError(f"{file} is not a readable safetensors file ({' '.join(str(err).split())[:200]})") from None
+    with handle as f:
+        yield f
+
+
+def _open(file: Path, use: Callable[[Any], Any]) -> Any:
+    with _opened(file) as f:
+        return use(f)
+
+
+def _read(f: Any, file: Path, key: str) -> torch.Tensor:
+    try:
+        return f.get_tensor(key)
+    except Exception as err:
+        raise ValueError(f"{file}: cannot read tensor {key!r} ({' '.join(str(err).split())[:200]})") from None
+
+
+_LAYER_KEYS = {"text_config": re.compile(r"text_model\.layers\.(\d+)\."),
+               "vision_config": re.compile(r"vision_model\.encoder\.layers\.(\d+)\.")}
+
+
+def check_layer_counts(config: Idefics2Config, keys: list[str], folder: Path) -> None:
+    """The config's layer counts against the layers the checkpoint holds, before anything is built:
+    a config asking for more layers than there are weights would otherwise build them all first."""
+    for section, pattern in _LAYER_KEYS.items():
+        found = {int(m.group(1)) for k in keys if (m := pattern.search(k))}
+        wanted = getattr(config, section).num_hidden_layers
+        if found and wanted != max(found) + 1:
+            raise ValueError(f"{folder / CONFIG_FILE}: {section}.num_hidden_layers is {wanted}, but the weights "
+                             f"hold {max(found) + 1} layers")
 
 
 def load_state_dict(cls: type[M], config: Idefics2Config, state_dict: dict[str, torch.Tensor], *,
@@ -201,6 +223,8 @@ def _build(cls: type[M], config: Idefics2Config, shards: Iterable[Shard], *, dty
     state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     mis_shaped: list[str] = []
+    bad_dtype: list[str] = []  # integer or bool tensors where the model has float weights
+    dtypes: set[torch.dtype] = set()
     for keys, get_tensor in shards:
         key_map = _checkpoint_key_map(cls, keys)
         for ckpt_key in keys:
@@ -212,6 +236,10 @@ def _build(cls: type[M], config: Idefics2Config, shards: Iterable[Shard], *, dty
                     unexpected.append(ckpt_key)
                 continue
             tensor = get_tensor(ckpt_key)
+            if not tensor.is_floating_point():
+                bad_dtype.append(f"{ckpt_key}: {tensor.dtype}")
+                continue
+            dtypes.add(tensor.dtype)
             if tensor.shape != expected[key]:
                 mis_shaped.append(f"{ckpt_key}: checkpoint {tuple(tensor.shape)}, model {tuple(expected[key])}")
                 continue
@@ -219,6 +247,12 @@ def _build(cls: type[M], config: Idefics2Config, shards: Iterable[Shard], *, dty
                 tensor = tensor.to(target_dtype)
             state[key] = tensor.to(device) if device is not None else tensor
             read(tensor)
+    if bad_dtype:
+        raise ValueError(f"{source} holds tensors that are not floating point where the model has float "
+                         f"weights: {bad_dtype[:20]}")
+    if target_dtype is None and len(dtypes) > 1:
+        raise ValueError(f"{source} mixes tensor dtypes ({sorted(str(d) for d in dtypes)}); the model needs one: "
+                         "pass dtype= (e.g. dtype='float32')")
     missing = sorted(k for k in set(expected) - set(state) if not any(m.startswith(f"{k}:") for m in mis_shaped))
     if missing or unexpected or mis_shaped:
         raise ValueError(f"{source} does not fit the model built from its config:"
@@ -290,56 +324,6 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike[str], *, max_sha
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-@contextlib.contextmanager
-def write_folder_atomically(folder: Path, owns: Callable[[str], bool]) -> Iterator[Path]:
-    """Yield a new empty folder beside `folder` to write into. When the block succeeds it replaces
-    `folder`, and the old folder's files that `owns` does not claim (a tokenizer saved beside the
-    model) are carried over; when it fails it is deleted and `folder` is left as it was."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        yield tmp
-        _set_default_permissions(tmp)
-        _swap_into_place(tmp, folder, owns)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _set_default_permissions(folder: Path) -> None:
-    """mkdtemp (and safetensors' own temporary files) are private (0700/0600); a checkpoint should get
-    the permissions any new file gets, so that it can be shared or shipped inside a package."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for file in folder.iterdir():
-        file.chmod(0o666 & ~umask)
-
-
 def _is_model_file(name: str) -> bool:
     return name in (CONFIG_FILE, INDEX_FILE, GENERATION_CONFIG_FILE) or (
         name.startswith("model") and name.endswith(".safetensors"))
-
-
-def _swap_into_place(new: Path, folder: Path, owns: Callable[[str], bool]) -> None:
-    """Replace `folder` by the complete `new` folder; the old one is removed only once the new one is in place."""
-    if not folder.exists():
-        os.replace(new, folder)
-        return
-    if not folder.is_dir():
-        raise ValueError(f"{folder} exists and is not a folder")
-    for entry in folder.iterdir():  # keep the processor/tokenizer files saved beside the model
-        if not owns(entry.name) and not (new / entry.name).exists():
-            if entry.is_dir():
-                shutil.copytree(entry, new / entry.name)
-            else:
-                shutil.copy2(entry, new / entry.name)
-    backup = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-    os.replace(folder, backup / folder.name)
-    try:
-        os.replace(new, folder)
-    except BaseException:
-        os.replace(backup / folder.name, folder)  # put the good checkpoint back (if this fails, it stays in backup)
-        shutil.rmtree(backup, ignore_errors=True)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)

@@ -21,6 +21,7 @@ from typing import Any
 
 SHIPPED_MODEL = "shapes-vqa"
 EXIT_USER_ERROR = 1
+EXIT_INTERNAL_ERROR = 3  # a failure that is not a mistake in the input (a bug: please report it)
 
 
 class UserError(Exception):
@@ -34,16 +35,18 @@ def shipped_model_path() -> Path:
     return Path(str(resources.files("idefics2") / "assets" / SHIPPED_MODEL))
 
 
-def load(model: str | None, dtype: str, device: str, adapter: str | None = None) -> tuple[Any, Any]:
+def load(model: str | None, dtype: str, device: str, adapter: str | None = None,
+         download: bool = False) -> tuple[Any, Any]:
     """(model, processor) from a Hub-layout folder or repo id; the shipped model by default. A LoRA
     `adapter` folder (ours or PEFT's) is folded into the weights, so generation costs what it did."""
-    from idefics2.checkpoint import resolve_device, resolve_folder
+    from idefics2.checkpoint import resolve_device
+    from idefics2.files import resolve_folder
     from idefics2.modeling import Idefics2ForConditionalGeneration
     from idefics2.processing.processor import Idefics2Processor
 
     if model is None and not (shipped_model_path() / "config.json").is_file():
         raise UserError(f"the shipped model is missing from {shipped_model_path()}; reinstall idefics2 or pass --model")
-    folder = resolve_folder(model or shipped_model_path())
+    folder = resolve_folder(model or shipped_model_path(), allow_download=download or None)
     lm = Idefics2ForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=resolve_device(device),
                                                           progress=True)
     if adapter is not None:
@@ -114,7 +117,7 @@ def sampling_options(model: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     images = open_images(args.image)
-    model, processor = load(args.model, args.dtype, args.device, args.adapter)
+    model, processor = load(args.model, args.dtype, args.device, args.adapter, args.download)
     messages = ([{"role": "system", "content": [{"type": "text", "text": args.system}]}] if args.system else [])
     messages.append(user_turn(args.prompt, len(images)))
     out = answer(model, processor, messages, images, args, stream=not args.json)
@@ -126,7 +129,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     """Multi-turn chat on stdin: `/image PATH` attaches an image to the next question, `/reset`, `/quit`."""
-    model, processor = load(args.model, args.dtype, args.device, args.adapter)
+    model, processor = load(args.model, args.dtype, args.device, args.adapter, args.download)
     messages: list[dict[str, Any]] = []
     all_images: list[Any] = []
     pending = open_images(args.image)
@@ -167,11 +170,12 @@ def cmd_info(args: argparse.Namespace) -> None:
     """Config summary, parameter counts per part and file sizes, without reading the weights."""
     import torch
 
-    from idefics2.checkpoint import resolve_folder, skip_init, weight_files
+    from idefics2.checkpoint import skip_init, weight_files
+    from idefics2.files import resolve_folder
     from idefics2.config import Idefics2Config
     from idefics2.modeling import Idefics2ForConditionalGeneration
 
-    folder = resolve_folder(args.model or shipped_model_path())
+    folder = resolve_folder(args.model or shipped_model_path(), allow_download=args.download or None)
     config = Idefics2Config.from_pretrained(folder)
     with skip_init(), torch.device("meta"):
         model = Idefics2ForConditionalGeneration(config)
@@ -199,7 +203,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UserError(f"the server needs fastapi and uvicorn ({err}): pip install 'idefics2[server]'") from None
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be between 0 and 65535, got {args.port}")
-    model, processor = load(args.model, args.dtype, args.device, args.adapter)
+    model, processor = load(args.model, args.dtype, args.device, args.adapter, args.download)
     name = args.served_model_name or (Path(args.model).name if args.model else SHIPPED_MODEL)
     for flag in ("max_batch_size", "max_queue", "max_body_mb"):
         if getattr(args, flag) < 1:
@@ -217,6 +221,12 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--adapter", help="a LoRA adapter folder (from `idefics2 finetune` or PEFT) to apply")
+    add_download_flag(parser)
+
+
+def add_download_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--download", action="store_true",
+                        help="download --model from the Hugging Face Hub when it is a repo id not yet in the cache")
 
 
 def add_generation_flags(parser: argparse.ArgumentParser) -> None:
@@ -279,6 +289,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="config summary, parameter count, file sizes")
     info.add_argument("--model", help="checkpoint folder or repo id (default: the shipped model)")
+    add_download_flag(info)
     info.set_defaults(func=cmd_info)
 
     for name, (text, target) in TRAINING_COMMANDS.items():
@@ -302,6 +313,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130
+    except Exception as err:  # anything else is still one line, not a traceback (IDEFICS2_DEBUG=1 shows it)
+        if os.environ.get("IDEFICS2_DEBUG"):
+            raise
+        message = " ".join(str(err).split())[:500]
+        print(f"idefics2: error: {type(err).__name__}: {message} (set IDEFICS2_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
     return 0
 
 

@@ -19,13 +19,21 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from idefics2.checkpoint import write_folder_atomically
+try:  # the parser of `re`, for `check_regex` (its module names changed in Python 3.11)
+    from re import _constants as re_constants
+    from re import _parser as re_parser
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_constants as re_constants  # type: ignore[no-redef]
+    import sre_parse as re_parser  # type: ignore[no-redef]
+
+from idefics2.files import write_folder_atomically
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -56,17 +64,15 @@ class LoRAConfig:
             raise ValueError(f"LoRA rank r must be a positive integer, got {self.r!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
-            raise ValueError(f"lora_alpha must be a number, got {self.lora_alpha!r}")
+        if (isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float))
+                or not math.isfinite(self.lora_alpha)):
+            raise ValueError(f"lora_alpha must be a finite number, got {self.lora_alpha!r}")
         for key in ("target_modules", "exclude_modules"):
             value = getattr(self, key)
             if value is None and key == "exclude_modules":
                 continue
             if isinstance(value, str):
-                try:
-                    re.compile(value)
-                except re.error as e:
-                    raise ValueError(f"{key} is not a valid regular expression: {e}") from None
+                check_regex(value, key)
             elif not isinstance(value, list) or not all(isinstance(t, str) for t in value):
                 raise ValueError(f"{key} must be a regular expression or a list of module names, got {value!r}")
 
@@ -106,6 +112,36 @@ class LoRAConfig:
                    target_modules=data["target_modules"],  # type: ignore[arg-type]
                    exclude_modules=data.get("exclude_modules"),  # type: ignore[arg-type]
                    base_model_name_or_path=data.get("base_model_name_or_path"))  # type: ignore[arg-type]
+
+
+def check_regex(pattern: str, key: str) -> None:
+    """A valid regular expression without nested repetition: a repeat inside a repeat (`(a+)+`,
+    `(a|aa)*`) can backtrack for longer than the universe on a module name that does not match, and
+    Python's `re` has no timeout."""
+    try:
+        tree = re_parser.parse(pattern)
+    except re.error as e:
+        raise ValueError(f"{key} is not a valid regular expression: {e}") from None
+
+    def walk(items: Any, in_repeat: bool) -> None:
+        for op, arg in items:
+            if op in (re_constants.MAX_REPEAT, re_constants.MIN_REPEAT):
+                low, high, sub = arg
+                repeats = high is re_constants.MAXREPEAT or high > 1
+                if repeats and in_repeat:
+                    raise ValueError(f"{key} {pattern!r} nests a repetition inside another, which can take "
+                                     "exponential time to match; write it without the nesting")
+                walk(sub, in_repeat or repeats)
+            elif op is re_constants.BRANCH:
+                if in_repeat:  # alternatives that overlap under a repeat backtrack the same way
+                    raise ValueError(f"{key} {pattern!r} repeats a group of alternatives, which can take "
+                                     "exponential time to match; write it without the repetition")
+                for branch in arg[1]:
+                    walk(branch, in_repeat)
+            elif op is re_constants.SUBPATTERN:
+                walk(arg[-1], in_repeat)
+
+    walk(tree, False)
 
 
 def _matches(pattern: str | list[str], name: str) -> bool:

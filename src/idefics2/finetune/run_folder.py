@@ -6,13 +6,14 @@ the last good one.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from idefics2.checkpoint import write_folder_atomically
+from idefics2.files import write_file_atomically, write_folder_atomically
 from idefics2.modeling import Idefics2ForConditionalGeneration
 from idefics2.processing.processor import Idefics2Processor
 
@@ -36,7 +37,7 @@ def start_history(folder: Path, resumed_step: int) -> None:
                     kept.append(line)
             except (json.JSONDecodeError, KeyError):  # blank, or cut short by a kill mid-write
                 continue
-        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        write_file_atomically(path, "".join(line + "\n" for line in kept))  # a failure keeps every record
 
 def check_resumable(folder: Path) -> None:
     """`--resume` needs the folder's checkpoint; without one it is refused rather than starting over, which
@@ -51,8 +52,9 @@ def append_history(folder: Path, record: dict[str, Any], name: str = HISTORY_FIL
 
 def write_checkpoint(folder: Path, state: dict[str, Any]) -> None:
     """checkpoint.pt, written beside and then moved over the previous one (a kill mid-write keeps it)."""
-    torch.save(state, folder / (CHECKPOINT_FILE + ".tmp"))
-    (folder / (CHECKPOINT_FILE + ".tmp")).replace(folder / CHECKPOINT_FILE)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_file_atomically(folder / CHECKPOINT_FILE, buffer.getvalue())
 
 def read_checkpoint(folder: Path, device: torch.device) -> dict[str, Any]:
     # weights_only: torch's restricted unpickler (tensors, numbers, dicts), never arbitrary objects
