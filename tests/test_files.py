@@ -183,3 +183,32 @@ def test_the_cli_turns_any_failure_into_one_line(tmp_path: Path, monkeypatch: py
     parser_main = main(["info"])
     err = capsys.readouterr().err
     assert parser_main == 3 and err.count("\n") == 1 and "ZeroDivisionError" in err and "Traceback" not in err
+
+
+def test_image_files_regular_upright_and_size_checked_before_decoding(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    from idefics2.processing.image_file import read_image
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="is not a regular file"):
+        read_image(str(fifo))  # would block forever if opened
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
+    Image.new("RGB", (40, 20), (255, 0, 0)).save(rotated, exif=exif)
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.image_utils.load_image(str(rotated))
+    ours = read_image(str(rotated))
+    assert ours.size == reference.size == (20, 40) and list(ours.getdata()) == list(reference.getdata())
+    huge = tmp_path / "huge.png"
+    Image.new("RGB", (2, 2)).save(huge)
+    data = bytearray(huge.read_bytes())
+    data[16:24] = (13000).to_bytes(4, "big") * 2
+    data[29:33] = __import__("zlib").crc32(bytes(data[12:29])).to_bytes(4, "big")
+    huge.write_bytes(bytes(data))
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded before the size check"))
+    with pytest.raises(ValueError, match=r"13000x13000 = 169000000 pixels, more than the 89478485 allowed"):
+        read_image(str(huge))

@@ -23,11 +23,10 @@ from typing import Any
 from PIL import Image
 
 from idefics2.generation.config import GenerationConfig
-from idefics2.processing.image_file import read_image
+from idefics2.processing.image_file import DEFAULT_MAX_PIXELS, read_image
 from idefics2.processing.processor import reserved_token_in
 
 MAX_IMAGE_BYTES = 20 * 2**20  # per image, after base64 decoding or download
-MAX_IMAGE_PIXELS = 89_478_485  # Pillow's decompression-bomb threshold (~9459 x 9459)
 MAX_IMAGES = 32  # per request
 REMOTE_DEADLINE_S = 10.0  # for all remote images of one request together
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
@@ -82,7 +81,7 @@ def load_image(url: str, param: str, allow_remote: bool, deadline: float) -> Ima
     if len(data) > MAX_IMAGE_BYTES:
         raise RequestError(f"image larger than {MAX_IMAGE_BYTES // 2**20} MiB", param)
     try:
-        return read_image(io.BytesIO(data), max_pixels=MAX_IMAGE_PIXELS)
+        return read_image(io.BytesIO(data), max_pixels=DEFAULT_MAX_PIXELS)
     except ValueError as err:
         raise RequestError(f"cannot read the image: {err}", param) from None
 
