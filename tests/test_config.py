@@ -101,8 +101,24 @@ def test_impossible_values_raise_a_value_error_naming_the_field(build, message: 
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path) -> None:  # noqa: ANN001
-    with pytest.raises(ValueError, match="no config.json"):
-        Idefics2Config.from_pretrained(tmp_path)
+    """An OSError for a path that does not exist, as transformers raises, and a ValueError like our
+    other refusals. A folder without config.json is refused too (transformers returns its defaults)."""
+    for folder in (tmp_path, tmp_path / "missing"):
+        for error in (ValueError, OSError):
+            with pytest.raises(error, match="no config.json"):
+                Idefics2Config.from_pretrained(folder)
+    with pytest.raises(OSError):
+        transformers.Idefics2Config.from_pretrained(tmp_path / "missing")
+
+
+def test_from_json_file_and_a_subfolder_read_what_transformers_reads(tmp_path) -> None:  # noqa: ANN001
+    """Neither existed: transformers' ConfigTester reads a config both ways."""
+    Idefics2Config.from_dict(HUB_LIKE).save_pretrained(tmp_path / "sub")
+    ours = Idefics2Config.from_pretrained(tmp_path, subfolder="sub", image_token_id=7)
+    theirs = transformers.Idefics2Config.from_pretrained(tmp_path, subfolder="sub")
+    assert ours.image_token_id == 7 and theirs.text_config.vocab_size == ours.text_config.vocab_size == 32003
+    from_file = Idefics2Config.from_json_file(tmp_path / "sub" / "config.json")
+    assert from_file.to_dict() == Idefics2Config.from_dict(HUB_LIKE).to_dict()
 
 
 def _assigned(config: Idefics2Config, path: str, value: object) -> Idefics2Config:

@@ -171,8 +171,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     import torch
 
     from idefics2.checkpoint import skip_init, weight_files
-    from idefics2.files import resolve_folder
     from idefics2.config import Idefics2Config
+    from idefics2.files import resolve_folder
     from idefics2.modeling import Idefics2ForConditionalGeneration
 
     folder = resolve_folder(args.model or shipped_model_path(), allow_download=args.download or None)

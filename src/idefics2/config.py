@@ -38,6 +38,12 @@ _V4_GENERIC_KEYS = {
     "problem_type", "torch_dtype", "dtype",
 }
 
+
+class ConfigNotFoundError(FileNotFoundError, ValueError):
+    """No config.json where one was asked for: an OSError as transformers raises, and a ValueError
+    as every other refusal of this package."""
+
+
 C = TypeVar("C", bound="_SubConfig")
 T = TypeVar("T")
 
@@ -369,13 +375,19 @@ class Idefics2Config(_ConfigAttributes):
             f.write(self.to_json_string(use_diff))
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike[str], **kwargs: Any) -> Idefics2Config:
-        """config.json of a checkpoint folder; `kwargs` as `from_dict` takes them."""
-        path = os.path.join(folder, "config.json")
-        if not os.path.isfile(path):
-            raise ValueError(f"no config.json in {os.fspath(folder)!r}: expected a Hub-layout checkpoint folder")
+    def from_json_file(cls, path: str | os.PathLike[str], **kwargs: Any) -> Idefics2Config:
+        """A config.json file; `kwargs` as `from_dict` takes them."""
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f), **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike[str], *, subfolder: str = "", **kwargs: Any) -> Idefics2Config:
+        """config.json of a checkpoint folder (or of its `subfolder`); `kwargs` as `from_dict` takes them."""
+        path = os.path.join(folder, subfolder, "config.json")
+        if not os.path.isfile(path):
+            raise ConfigNotFoundError(f"no config.json in {os.path.join(folder, subfolder)!r}: expected a "
+                                      "Hub-layout checkpoint folder")
+        return cls.from_json_file(path, **kwargs)
 
     def save_pretrained(self, folder: str | os.PathLike[str]) -> None:
         os.makedirs(folder, exist_ok=True)

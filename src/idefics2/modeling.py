@@ -42,7 +42,7 @@ class PretrainedMixin:
             model = checkpoint.load_pretrained(cls, folder, dtype=dtype, device=device, config=config,
                                                **kwargs)
             if isinstance(model, Idefics2ForConditionalGeneration):
-                model.generation_config = load_generation_config(folder)
+                model.generation_config = load_generation_config(folder) or model.generation_config
         if output_loading_info:
             return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
         return model
@@ -62,9 +62,10 @@ class Idefics2ForConditionalGeneration(PretrainedMixin, networks.Idefics2ForCond
 
     def __init__(self, config: Idefics2Config) -> None:
         super().__init__(config)
-        # Decoding defaults from the checkpoint's generation_config.json (set by from_pretrained); None:
-        # `generate` derives them from the config (EOS, pad) and its built-in defaults.
-        self.generation_config: GenerationConfig | None = None
+        # Decoding defaults: the checkpoint's generation_config.json when from_pretrained finds one,
+        # else the config's special tokens, as transformers' `GenerationConfig.from_model_config`.
+        # `generate` fills what is unset from its built-in defaults; save_pretrained writes it.
+        self.generation_config: GenerationConfig | None = generation_config_from_model_config(config)
         self.generator: Generator | None = None  # built by the first `generate` call
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
@@ -72,3 +73,11 @@ class Idefics2ForConditionalGeneration(PretrainedMixin, networks.Idefics2ForCond
         if self.generator is None:
             self.generator = Generator(self)
         return self.generator.generate(*args, **kwargs)
+
+
+def generation_config_from_model_config(config: Idefics2Config) -> GenerationConfig:
+    """The BOS, EOS and pad ids of the config (top-level keys first, then the text config's), marked
+    `_from_model_config` in the saved file as transformers 5.24 marks the one it derives this way."""
+    ids = {name: getattr(config, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    ids = {name: getattr(config.text_config, name) if value is None else value for name, value in ids.items()}
+    return GenerationConfig(**ids, extra={"_from_model_config": True})

@@ -43,8 +43,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tiny") / "model"
     processor = build_processor("tiny", Tokenizer.from_pretrained(SHIPPED))
     config = Idefics2Config.from_dict(model_config_dict("tiny", len(processor.tokenizer), processor.image_token_id))
-    torch.manual_seed(0)
     model = Idefics2ForConditionalGeneration(config)
+    torch.manual_seed(0)  # after building: only these draws decide the weights
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(1.0 if p.dim() == 1 else 0.0, 0.1 if p.dim() == 1 else 0.2)

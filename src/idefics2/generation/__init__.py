@@ -3,7 +3,8 @@
 Modules: `config` (GenerationConfig, its files, argument resolution and checks), `sampling`
 (logits processors and token choice), `streaming` (text streamers), `vision_cache` (features of
 images seen before), `threads` (CPU thread tuning), `steps` (the prefill and the one-token step),
-`beam_search`, `generate` (the `Generator` and the greedy/sampled decode loop).
+`beam_search`, `outputs` (GenerateOutput and the per-step recording), `generate` (the `Generator`
+and the greedy/sampled decode loop), `slot_cache` and `engine` (continuous batching for the server).
 """
 
 from idefics2.generation.config import BUILTIN_DEFAULTS, GenerationConfig, load_generation_config

@@ -282,6 +282,11 @@ def _run(model: nn.Module, input_ids: Tensor, mask: Tensor, pixel_values: Tensor
     return out
 
 
+def _live_to_batch(values: Tensor, *, live: Tensor, rows: Tensor, batch: int, pad: int) -> Tensor:
+    """values (B_active, V) -> (batch, V): the rows still generating keep theirs (`every_row`)."""
+    return every_row(values[live], rows[live], batch, pad)
+
+
 def _decode(model: nn.Module, input_ids: Tensor, mask: Tensor, next_positions: Tensor,
             first: tuple[Tensor, list[Tensor] | None], cache: KVCache, plan: _Plan,
             record: StepRecorder) -> Tensor:
@@ -312,7 +317,8 @@ def _decode(model: nn.Module, input_ids: Tensor, mask: Tensor, next_positions: T
         live = ~finished[rows]  # (B_active,)
         tokens = tokens.masked_fill(~live, plan.pad)
         sequences[rows, T + step] = tokens
-        record.add(scores, logits, layers, lambda v: every_row(v[live], rows[live], B, plan.pad))
+        record.add(scores, logits, layers, functools.partial(_live_to_batch, live=live, rows=rows, batch=B,
+                                                             pad=plan.pad))
         if plan.streamer is not None:
             plan.streamer.put(tokens.cpu())
         done = torch.isin(tokens, eos) | finished[rows]

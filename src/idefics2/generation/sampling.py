@@ -95,7 +95,7 @@ def remove_invalid_values(scores: Tensor) -> Tensor:
     """nan -> 0, +inf / -inf -> the dtype's largest / smallest finite value (transformers'
     `InfNanRemoveLogitsProcessor`): banned ids then hold a huge negative score instead of -inf."""
     finfo = torch.finfo(scores.dtype)
-    cleaned = torch.where(scores != scores, 0.0, scores)
+    cleaned = torch.where(scores.isnan(), 0.0, scores)
     cleaned = torch.where(scores == float("inf"), finfo.max, cleaned)
     return torch.where(scores == float("-inf"), finfo.min, cleaned)
 

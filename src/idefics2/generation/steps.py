@@ -18,10 +18,11 @@ def prefill(model: nn.Module, input_ids: Tensor, mask: Tensor | None, features: 
     """Prompts input_ids, mask (B, T) (None: no padding) with image `features` (R, L, D) -> next-token
     logits (B, V) in float32 and each row's next RoPE position (B, 1), the prompts' keys and values
     written to `cache`. Positions are mask-aware, so a row gets the same ones alone or left-padded
-    in a batch. `hidden_states`, a list, receives each layer's (B, T, D) (`_run_decoder`)."""
+    in a batch. `hidden_states`, a list, receives the embeddings and each layer's output (B, T, D),
+    the last one normed, as transformers returns them."""
     positions = positions_from_mask(torch.ones_like(input_ids) if mask is None else mask)  # (B, T)
-    hidden = _run_decoder(model, model.embed_inputs(input_ids, features), positions, mask, cache,
-                          hidden_states)  # (B, T, D)
+    hidden = model.run_decoder(model.embed_inputs(input_ids, features), positions, mask, cache,
+                               hidden_states)  # (B, T, D)
     return model.compute_logits(hidden[:, -1]).float(), positions[:, -1:] + 1
 
 
@@ -30,18 +31,9 @@ def decode_step(model: nn.Module, tokens: Tensor, positions: Tensor, attention_m
     """One new token per row: tokens, positions (B, 1); attention_mask (B, S) or None when no row
     is padded -> next-token logits (B, V) in float32. The model's stages without `forward`'s
     checks, and the LM head on the one position only. `hidden_states` as in `prefill`, (B, 1, D)."""
-    hidden = _run_decoder(model, model.embed_inputs(tokens), positions, attention_mask, cache,
-                          hidden_states)  # (B, 1, D)
+    hidden = model.run_decoder(model.embed_inputs(tokens), positions, attention_mask, cache,
+                               hidden_states)  # (B, 1, D)
     return model.compute_logits(hidden[:, -1]).float()  # (B, V)
-
-
-def _run_decoder(model: nn.Module, embeds: Tensor, positions: Tensor, mask: Tensor | None, cache: KVCache,
-                 hidden_states: list[Tensor] | None) -> Tensor:
-    """The LM's decoder; asked for hidden states, the base model's, the one that takes the list
-    (the embeddings and each layer's output, the last one normed, as transformers returns them)."""
-    if hidden_states is None:
-        return model.run_decoder(embeds, positions, mask, cache)
-    return model.model.run_decoder(embeds, positions, mask, cache, hidden_states)
 
 
 def compile_decode_step() -> Callable[..., Tensor]:

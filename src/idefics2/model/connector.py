@@ -58,8 +58,9 @@ class PerceiverLayer(nn.Module):
 class PerceiverResampler(nn.Module):
     def __init__(self, cfg: PerceiverConfig) -> None:
         super().__init__()
-        # Ones, as the reference initialises them; `init_weights` draws them randomly for training
-        # from scratch, since identical latents are a symmetry gradient descent cannot break.
+        # Ones, as the reference initialises them; the shapes recipe's `init_weights` draws them
+        # randomly for training from scratch, since identical latents are a symmetry gradient
+        # descent cannot break.
         self.latents = nn.Parameter(torch.ones(cfg.resampler_n_latents, cfg.hidden_size))
         self.layers = nn.ModuleList(PerceiverLayer(cfg) for _ in range(cfg.resampler_depth))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

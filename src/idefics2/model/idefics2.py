@@ -6,6 +6,8 @@ Data flow, one public method per stage (what generation and training call):
   `run_decoder`: embeddings (B, T, D) + positions (+ a `KVCache`) -> Mistral decoder -> hidden states;
   `compute_logits`: hidden states -> LM head -> logits (B, T, V).
 `forward` chains them and must match transformers' classes of the same names (docs/numerics.md §4).
+The rest of transformers' `PreTrainedModel` surface (embeddings, activation checkpointing, weight
+initialisation) comes from `model.base`.
 Loading, saving and `generate` are added above this layer (`idefics2.modeling`): nothing here
 reads files. Shape letters: B batch, M images per sample, R real images, L latents, T tokens,
 D width, V vocabulary.
@@ -13,14 +15,16 @@ D width, V vocabulary.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from idefics2.config import Idefics2Config
+from idefics2.model.base import Idefics2PreTrainedModel
 from idefics2.model.connector import Connector
 from idefics2.model.fast_linear import Linear
 from idefics2.model.kv_cache import KVCache
@@ -41,7 +45,7 @@ class ImageFeatureCache(Protocol):
     def put(self, key: bytes, features: Tensor) -> None: ...
 
 
-class Idefics2Model(nn.Module):
+class Idefics2Model(Idefics2PreTrainedModel):
     # In a checkpoint of the whole Idefics2ForConditionalGeneration these weights sit under "model."
     checkpoint_prefix = "model."
 
@@ -52,6 +56,15 @@ class Idefics2Model(nn.Module):
         self.vision_model = VisionTransformer(config.vision_config)
         self.connector = Connector(config.vision_config, config.perceiver_config, config.text_config)
         self.text_model = MistralDecoder(config.text_config)
+        self.post_init()
+
+    def initial_weights(self) -> list[tuple[nn.Module, float]]:
+        """Each part at its own config's initializer_range, the projection into the text width at
+        the text one (what transformers 5.24 draws: its Idefics2Config has no range of its own)."""
+        return [(self.vision_model, self.config.vision_config.initializer_range),
+                (self.connector.modality_projection, head_init_range(self.config)),
+                (self.connector.perceiver_resampler, self.config.perceiver_config.initializer_range),
+                (self.text_model, self.config.text_config.initializer_range)]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -207,6 +220,10 @@ class Idefics2Model(nn.Module):
         B, T, _ = inputs_embeds.shape
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
+        if use_cache and self.training and self.is_gradient_checkpointing:
+            warnings.warn("use_cache=True is incompatible with gradient checkpointing: using use_cache=False",
+                          stacklevel=2)
+            use_cache = False
         if use_cache and past_key_values is None:
             past_key_values = KVCache(self.config.text_config.num_hidden_layers, T)
         cache = past_key_values if use_cache else None
@@ -223,26 +240,33 @@ class Idefics2Model(nn.Module):
         return out if _option(self.config, "return_dict", return_dict, default=True) else out.to_tuple()
 
 
+def head_init_range(config: Idefics2Config) -> float:
+    """The standard deviation of the modules outside the three parts (the modality projection,
+    the LM head): a top-level initializer_range when the config carries one, else the text's."""
+    return getattr(config, "initializer_range", None) or config.text_config.initializer_range
+
+
 def _option(config: Idefics2Config, name: str, value: bool | None, default: bool = False) -> bool:
     """A forward option: as passed, else the config's key of that name (Hub configs carry
     `return_dict`, `output_hidden_states`), else `default`."""
     return bool(value if value is not None else config.extra.get(name, default))
 
 
-class Idefics2ForConditionalGeneration(nn.Module):
+class Idefics2ForConditionalGeneration(Idefics2PreTrainedModel):
     # The class of `self.model`; the public classes (`idefics2.modeling`) set their own.
     base_model_class: type[Idefics2Model] = Idefics2Model
+    _tied_weights_keys: ClassVar[dict[str, str] | None] = {"lm_head.weight": "model.text_model.embed_tokens.weight"}
 
     def __init__(self, config: Idefics2Config) -> None:
         super().__init__()
         self.config = config
         self.model = self.base_model_class(config)
         self.lm_head = Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.tie_weights()
+        self.post_init()
 
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.text_model.embed_tokens.weight
+    def initial_weights(self) -> list[tuple[nn.Module, float]]:
+        """The head only: `self.model` initialised itself; a tied head is the embeddings."""
+        return [] if self.config.tie_word_embeddings else [(self.lm_head, head_init_range(self.config))]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -251,8 +275,6 @@ class Idefics2ForConditionalGeneration(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.model.device
-
-    main_input_name = "input_ids"
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.get_input_embeddings()
@@ -266,38 +288,9 @@ class Idefics2ForConditionalGeneration(nn.Module):
     def set_output_embeddings(self, head: nn.Linear) -> None:
         self.lm_head = head
 
-    @staticmethod
-    def can_generate() -> bool:
+    @classmethod
+    def can_generate(cls) -> bool:
         return True
-
-    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
-                                mean_resizing: bool = True) -> nn.Embedding:
-        """Give the embeddings and the LM head `new_num_tokens` rows (rounded up to a multiple of
-        `pad_to_multiple_of`), as transformers does: kept rows unchanged, new rows the mean of the
-        old ones (`mean_resizing`, transformers' default, which samples around that mean with a
-        covariance scaled by 1e-9) or N(0, initializer_range) otherwise; the config's vocab_size
-        follows, and a tied head stays tied. Returns the input embeddings."""
-        old = self.get_input_embeddings()
-        rows = old.num_embeddings if new_num_tokens is None else new_num_tokens
-        if pad_to_multiple_of is not None:
-            if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of <= 0:
-                raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}")
-            rows = -(-rows // pad_to_multiple_of) * pad_to_multiple_of
-        if not isinstance(rows, int) or rows <= 0:
-            raise ValueError(f"new_num_tokens must be a positive integer, got {new_num_tokens!r}")
-        std = self.config.text_config.initializer_range
-        embeddings = nn.Embedding(rows, old.embedding_dim, padding_idx=old.padding_idx,
-                                  device=old.weight.device, dtype=old.weight.dtype)
-        embeddings.weight.data = _resized_rows(old.weight.data, rows, mean_resizing, std)
-        self.set_input_embeddings(embeddings)
-        if not self.config.tie_word_embeddings:
-            head = Linear(self.lm_head.in_features, rows, bias=False, device=old.weight.device,
-                          dtype=self.lm_head.weight.dtype)
-            head.weight.data = _resized_rows(self.lm_head.weight.data, rows, mean_resizing, std)
-            self.lm_head = head
-        self.config.text_config.vocab_size = rows
-        self.tie_weights()
-        return embeddings
 
     def get_image_features(self, pixel_values: Tensor, pixel_attention_mask: Tensor | None = None,
                            cache: ImageFeatureCache | None = None) -> Tensor:
@@ -307,8 +300,8 @@ class Idefics2ForConditionalGeneration(nn.Module):
         return self.model.embed_inputs(input_ids, image_features)
 
     def run_decoder(self, inputs_embeds: Tensor, position_ids: Tensor, attention_mask: Tensor | None = None,
-                    cache: KVCache | None = None) -> Tensor:
-        return self.model.run_decoder(inputs_embeds, position_ids, attention_mask, cache)
+                    cache: KVCache | None = None, hidden_states: list[Tensor] | None = None) -> Tensor:
+        return self.model.run_decoder(inputs_embeds, position_ids, attention_mask, cache, hidden_states)
 
     def new_kv_cache(self, max_length: int) -> KVCache:
         return self.model.new_kv_cache(max_length)
@@ -347,23 +340,6 @@ class Idefics2ForConditionalGeneration(nn.Module):
             past_key_values=out.past_key_values, hidden_states=out.hidden_states,
             image_hidden_states=out.image_hidden_states)
         return result if _option(self.config, "return_dict", return_dict, default=True) else result.to_tuple()
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())  # a tied head is counted once
-
-
-def _resized_rows(weight: Tensor, rows: int, mean_resizing: bool, std: float) -> Tensor:
-    """weight (V, D) -> (rows, D): the first min(V, rows) rows kept, new rows the mean of the old
-    ones or drawn from N(0, std)."""
-    kept = weight[:rows]
-    extra = rows - kept.shape[0]
-    if extra <= 0:
-        return kept.clone()
-    if mean_resizing:
-        new = weight.float().mean(dim=0, keepdim=True).expand(extra, -1).to(weight.dtype)
-    else:
-        new = torch.randn(extra, weight.shape[1], device=weight.device, dtype=weight.dtype) * std
-    return torch.cat([kept, new])
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:

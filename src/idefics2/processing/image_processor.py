@@ -266,8 +266,10 @@ class Idefics2ImageProcessor:
     preprocess = __call__
 
     def to_dict(self) -> dict[str, Any]:
-        """All settings as JSON-ready values (copies), under the transformers key names."""
-        return copy.deepcopy({name: getattr(self, name) for name in SETTING_NAMES})
+        """All settings as JSON-ready values (copies), under the transformers key names, plus the
+        `image_processor_type` that transformers' `to_dict` carries (`from_dict` drops it again)."""
+        settings = copy.deepcopy({name: getattr(self, name) for name in SETTING_NAMES})
+        return {**settings, "image_processor_type": type(self).__name__}
 
     @classmethod
     def from_dict(cls, config: dict[str, Any], **overrides: Any) -> Idefics2ImageProcessor:
@@ -298,25 +300,32 @@ class Idefics2ImageProcessor:
             return cls.from_dict(config["image_processor"], **overrides)
         raise FileNotFoundError(f"neither {legacy.name} nor {combined.name} in {folder}")
 
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike[str]) -> Idefics2ImageProcessor:
+        """Build from one JSON config file (what `to_json_file` writes), read as `from_dict` reads it."""
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an image processor config")
+        return cls.from_dict(config)
+
     def to_json_string(self) -> str:
         """preprocessor_config.json's text."""
-        config = {**self.to_dict(), "image_processor_type": "Idefics2ImageProcessor",
-                  "processor_class": "Idefics2Processor"}
+        config = {**self.to_dict(), "processor_class": "Idefics2Processor"}
         return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
     def to_json_file(self, path: str | os.PathLike[str]) -> None:
         Path(path).write_text(self.to_json_string(), encoding="utf-8")
 
-    def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> list[str]:
         """Write `preprocessor_config.json` in the 4.x Hub layout, which transformers loads too.
 
         `max_image_pixels` is saved alongside; transformers keeps it as an unused attribute.
-        Returns the path written.
+        Returns the list of files written, as transformers does.
         """
         path = Path(folder) / "preprocessor_config.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         self.to_json_file(path)
-        return path
+        return [str(path)]
 
     def __repr__(self) -> str:
         return f"Idefics2ImageProcessor({self.to_dict()})"

@@ -71,8 +71,8 @@ def checked_settings(values: dict[str, Any]) -> Settings:
     if not _is_int(resample) or resample not in range(6):
         raise ValueError(f"resample must be a PIL resampling filter (0..5, 2 = bilinear), got {resample!r}")
     factor = values["rescale_factor"]
-    if not _is_finite(factor) or factor <= 0:
-        raise ValueError(f"rescale_factor must be a positive finite number, got {factor!r}")
+    if not _is_finite(factor):  # any sign, as transformers: its tests pass -1 to mark a changed default
+        raise ValueError(f"rescale_factor must be a finite number, got {factor!r}")
     limit = values["max_image_pixels"]
     if limit is not None and not (_is_int(limit) and limit > 0):
         raise ValueError(f"max_image_pixels must be a positive integer or None, got {limit!r}")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from idefics2.processing.batch import BatchFeature
+from idefics2.processing.call_options import merge_call_options
 from idefics2.processing.chat_inputs import (
     PROCESSOR_OPTIONS,
     UNSUPPORTED_OPTIONS,
@@ -31,12 +32,15 @@ from idefics2.processing.chat_template import (
 )
 from idefics2.processing.image_inputs import make_nested_images
 from idefics2.processing.image_processor import Idefics2ImageProcessor
-from idefics2.processing.tokenizer import Tokenizer, as_tensor
+from idefics2.processing.image_settings import SETTING_NAMES
+from idefics2.processing.tokenizer import FROM_PRETRAINED_OPTIONS, Tokenizer, as_tensor
 
 FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
 IMAGE_TOKEN = "<image>"
 END_OF_UTTERANCE_TOKEN = "<end_of_utterance>"
 PROCESSOR_CONFIG_FILE = "processor_config.json"
+# `from_pretrained` keywords that go to the tokenizer; the processor keeps `chat_template` itself.
+_TOKENIZER_OVERRIDES = tuple(key for key in FROM_PRETRAINED_OPTIONS if key != "chat_template")
 # Each image becomes 4 crops + the full image when splitting (docs/numerics.md §5.5).
 SPLIT_IMAGES_PER_IMAGE = 5
 
@@ -119,6 +123,7 @@ class Idefics2Processor:
     fake_image_token = FAKE_IMAGE_TOKEN
     end_of_utterance_token = END_OF_UTTERANCE_TOKEN
     model_input_names = ["pixel_values", "pixel_attention_mask", "input_ids", "attention_mask"]
+    attributes = ["image_processor", "tokenizer"]  # the components, under transformers' name for them
 
     @property
     def image_token_id(self) -> int:
@@ -136,15 +141,23 @@ class Idefics2Processor:
     @classmethod
     def from_pretrained(cls, folder: str | Path, **overrides: Any) -> Idefics2Processor:
         """Load the 4.x Hub layout (preprocessor_config.json, chat_template.json) or the 5.x one
-        (image settings inside processor_config.json, chat_template.jinja). `overrides`:
-        `image_seq_len`, `chat_template` or image processor settings (`do_image_splitting=False`)."""
+        (image settings inside processor_config.json, chat_template.jinja). `overrides`, routed as
+        transformers routes them: `image_seq_len` and `chat_template` to the processor, image
+        processor settings (`do_image_splitting=False`) to it, `Tokenizer.from_pretrained` options
+        (`padding_side`, `max_length`, ...) to the tokenizer; any other name is an error."""
         folder = Path(folder)
+        own_keys = ("image_seq_len", "chat_template")
+        unknown = sorted(set(overrides) - {*own_keys, *SETTING_NAMES, *_TOKENIZER_OVERRIDES})
+        if unknown:
+            raise ValueError(f"unknown image processor or tokenizer option(s) {unknown}; valid: "
+                             f"{sorted({*own_keys, *SETTING_NAMES, *_TOKENIZER_OVERRIDES})}")
         config: dict[str, Any] = {}
         if (folder / PROCESSOR_CONFIG_FILE).is_file():
             config = json.loads((folder / PROCESSOR_CONFIG_FILE).read_text(encoding="utf-8"))
-        own = {k: overrides.pop(k) for k in ("image_seq_len", "chat_template") if k in overrides}
+        own = {k: overrides.pop(k) for k in own_keys if k in overrides}
+        text = {k: overrides.pop(k) for k in _TOKENIZER_OVERRIDES if k in overrides}
         image_processor = Idefics2ImageProcessor.from_pretrained(folder, **overrides)
-        tokenizer = Tokenizer.from_pretrained(folder)
+        tokenizer = Tokenizer.from_pretrained(folder, **text)
         return cls(
             image_processor,
             tokenizer,
@@ -158,50 +171,66 @@ class Idefics2Processor:
         config: the first one found wins, as in transformers."""
         return read_chat_template(folder) or config.get("chat_template") or tokenizer.chat_template
 
-    def save_pretrained(self, folder: str | Path) -> None:
-        """Write the files transformers 5.x writes: the image processor's and the tokenizer's, the
-        processor config and the chat template (`write_chat_template`)."""
+    def to_dict(self) -> dict[str, Any]:
+        """transformers 5.x's processor config: the image processor's settings nested, the processor's
+        own `image_seq_len`, and the class name; the tokenizer and the chat template have files of
+        their own and are left out, as in transformers."""
+        return {
+            "image_processor": self.image_processor.to_dict(),
+            "image_seq_len": self.image_seq_len,
+            "processor_class": type(self).__name__,
+        }
+
+    def to_json_string(self) -> str:
+        """processor_config.json's text."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json_string(), encoding="utf-8")
+
+    def save_pretrained(self, folder: str | Path) -> list[str]:
+        """Write the files transformers 5.x writes: the tokenizer's, processor_config.json (image
+        settings nested, `to_dict`) and the chat template (`write_chat_template`); and the 4.x
+        preprocessor_config.json beside them, so that 4.x loaders find the image settings too.
+
+        Returns `[processor_config.json]`, the list transformers 5.x returns.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.image_processor.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
-        config = {"image_seq_len": self.image_seq_len, "processor_class": "Idefics2Processor"}
-        (folder / PROCESSOR_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        self.to_json_file(folder / PROCESSOR_CONFIG_FILE)
         write_chat_template(folder, self.chat_template)
+        return [str(folder / PROCESSOR_CONFIG_FILE)]
 
     # ------------------------------------------------------------------ main call
     def __call__(
         self,
         images: Any = None,
         text: str | Sequence[str] | None = None,
-        *,
-        image_seq_len: int | None = None,
-        padding: bool | str = False,
-        truncation: bool | str = False,
-        max_length: int | None = None,
-        add_special_tokens: bool = True,
-        return_tensors: str | None = None,
-        **image_kwargs: Any,
+        **options: Any,
     ) -> BatchFeature:
         """Expand, tokenize and match images to prompts.
 
-        `image_kwargs` go to the image processor; `do_image_splitting` among them also drives the text
-        expansion, so pixels and tokens always agree. `return_tensors=None` returns torch tensors and
-        left-pads a ragged batch (so `model.generate(**processor(images=..., text=...))` works); with an
-        explicit "pt"/"np" a ragged, unpadded batch is an error instead. Raises ValueError on any
-        images/text mismatch and when truncation would cut into an image's tokens.
+        `options`, flat or grouped as transformers 5.x groups them (`text_kwargs`, `images_kwargs`,
+        `common_kwargs`; merged by `call_options`, the tokenizer's `init_kwargs` as text defaults):
+        `padding`, `truncation`, `max_length`, `add_special_tokens`, `padding_side` for the tokenizer;
+        image processor settings and `input_data_format` for the images; `return_tensors`;
+        `image_seq_len` for this call. `do_image_splitting` also drives the text expansion, so
+        pixels and tokens always agree. `return_tensors=None` returns torch tensors and left-pads a
+        ragged batch (so `model.generate(**processor(images=..., text=...))` works); with an
+        explicit "pt"/"np" a ragged, unpadded batch is an error instead. Raises ValueError on an
+        unknown option, on any images/text mismatch and when truncation would cut into an image's
+        tokens.
         """
         if text is None and images is None:
             raise ValueError("You must provide either `text` or `images`.")
+        # merged before any work, so a misspelt option fails even in a call it would not affect
+        merged = merge_call_options(options, getattr(self.tokenizer, "init_kwargs", {}))
+        return_tensors, image_kwargs, image_seq_len = merged.return_tensors, merged.images, merged.image_seq_len
         if return_tensors not in (None, "pt", "np"):
             raise ValueError(f"return_tensors must be None, 'pt' or 'np', got {return_tensors!r}")
         tensor_kind = return_tensors or "pt"
-        unknown = set(image_kwargs) - set(self.image_processor.to_dict()) - {"input_data_format"}
-        if unknown:  # checked even without images, so a typo is never silently ignored
-            raise ValueError(
-                f"unknown image processor option(s) {sorted(unknown)}; valid: "
-                f"{sorted(self.image_processor.to_dict())} and input_data_format"
-            )
         do_split = image_kwargs.get("do_image_splitting", self.image_processor.do_image_splitting)
         if not isinstance(do_split, bool):
             raise ValueError(f"do_image_splitting must be a bool, got {do_split!r}")
@@ -223,15 +252,10 @@ class Idefics2Processor:
             expanded = [
                 expand_image_tokens(p, image_seq_len=seq_len, do_image_splitting=do_split) for p in prompts
             ]
-            if return_tensors is None and padding in (False, None, "do_not_pad"):
-                padding = True  # documented: the default output is a padded tensor batch
-            encoded = self.tokenizer(
-                expanded,
-                add_special_tokens=add_special_tokens,
-                padding=padding,
-                truncation=truncation,
-                max_length=max_length,
-            )
+            text_options = dict(merged.text)
+            if return_tensors is None and text_options["padding"] in (False, None, "do_not_pad"):
+                text_options["padding"] = True  # documented: the default output is a padded tensor batch
+            encoded = self.tokenizer(expanded, **text_options)
             self._check_image_tokens_survived(expanded, encoded["input_ids"])
             lengths = {len(row) for row in encoded["input_ids"]}
             if len(lengths) > 1:

@@ -20,18 +20,24 @@ from idefics2.processing.batch import BatchFeature
 from idefics2.processing.chat_inputs import check_options
 from idefics2.processing.chat_template import Message, render_chat
 from idefics2.processing.tokenizer_files import (
+    CALL_DEFAULT_KEYS,
+    NO_TRUNCATE,
+    PAD_LONGEST,
+    PADDING,
+    SETTING_KEYS,
     SPECIAL_KEYS,
+    TRUNCATE,
     UNLIMITED,
+    checked_call_defaults,
+    is_option,
     read_tokenizer_folder,
     write_tokenizer_folder,
 )
 
 # transformers treats a `model_max_length` above this as "no limit"; the Hub value is 1e30 (UNLIMITED).
 _NO_LIMIT = int(1e20)
-_TRUNCATE = {True, "longest_first", "only_first"}
-_NO_TRUNCATE = {False, None, "do_not_truncate"}
-_PAD_LONGEST = {True, "longest"}
-_NO_PAD = {False, None, "do_not_pad"}
+# What `from_pretrained` takes: the settings and the call defaults (`init_kwargs`).
+FROM_PRETRAINED_OPTIONS = (*SETTING_KEYS, *CALL_DEFAULT_KEYS)
 
 
 def _clean_up_tokenization(text: str) -> str:
@@ -62,6 +68,9 @@ class Tokenizer:
         add_bos_token / add_eos_token: when either is not None the post-processor is rebuilt from them,
             as 4.x `LlamaTokenizerFast` does; when both are None the file's post-processor is kept.
         padding_side: "left" by default, since generation needs left padding.
+        init_kwargs: `padding`, `truncation`, `max_length` defaults for processor calls. As in
+            transformers, the tokenizer's own calls ignore them, processors read them and
+            `save_pretrained` writes them into tokenizer_config.json.
         extra_config: other `tokenizer_config.json` keys, written back unchanged by `save_pretrained`.
     """
 
@@ -81,11 +90,15 @@ class Tokenizer:
         model_max_length: int = UNLIMITED,
         clean_up_tokenization_spaces: bool = False,
         chat_template: str | None = None,
+        init_kwargs: dict[str, Any] | None = None,
         extra_config: dict[str, Any] | None = None,
     ) -> None:
         for name, side in (("padding_side", padding_side), ("truncation_side", truncation_side)):
             if side not in ("left", "right"):
                 raise ValueError(f"{name} must be 'left' or 'right', got {side!r}")
+        if isinstance(model_max_length, bool) or not isinstance(model_max_length, int) or model_max_length < 1:
+            raise ValueError(f"model_max_length must be a positive int, got {model_max_length!r}")
+        self.init_kwargs = checked_call_defaults(init_kwargs or {})
         self.backend = backend
         # Per-call settings replace whatever padding/truncation the file enables, as in transformers.
         backend.no_padding()
@@ -110,14 +123,26 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> Tokenizer:
-        """Load `tokenizer.json` + `tokenizer_config.json` (+ `special_tokens_map.json` if present)."""
-        backend, settings = read_tokenizer_folder(Path(folder))
-        return cls(backend, **settings)
+    def from_pretrained(cls, folder: str | Path, **overrides: Any) -> Tokenizer:
+        """Load `tokenizer.json` + `tokenizer_config.json` (+ `special_tokens_map.json` if present).
 
-    def save_pretrained(self, folder: str | Path) -> None:
-        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json (loadable by transformers)."""
-        write_tokenizer_folder(self, Path(folder))
+        `overrides` replace the config's settings (`padding_side="right"`, `model_max_length=512`,
+        `pad_token=...`) or set the call defaults `padding`, `truncation`, `max_length` that
+        processors use (`init_kwargs`), as transformers' `from_pretrained` keywords do. transformers
+        keeps any other keyword silently; here it is an error naming it.
+        """
+        unknown = sorted(set(overrides) - set(FROM_PRETRAINED_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown tokenizer option(s) {unknown}; valid: {sorted(FROM_PRETRAINED_OPTIONS)}")
+        backend, settings = read_tokenizer_folder(Path(folder))
+        defaults = {key: overrides.pop(key) for key in CALL_DEFAULT_KEYS if key in overrides}
+        settings["init_kwargs"] = {**settings["init_kwargs"], **defaults}
+        return cls(backend, **{**settings, **overrides})
+
+    def save_pretrained(self, folder: str | Path) -> tuple[str, str, str]:
+        """Write tokenizer_config.json, special_tokens_map.json and tokenizer.json (loadable by
+        transformers); returns their paths, as transformers returns the files it saved."""
+        return write_tokenizer_folder(self, Path(folder))
 
     # ------------------------------------------------------------------ vocabulary
     def _rebuild_post_processor(self) -> None:
@@ -240,13 +265,18 @@ class Tokenizer:
         truncation: bool | str = False,
         max_length: int | None = None,
         return_tensors: str | None = None,
+        padding_side: str | None = None,
     ) -> dict[str, Any]:
         """Encode one string or a batch.
 
         Returns a dict with `input_ids` and `attention_mask`: lists (flat for a single string) when
         `return_tensors` is None, else int64 "pt"/"np" arrays of shape (B, T). Truncation keeps the
-        special tokens (it trims the text part), as transformers does.
+        special tokens (it trims the text part), as transformers does. `padding_side` ("left" or
+        "right") replaces the tokenizer's for this call.
         """
+        side = self.padding_side if padding_side is None else padding_side
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         is_batched = not isinstance(text, str)
         texts = [text] if isinstance(text, str) else list(text)
         if not all(isinstance(t, str) for t in texts):
@@ -255,12 +285,12 @@ class Tokenizer:
             )
         if return_tensors not in (None, "pt", "np"):
             raise ValueError(f"return_tensors must be None, 'pt' or 'np', got {return_tensors!r}")
-        if truncation not in _TRUNCATE | _NO_TRUNCATE:
+        if not is_option(truncation, TRUNCATE | NO_TRUNCATE):
             raise ValueError(f"Unsupported truncation={truncation!r}")
-        if padding not in _PAD_LONGEST | _NO_PAD | {"max_length"}:
+        if not is_option(padding, PADDING):
             raise ValueError(f"Unsupported padding={padding!r}")
         encodings = self.backend.encode_batch(texts, add_special_tokens=False)
-        if truncation in _TRUNCATE and (limit := self._limit(max_length)) is not None:
+        if truncation in TRUNCATE and (limit := self._limit(max_length)) is not None:
             n_special = self.backend.num_special_tokens_to_add(False) if add_special_tokens else 0
             if limit < n_special:
                 raise ValueError(f"max_length={limit} leaves no room for the {n_special} special tokens")
@@ -274,9 +304,9 @@ class Tokenizer:
             target = self._limit(max_length)
             if target is None:
                 raise ValueError("padding='max_length' needs max_length")
-            self._pad(rows, masks, target)
-        elif padding in _PAD_LONGEST:
-            self._pad(rows, masks, max((len(r) for r in rows), default=0))
+            self._pad(rows, masks, target, side)
+        elif padding in PAD_LONGEST:
+            self._pad(rows, masks, max((len(r) for r in rows), default=0), side)
         if return_tensors is None:
             if is_batched:
                 return BatchFeature(input_ids=rows, attention_mask=masks)
@@ -289,15 +319,15 @@ class Tokenizer:
         return BatchFeature(input_ids=as_tensor(rows, return_tensors),
                             attention_mask=as_tensor(masks, return_tensors))
 
-    def _pad(self, rows: list[list[int]], masks: list[list[int]], target: int) -> None:
-        """Pad in place to `target` on `padding_side`; rows already longer stay as they are."""
+    def _pad(self, rows: list[list[int]], masks: list[list[int]], target: int, side: str) -> None:
+        """Pad in place to `target` on `side`; rows already longer stay as they are."""
         if any(len(r) < target for r in rows) and self.pad_token_id is None:
             raise ValueError("Padding was requested but the tokenizer has no pad token")
         for row, mask in zip(rows, masks, strict=True):
             n = target - len(row)
             if n <= 0:
                 continue
-            if self.padding_side == "left":
+            if side == "left":
                 row[:0], mask[:0] = [self.pad_token_id] * n, [0] * n
             else:
                 row.extend([self.pad_token_id] * n)

@@ -17,11 +17,10 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 UNLIMITED = int(1e30)  # the Hub's `model_max_length` when a tokenizer sets none
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
-# Keys this class owns; every other key of tokenizer_config.json is kept verbatim for save_pretrained.
-OWNED_KEYS = (
+# The `Tokenizer` settings a config (or `Tokenizer.from_pretrained`'s keywords) may set.
+SETTING_KEYS = (
     *SPECIAL_KEYS,
     "additional_special_tokens",
-    "added_tokens_decoder",
     "add_bos_token",
     "add_eos_token",
     "padding_side",
@@ -30,6 +29,38 @@ OWNED_KEYS = (
     "clean_up_tokenization_spaces",
     "chat_template",
 )
+# Call defaults that transformers keeps in `init_kwargs` and saves in tokenizer_config.json: the
+# tokenizer's own calls ignore them, processors use them as the defaults of their text options.
+CALL_DEFAULT_KEYS = ("padding", "truncation", "max_length")
+# Keys this class owns; every other key of tokenizer_config.json is kept verbatim for save_pretrained.
+OWNED_KEYS = (*SETTING_KEYS, *CALL_DEFAULT_KEYS, "added_tokens_decoder")
+
+
+TRUNCATE = {True, "longest_first", "only_first"}
+NO_TRUNCATE = {False, None, "do_not_truncate"}
+PAD_LONGEST = {True, "longest"}
+PADDING = PAD_LONGEST | {False, None, "do_not_pad", "max_length"}
+
+
+def is_option(value: Any, allowed: set[Any]) -> bool:
+    """Membership that a list or dict read from a JSON config cannot break (they are unhashable)."""
+    return isinstance(value, (bool, str, type(None))) and value in allowed
+
+
+def checked_call_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
+    """The call defaults, refused when a processor call would only fail on them later."""
+    unknown = sorted(set(defaults) - set(CALL_DEFAULT_KEYS))
+    if unknown:
+        raise ValueError(f"unknown tokenizer call default(s) {unknown}; valid: {list(CALL_DEFAULT_KEYS)}")
+    if "padding" in defaults and not is_option(defaults["padding"], PADDING):
+        raise ValueError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', "
+                         f"got {defaults['padding']!r}")
+    if "truncation" in defaults and not is_option(defaults["truncation"], TRUNCATE | NO_TRUNCATE):
+        raise ValueError(f"Unsupported truncation={defaults['truncation']!r}")
+    limit = defaults.get("max_length")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"max_length must be a positive int or None, got {limit!r}")
+    return dict(defaults)
 
 
 def token_content(value: Any) -> str | None:
@@ -71,6 +102,7 @@ def read_tokenizer_folder(folder: Path) -> tuple[tokenizers.Tokenizer, dict[str,
         model_max_length=int(max_len) if max_len is not None else UNLIMITED,
         clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
         chat_template=chat_template,
+        init_kwargs={key: config[key] for key in CALL_DEFAULT_KEYS if key in config},
         extra_config={k: v for k, v in config.items() if k not in OWNED_KEYS},
     )
 
@@ -98,8 +130,9 @@ def check_added_tokens(backend: tokenizers.Tokenizer, declared: dict[str, Any]) 
             )
 
 
-def write_tokenizer_folder(tokenizer: Any, folder: Path) -> None:
-    """Write the three files of `tokenizer` (a `Tokenizer`, whose module imports this one) into `folder`.
+def write_tokenizer_folder(tokenizer: Any, folder: Path) -> tuple[str, str, str]:
+    """Write the three files of `tokenizer` (a `Tokenizer`, whose module imports this one) into
+    `folder`; returns their paths, tokenizer_config.json first (transformers' order).
 
     `legacy: true` is added when the config does not say otherwise: it was the 4.x default, and it
     makes transformers 5 keep the `▁` prefix on every segment as tokenizer.json does (docs/numerics.md §6.2).
@@ -123,6 +156,7 @@ def write_tokenizer_folder(tokenizer: Any, folder: Path) -> None:
         truncation_side=tokenizer.truncation_side,
         model_max_length=tokenizer.model_max_length,
         clean_up_tokenization_spaces=tokenizer.clean_up_tokenization_spaces,
+        **tokenizer.init_kwargs,
     )
     if tokenizer.chat_template is not None:
         config["chat_template"] = tokenizer.chat_template
@@ -139,3 +173,4 @@ def write_tokenizer_folder(tokenizer: Any, folder: Path) -> None:
         (folder / name).write_text(
             json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
+    return tuple(str(folder / name) for name in (TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE, TOKENIZER_FILE))
