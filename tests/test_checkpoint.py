@@ -213,3 +213,19 @@ def test_from_pretrained_with_config_and_state_dict_like_transformers(tmp_path: 
     other.use_cache = False
     loaded = Idefics2ForConditionalGeneration.from_pretrained(tmp_path, config=other)
     assert loaded.config is other
+
+
+def test_output_loading_info_loads_leniently_as_transformers(tmp_path: Path) -> None:
+    """Asked for the loading info, a headless checkpoint loads into the generation class with the
+    head initialised and reported, as transformers does; without it, the same folder is refused."""
+    transformers = pytest.importorskip("transformers")
+    base = Idefics2Model(Idefics2Config.from_dict(CONFIG))
+    base.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"missing keys \(1\): \['lm_head.weight'\]"):
+        Idefics2ForConditionalGeneration.from_pretrained(tmp_path)
+    model, info = Idefics2ForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    _, expected = transformers.Idefics2ForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == sorted(expected["missing_keys"]) == ["lm_head.weight"]
+    head = model.lm_head.weight
+    assert not head.is_meta and 0.005 < float(head.std()) < 0.05 and float(head.mean().abs()) < 0.01
+    torch.testing.assert_close(model.model.text_model.embed_tokens.weight, base.text_model.embed_tokens.weight)

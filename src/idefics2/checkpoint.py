@@ -123,6 +123,10 @@ def _checkpoint_key_map(cls: type[nn.Module], keys: list[str]) -> dict[str, str]
     prefix = getattr(cls, "checkpoint_prefix", "")
     if prefix and any(k.startswith(prefix) for k in keys):
         return {k: k[len(prefix):] for k in keys if k.startswith(prefix)}
+    base = getattr(cls, "base_model_prefix", "")
+    if not prefix and base and not any(k.startswith(base + ".") for k in keys):
+        # a headless model's checkpoint loaded into the class with the head: its keys go under `model.`
+        return {k: k if k.startswith("lm_head.") else f"{base}.{k}" for k in keys}
     return {k: k for k in keys}
 
 
@@ -132,12 +136,13 @@ Shard = tuple[list[str], Callable[[str], torch.Tensor]]
 
 def load_pretrained(cls: type[M], folder_or_repo_id: str | os.PathLike[str], *, dtype: Any = None,
                     device: Any = None, perceiver_eps_from_text: bool = False,
-                    progress: bool | None = None, config: Idefics2Config | None = None) -> M:
+                    progress: bool | None = None, config: Idefics2Config | None = None,
+                    report: dict[str, list[str]] | None = None) -> M:
     """Build `cls` (Idefics2Model or Idefics2ForConditionalGeneration) from a checkpoint folder.
 
     dtype: None/"auto" keeps the stored dtype; device: where the weights go (default CPU).
     progress: a progress bar over the bytes read (default: on for checkpoints over 1 GB on a terminal).
-    config: use this instead of the folder's config.json.
+    config: use this instead of the folder's config.json. report: see `_build`.
     """
     folder = resolve_folder(folder_or_repo_id)
     if config is None:
@@ -157,7 +162,7 @@ def load_pretrained(cls: type[M], folder_or_repo_id: str | os.PathLike[str], *, 
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights",
               disable=None if progress else True) as bar:
         return _build(cls, config, shards(), dtype=dtype, device=device, source=f"checkpoint {folder}",
-                      read=lambda t: bar.update(t.numel() * t.element_size()))
+                      read=lambda t: bar.update(t.numel() * t.element_size()), report=report)
 
 
 @contextlib.contextmanager
@@ -199,20 +204,23 @@ def check_layer_counts(config: Idefics2Config, keys: list[str], folder: Path) ->
 
 
 def load_state_dict(cls: type[M], config: Idefics2Config, state_dict: dict[str, torch.Tensor], *,
-                    dtype: Any = None, device: Any = None) -> M:
+                    dtype: Any = None, device: Any = None, report: dict[str, list[str]] | None = None) -> M:
     """Build `cls` with `config` and the tensors of `state_dict` (names as in a checkpoint or as the
     model's own), with the checks of `load_pretrained`."""
     def copy(key: str) -> torch.Tensor:  # the model gets its own tensors, as from files
         return state_dict[key].detach().clone()
 
     return _build(cls, config, [(list(state_dict), copy)], dtype=dtype, device=device, source="state_dict",
-                  read=lambda t: None)
+                  read=lambda t: None, report=report)
 
 
 def _build(cls: type[M], config: Idefics2Config, shards: Iterable[Shard], *, dtype: Any, device: Any,
-           source: str, read: Callable[[torch.Tensor], None]) -> M:
+           source: str, read: Callable[[torch.Tensor], None], report: dict[str, list[str]] | None = None) -> M:
     """The model built on the meta device, every weight assigned from `shards`; a ValueError listing
-    missing, unexpected and mis-shaped keys when they do not fit."""
+    missing, unexpected and mis-shaped keys when they do not fit. With a `report` (the caller asked
+    for the loading info, as transformers' `output_loading_info=True`), missing weights are
+    initialised as in a new model and, with unexpected keys, listed there instead; mis-shaped ones
+    still raise."""
     target_dtype = resolve_dtype(dtype)
     with skip_init(), torch.device("meta"):
         model = cls(config)  # type: ignore[call-arg]
@@ -254,6 +262,13 @@ def _build(cls: type[M], config: Idefics2Config, shards: Iterable[Shard], *, dty
         raise ValueError(f"{source} mixes tensor dtypes ({sorted(str(d) for d in dtypes)}); the model needs one: "
                          "pass dtype= (e.g. dtype='float32')")
     missing = sorted(k for k in set(expected) - set(state) if not any(m.startswith(f"{k}:") for m in mis_shaped))
+    if report is not None and not mis_shaped:
+        report["missing_keys"], report["unexpected_keys"] = missing, unexpected
+        if missing:
+            logger.warning("%s: %d weights missing, initialised as in a new model: %s", source, len(missing),
+                           missing[:20])
+        _initialise(model, missing, target_dtype or next(iter(dtypes), torch.float32), device)
+        missing, unexpected = [], []
     if missing or unexpected or mis_shaped:
         raise ValueError(f"{source} does not fit the model built from its config:"
                          + (f"\n  missing keys ({len(missing)}): {missing[:20]}" if missing else "")
@@ -263,6 +278,28 @@ def _build(cls: type[M], config: Idefics2Config, shards: Iterable[Shard], *, dty
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model.eval()
+
+
+def _initialise(model: nn.Module, keys: list[str], dtype: torch.dtype, device: Any) -> None:
+    """Real tensors for the still-meta weights `keys`, drawn as a new model's are: biases zero,
+    norm weights and perceiver latents one, the rest N(0, the text config's initializer_range)."""
+    std = getattr(model.config.text_config, "initializer_range", 0.02) or 0.02
+    for key in keys:
+        owner_name, _, name = key.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        old = getattr(owner, name)
+        value = torch.empty(old.shape, dtype=dtype, device=device if device is not None else "cpu")
+        with torch.no_grad():
+            if name == "bias":
+                value.zero_()
+            elif name == "latents" or type(owner).__name__.endswith("Norm"):
+                value.fill_(1.0)
+            else:
+                value.normal_(0.0, std)
+        if isinstance(old, nn.Parameter):
+            setattr(owner, name, nn.Parameter(value, requires_grad=old.requires_grad))
+        else:
+            owner.register_buffer(name, value)
 
 
 def parse_size(size: int | str) -> int:

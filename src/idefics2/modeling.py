@@ -29,22 +29,27 @@ class PretrainedMixin:
                         torch_dtype: Any = None, **kwargs: Any) -> M | tuple[M, dict[str, list[str]]]:
         """From a checkpoint folder (its config.json, or `config`), or with `folder_or_repo_id=None`
         from `config` and `state_dict`, as transformers takes them. Weights that do not fit raise a
-        ValueError, so `output_loading_info=True` always reports empty lists next to the model."""
+        ValueError; with `output_loading_info=True` the caller gets transformers' lenient load instead:
+        missing weights initialised as in a new model, and they and unexpected keys listed next to the
+        model (mis-shaped weights still raise)."""
         dtype = dtype if dtype is not None else torch_dtype
+        report: dict[str, list[str]] | None = (
+            {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+            if output_loading_info else None)
         if folder_or_repo_id is None:
             if config is None or state_dict is None:
                 raise ValueError("from_pretrained(None, ...) needs both config= and state_dict=")
-            model = checkpoint.load_state_dict(cls, config, state_dict, dtype=dtype, device=device)
+            model = checkpoint.load_state_dict(cls, config, state_dict, dtype=dtype, device=device, report=report)
         else:
             if state_dict is not None:
                 raise ValueError("pass either a checkpoint folder or state_dict=, not both")
             folder = checkpoint.resolve_folder(folder_or_repo_id)
             model = checkpoint.load_pretrained(cls, folder, dtype=dtype, device=device, config=config,
-                                               **kwargs)
+                                               report=report, **kwargs)
             if isinstance(model, Idefics2ForConditionalGeneration):
                 model.generation_config = load_generation_config(folder) or model.generation_config
-        if output_loading_info:
-            return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+        if report is not None:
+            return model, report
         return model
 
     def save_pretrained(self, folder: str | os.PathLike[str], max_shard_size: int | str = "5GB") -> None:

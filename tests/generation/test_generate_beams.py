@@ -121,3 +121,23 @@ def test_logits_to_keep_is_accepted_and_changes_nothing(ours: Any) -> None:
     base = ours.generate(**batch, max_new_tokens=5)
     for keep in (0, 1, 3):
         assert torch.equal(ours.generate(**batch, max_new_tokens=5, logits_to_keep=keep), base)
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_inputs_embeds_are_the_prompt_as_in_transformers(oracle: Any, ours: Any, num_beams: int) -> None:
+    batch = batch_of_three()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    options = {"max_new_tokens": 5, "min_new_tokens": 5, "num_beams": num_beams, "do_sample": False,
+               "return_dict_in_generate": True, "output_scores": True}
+    plain = ours.generate(ids, attention_mask=mask, **options)
+    same = ours.generate(ids, attention_mask=mask, inputs_embeds=ours.get_input_embeddings()(ids), **options)
+    assert torch.equal(plain.sequences, same.sequences)
+    for a, b in zip(plain.scores, same.scores, strict=True):
+        torch.testing.assert_close(a, b)
+    embeds = torch.rand(*ids.shape, ours.config.text_config.hidden_size, generator=torch.Generator().manual_seed(4))
+    mine = ours.generate(ids, attention_mask=mask, inputs_embeds=embeds, **options)
+    theirs = oracle.generate(ids, attention_mask=mask, inputs_embeds=embeds, **options)
+    assert torch.equal(mine.sequences, theirs.sequences)
+    assert not torch.allclose(mine.scores[0], same.scores[0])
+    with pytest.raises(ValueError, match=r"inputs_embeds must be \(batch, tokens, 48\) matching input_ids"):
+        ours.generate(ids, attention_mask=mask, inputs_embeds=embeds[:, 1:], max_new_tokens=2)

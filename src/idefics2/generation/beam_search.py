@@ -68,11 +68,13 @@ def _gather(tensor: Tensor, index: Tensor) -> Tensor:
 
 def beam_search(model: nn.Module, input_ids: Tensor, mask: Tensor, features: Tensor | None,
                 cfg: GenerationConfig, eos_ids: list[int], rules: TokenRules, record: StepRecorder,
-                sampling: bool = False, generator: torch.Generator | None = None) -> BeamResult:
+                sampling: bool = False, generator: torch.Generator | None = None,
+                inputs_embeds: Tensor | None = None) -> BeamResult:
     """input_ids, mask (B*K, T): each prompt repeated K = cfg.num_beams times; features of the
     repeated images; `rules` the request's logits processors, applied to the log-probabilities,
     then with `sampling` the temperature / top-k / top-p filters. Each step's processed
-    log-probabilities, raw logits and hidden states (B*K rows) go to `record`."""
+    log-probabilities, raw logits and hidden states (B*K rows) go to `record`. `inputs_embeds`
+    (B*K, T, D): the prompts' embeddings, when the caller gave them."""
     BK, T = input_ids.shape
     K = int(cfg.num_beams)  # type: ignore[arg-type]
     B = BK // K
@@ -87,7 +89,7 @@ def beam_search(model: nn.Module, input_ids: Tensor, mask: Tensor, features: Ten
     beams = _initial_beams(input_ids.view(B, K, T), S, fill)
     cache = model.new_kv_cache(S)
     layers = record.layers()
-    logits, next_positions = prefill(model, input_ids, mask, features, cache, layers)  # (B*K, V)
+    logits, next_positions = prefill(model, input_ids, mask, features, cache, layers, inputs_embeds)  # (B*K, V)
     full_mask = torch.ones(BK, S, dtype=torch.long, device=device)
     full_mask[:, :T] = mask
     padded = not bool(mask.all())

@@ -96,6 +96,7 @@ class Generator:
                  stop_strings: str | Sequence[str] | None = None,
                  bad_words_ids: Sequence[Sequence[int]] | None = None, pad_token_id: int | None = None,
                  bos_token_id: int | None = None, remove_invalid_values: bool | None = None,
+                 inputs_embeds: Tensor | None = None,
                  generator: torch.Generator | None = None, seed: int | None = None,
                  tokenizer: Decoder | None = None, streamer: Streamer | None = None,
                  output_scores: bool | None = None, output_logits: bool | None = None,
@@ -108,6 +109,8 @@ class Generator:
                  decode_threads: int | None | str = "auto", **unsupported: Any) -> Tensor | GenerateOutput:
         """Prompt + new tokens (B, T + N) for `input_ids` (B, T) and optional images; without
         `input_ids`, each row starts from `bos_token_id` (batch size from the first tensor given).
+        `inputs_embeds` (B, T, D) beside `input_ids`: the prompt's embeddings, used in the prefill
+        instead of embedding the ids (which still place the images and begin the output).
 
         Unset arguments come from `model.generation_config`, then from the built-in defaults
         (`BUILTIN_DEFAULTS`: 20 new tokens, greedy) and the model config (EOS, pad, BOS). `eos_token_id`
@@ -156,6 +159,7 @@ class Generator:
         eos_ids = list(dict.fromkeys(as_id_list(cfg.eos_token_id) + as_id_list(list(extra_eos_token_ids))))
         inputs = _prepared_inputs(model, cfg, eos_ids, input_ids, attention_mask, pixel_values,
                                   pixel_attention_mask)
+        embeds = _prepared_embeds(model, cfg, inputs[0], inputs_embeds)
         beams = int(cfg.num_beams)  # type: ignore[arg-type]
         if beams > 1:
             check_beam_options(cfg, streamer)
@@ -175,7 +179,7 @@ class Generator:
         tuner = self.thread_tuner(torch.get_num_threads()) if threads == "auto" and several else None
         plan = _Plan(cfg, eos_ids, pad, sampling, stops, generator, tokenizer, streamer,
                      self.step_function(compile), self.vision_cache_for(vision_cache), threads, tuner,
-                     list(logits_processor or []), use_cache)
+                     list(logits_processor or []), use_cache, embeds)
         if beams > 1:
             return _run_beam_search(model, *inputs, plan)
         try:
@@ -213,6 +217,22 @@ def _prepared_inputs(model: nn.Module, cfg: GenerationConfig, eos_ids: list[int]
     return ids, mask, values, pmask
 
 
+def _prepared_embeds(model: nn.Module, cfg: GenerationConfig, input_ids: Tensor,
+                     inputs_embeds: Tensor | None) -> Tensor | None:
+    """The caller's prompt embeddings (B, T, D) beside `input_ids` (already repeated per beam or
+    returned sequence; the ids still place the images and start the output), repeated alike."""
+    if inputs_embeds is None:
+        return None
+    D = model.config.text_config.hidden_size
+    n = input_ids.shape[0] // max(inputs_embeds.shape[0], 1) if inputs_embeds.dim() == 3 else 0
+    if inputs_embeds.dim() != 3 or inputs_embeds.shape[1:] != (input_ids.shape[1], D) or n < 1 \
+            or inputs_embeds.shape[0] * n != input_ids.shape[0]:
+        raise ValueError(f"inputs_embeds must be (batch, tokens, {D}) matching input_ids (batch, tokens); got "
+                         f"{tuple(inputs_embeds.shape)} for input_ids of {tuple(input_ids.shape)}")
+    embeds = inputs_embeds.to(model.device, model.get_input_embeddings().weight.dtype)
+    return embeds.repeat_interleave(n, 0) if n > 1 else embeds
+
+
 def _run_beam_search(model: nn.Module, input_ids: Tensor, mask: Tensor, pixel_values: Tensor | None,
                      pixel_attention_mask: Tensor | None, plan: _Plan) -> Tensor | GenerateOutput:
     """The validated request, each prompt repeated num_beams times, through `beam_search`."""
@@ -223,7 +243,7 @@ def _run_beam_search(model: nn.Module, input_ids: Tensor, mask: Tensor, pixel_va
                                    plan.logits_processor)
     record = StepRecorder(plan.cfg, plan.use_cache)
     found = beam_search(model, input_ids, mask, features, plan.cfg, plan.eos_ids, rules, record,
-                        plan.sampling, plan.generator)
+                        plan.sampling, plan.generator, plan.inputs_embeds)
     if not plan.cfg.return_dict_in_generate:
         return found.sequences
     out = GenerateOutput(sequences=found.sequences, sequences_scores=found.scores,
@@ -249,6 +269,7 @@ class _Plan:
     thread_tuner: ThreadTuner | None  # with decode_threads "auto" on several CPU threads
     logits_processor: list[LogitsProcessor]
     use_cache: bool  # False: the dict output carries no cache, its hidden states the whole sequence
+    inputs_embeds: Tensor | None  # the caller's prompt embeddings, in place of embedding input_ids
 
 
 def _run(model: nn.Module, input_ids: Tensor, mask: Tensor, pixel_values: Tensor | None,
@@ -264,7 +285,7 @@ def _run(model: nn.Module, input_ids: Tensor, mask: Tensor, pixel_values: Tensor
     cache = model.new_kv_cache(T + N)
     record = StepRecorder(plan.cfg, plan.use_cache)
     layers = record.layers()
-    logits, next_positions = prefill(model, input_ids, mask, features, cache, layers)
+    logits, next_positions = prefill(model, input_ids, mask, features, cache, layers, plan.inputs_embeds)
     del features
     threads = torch.get_num_threads()
     if isinstance(plan.decode_threads, int):

@@ -28,6 +28,8 @@ class Idefics2PreTrainedModel(nn.Module):
     config: Idefics2Config
     # In transformers, the attribute holding the headless model (absent on the headless model itself).
     base_model_prefix = "model"
+    _keys_to_ignore_on_load_missing: list[str] | None = None  # transformers' loading hints: none here
+    _keys_to_ignore_on_load_unexpected: list[str] | None = None
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     # Parameter -> the parameter it is tied to when config.tie_word_embeddings is set.

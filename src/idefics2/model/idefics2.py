@@ -198,11 +198,13 @@ class Idefics2Model(Idefics2PreTrainedModel):
                 output_attentions: bool | None = None,
                 return_dict: bool | None = None) -> Idefics2ModelOutput | tuple[Tensor | KVCache, ...]:
         """The stages chained, with transformers' options: `output_hidden_states` (default: the
-        config's), `return_dict=False` for the tuple form. `output_attentions=True` is refused: the
-        attention runs in fused kernels that never form the probabilities."""
+        config's), `return_dict=False` for the tuple form. `output_attentions=True` gives no attention
+        probabilities (`attentions` stays None, with a warning), as transformers does with its default
+        SDPA attention: the fused kernels never form them."""
         if output_attentions:
-            raise ValueError("output_attentions=True is not supported: attention runs in fused SDPA kernels "
-                             "that never form the attention probabilities")
+            warnings.warn("output_attentions=True: attention runs in fused SDPA kernels that never form the "
+                          "attention probabilities, so `attentions` is None (as in transformers with SDPA)",
+                          stacklevel=2)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds "
                              f"(got {'both' if input_ids is not None else 'neither'})")
