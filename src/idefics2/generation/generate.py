@@ -166,10 +166,7 @@ class Generator:
         stops = list(cfg.stop_strings or [])
         if stops and tokenizer is None:
             raise ValueError("stop_strings need a tokenizer to decode the new tokens: pass tokenizer=")
-        if generator is not None and seed is not None:
-            raise ValueError("pass either generator or seed, not both")
-        if seed is not None:
-            generator = torch.Generator(device=model.device).manual_seed(seed)
+        generator = _random_source(generator, seed, model.device)
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
         sampling = bool(cfg.do_sample) and cfg.temperature != 0
         if isinstance(streamer, TextIteratorStreamer):
@@ -189,6 +186,14 @@ class Generator:
         finally:
             if streamer is not None:
                 streamer.end()
+
+
+def _random_source(generator: torch.Generator | None, seed: int | None,
+                   device: torch.device) -> torch.Generator | None:
+    """The caller's generator, or a new one seeded with `seed`; None: torch's global RNG."""
+    if generator is not None and seed is not None:
+        raise ValueError("pass either generator or seed, not both")
+    return torch.Generator(device=device).manual_seed(seed) if seed is not None else generator
 
 
 def _prepared_inputs(model: nn.Module, cfg: GenerationConfig, eos_ids: list[int], input_ids: Tensor | None,
