@@ -212,3 +212,20 @@ def test_image_files_regular_upright_and_size_checked_before_decoding(tmp_path: 
     monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded before the size check"))
     with pytest.raises(ValueError, match=r"13000x13000 = 169000000 pixels, more than the 89478485 allowed"):
         read_image(str(huge))
+
+
+def test_processor_folders_follow_the_model_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    from idefics2 import Idefics2Processor
+
+    asked: list[object] = []
+
+    def not_cached(repo_id: str, **kwargs: object) -> str:
+        asked.append(kwargs.get("local_files_only"))
+        raise OSError("not cached")
+
+    monkeypatch.delenv("IDEFICS2_ALLOW_DOWNLOADS", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", not_cached)
+    with pytest.raises(ValueError, match=r"'org/typo' is not a local folder, nor a Hub repo in the Hugging Face cache"):
+        Idefics2Processor.from_pretrained("org/typo")
+    assert asked == [True]

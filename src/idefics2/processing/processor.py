@@ -14,6 +14,7 @@ from itertools import accumulate, pairwise
 from pathlib import Path
 from typing import Any
 
+from idefics2.files import resolve_folder
 from idefics2.processing.batch import BatchFeature
 from idefics2.processing.call_options import merge_call_options
 from idefics2.processing.chat_inputs import (
@@ -144,8 +145,10 @@ class Idefics2Processor:
         (image settings inside processor_config.json, chat_template.jinja). `overrides`, routed as
         transformers routes them: `image_seq_len` and `chat_template` to the processor, image
         processor settings (`do_image_splitting=False`) to it, `Tokenizer.from_pretrained` options
-        (`padding_side`, `max_length`, ...) to the tokenizer; any other name is an error."""
-        folder = Path(folder)
+        (`padding_side`, `max_length`, ...) to the tokenizer; any other name is an error. A repo id
+        is found as a model's is (`idefics2.files.resolve_folder`: the HF cache, downloads only
+        when allowed)."""
+        folder = resolve_folder(folder)
         own_keys = ("image_seq_len", "chat_template")
         unknown = sorted(set(overrides) - {*own_keys, *SETTING_NAMES, *_TOKENIZER_OVERRIDES})
         if unknown:
