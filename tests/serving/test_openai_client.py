@@ -125,3 +125,25 @@ def test_malformed_requests_keep_the_connection_usable(server: tuple[str, Any]) 
         good = http.post(url, json={"messages": user("What color is the circle?", EXAMPLES / "shapes.png")})
         assert good.status_code == 200 and good.json()["choices"][0]["message"]["content"] == "Red."
         assert http.get(server[0] + "/nothing").json()["error"]["code"] == 404
+
+
+def test_a_bounded_load_gets_every_answer_equal_to_the_request_alone(client: Any) -> None:
+    """24 requests at once (streamed and not, different images and lengths) against each alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = sorted(EXAMPLES.glob("*.png"))
+    questions = ["What color is the circle?", "Describe the image.", "How many shapes are there?"]
+    requests = [(questions[i % 3], images[i % len(images)], 4 + i % 9, i % 2 == 0) for i in range(24)]
+
+    def ask(question: str, image: Path, max_tokens: int, stream: bool) -> str:
+        kwargs = {"model": SHIPPED_MODEL, "messages": user(question, image), "max_tokens": max_tokens,
+                  "temperature": 0}
+        if stream:
+            return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+                stream=True, **kwargs) if c.choices)
+        return client.chat.completions.create(**kwargs).choices[0].message.content
+
+    alone = [ask(*r) for r in requests]
+    with ThreadPoolExecutor(24) as pool:
+        together = list(pool.map(lambda r: ask(*r), requests))
+    assert together == alone and len(set(alone)) > 3
