@@ -9,7 +9,9 @@ Must render exactly as transformers' `apply_chat_template` does: the same Jinja 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -34,9 +36,13 @@ CHAT_TEMPLATE_JINJA = "chat_template.jinja"
 NAMED_TEMPLATES_DIR = "additional_chat_templates"
 
 
+class TemplateRaised(ValueError):
+    """The template's own `raise_exception(message)`: passed on in its words."""
+
+
 def _raise_exception(message: str) -> NoReturn:
     """Lets a template reject a conversation it cannot express (e.g. a role it does not know)."""
-    raise ValueError(f"Chat template error: {message}")
+    raise TemplateRaised(f"Chat template error: {message}")
 
 
 def _tojson(
@@ -56,12 +62,68 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+MAX_RENDERED_CHARS = 1_000_000  # far beyond any model's positions: a prompt that long is a runaway template
+MAX_RENDER_SECONDS = 5.0
+MAX_RANGE_STEPS = 1_000_000  # `range` items per render, all loops together
+_budget: ContextVar[_RenderBudget | None] = ContextVar("chat_template_budget", default=None)
+
+
+class _TemplateLimit(ValueError):
+    """A bound of the render exceeded (steps, time, size)."""
+
+
+class _RenderBudget:
+    """What one render may still spend: `range` steps and time (checked at every step and chunk)."""
+
+    def __init__(self) -> None:
+        self.deadline = time.monotonic() + MAX_RENDER_SECONDS
+        self.steps = MAX_RANGE_STEPS
+
+    def spend(self, steps: int = 1) -> None:
+        self.steps -= steps
+        if self.steps < 0:
+            raise _TemplateLimit(f"the chat template's loops ran over {MAX_RANGE_STEPS} range steps")
+        if time.monotonic() > self.deadline:
+            raise _TemplateLimit(f"the chat template ran for over {MAX_RENDER_SECONDS:g} s")
+
+
+def _bounded_range(*args: int) -> Iterator[int]:
+    budget = _budget.get()
+    for value in range(*args):
+        if budget is not None:
+            budget.spend()
+        yield value
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox, with `*`, `**` and `+` refused where their result would be huge."""
+
+    intercepted_binops = frozenset({"*", "**", "+"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, int) and abs(right) > 64 and not -1 <= left <= 1:
+            raise _TemplateLimit(f"the chat template computes {left!r} ** {right}, too large a number")
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(times, int) \
+                        and len(seq) * times > MAX_RENDERED_CHARS:
+                    raise _TemplateLimit(f"the chat template builds a value of {len(seq) * times} items, more "
+                                     f"than the {MAX_RENDERED_CHARS} allowed")
+        if operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)) \
+                and len(left) + len(right) > MAX_RENDERED_CHARS:
+            raise _TemplateLimit(f"the chat template builds a value of over {MAX_RENDERED_CHARS} items")
+        return super().call_binop(context, operator, left, right)
+
+
 @lru_cache(maxsize=16)
 def compile_template(source: str) -> jinja2.Template:
-    """Compile once per template string; the sandbox matters because Hub templates are untrusted code."""
-    env = ImmutableSandboxedEnvironment(
+    """Compile once per template string; the sandbox matters because Hub templates are untrusted code,
+    and the bounds (`_BoundedSandbox`, `_bounded_range`, the render budget) because a template can
+    also be slow or huge on purpose."""
+    env = _BoundedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
     )
+    env.globals["range"] = _bounded_range
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -89,12 +151,28 @@ def render_chat(
             f"{type(messages).__name__} with items {[type(m).__name__ for m in messages]}"
         )
     cleaned = [{key: value for key, value in message.items() if value is not None} for message in messages]
+    budget = _RenderBudget()
+    token = _budget.set(budget)
     try:
-        return compile_template(template).render(
-            messages=cleaned, add_generation_prompt=add_generation_prompt, **variables
-        )
+        chunks, size = [], 0
+        for chunk in compile_template(template).generate(
+                messages=cleaned, add_generation_prompt=add_generation_prompt, **variables):
+            size += len(chunk)
+            if size > MAX_RENDERED_CHARS:
+                raise _TemplateLimit(f"the chat template's output is over {MAX_RENDERED_CHARS} characters")
+            budget.spend(0)
+            chunks.append(chunk)
+        return "".join(chunks)
+    except _TemplateLimit as error:
+        raise ValueError(f"Chat template failed: {error}") from None
+    except TemplateRaised:
+        raise
     except jinja2.TemplateError as error:  # syntax errors and sandbox violations: bad template, not bad code
-        raise ValueError(f"Chat template failed: {error}") from error
+        raise ValueError(f"Chat template failed: {error}") from None
+    except Exception as error:  # the template's own arithmetic and recursion (1/0, a macro calling itself)
+        raise ValueError(f"Chat template failed: {type(error).__name__}: {str(error)[:200]}") from None
+    finally:
+        _budget.reset(token)
 
 
 def template_source(template: ChatTemplate, name: str | None = None) -> str:
