@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 from test_generate_outputs import assert_hidden_states_match
-from test_generation import CONFIG, EOS, batch_of_three, sharpen
+from test_generation import CONFIG, EOS, batch_of_three, oracle, ours, sharpen  # noqa: F401 - fixtures
 
 from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration
 
@@ -17,18 +17,6 @@ TOL = {"rtol": 0, "atol": 1e-4}
 BAN = [[CONFIG["image_token_id"]]]  # the reference re-reads generated image tokens without a cache
 
 
-@pytest.fixture(scope="module")
-def oracle() -> Any:
-    from conftest import oracle_model
-
-    return sharpen(oracle_model(CONFIG, attn="sdpa"))
-
-
-@pytest.fixture(scope="module")
-def ours(oracle: Any) -> Idefics2ForConditionalGeneration:
-    model = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(CONFIG)).eval()
-    model.load_state_dict(oracle.state_dict(), strict=True)
-    return model
 
 
 def early_eos(oracle: Any, batch: dict[str, torch.Tensor]) -> list[int]:

@@ -12,26 +12,12 @@ from typing import Any
 
 import pytest
 import torch
-from test_generation import CONFIG, EOS, batch_of_three, sharpen
-
-from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration
+from test_generation import CONFIG, EOS, batch_of_three, oracle, ours, sharpen  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.oracle
 TOL = {"rtol": 0, "atol": 1e-4}
 
 
-@pytest.fixture(scope="module")
-def oracle() -> Any:
-    from conftest import oracle_model
-
-    return sharpen(oracle_model(CONFIG, attn="sdpa"))
-
-
-@pytest.fixture(scope="module")
-def ours(oracle: Any) -> Idefics2ForConditionalGeneration:
-    model = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(CONFIG)).eval()
-    model.load_state_dict(oracle.state_dict(), strict=True)
-    return model
 
 
 def real_positions(mask: torch.Tensor, width: int) -> torch.Tensor:
