@@ -1,0 +1,137 @@
+"""Weight-only quantized linear layers (int8 per output channel, int4 per group) on torch's own kernels.
+
+The decoder's and the connector's projections hold ~95% of idefics2-8b's weights; storing them in
+int8 or int4 halves or quarters the bytes each decode step reads. The matrix products run in torch's
+packed-weight kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu` / `_weight_int4pack_mm`
+on CUDA), which compute in the activation dtype: exact against the dequantized weight in float32,
+and fastest with bfloat16 activations.
+
+Layouts (y = x W^T, W (N, K)):
+- int8: q (N, K) int8 and scales (N,), W = q * scale; symmetric, per output channel.
+- int4: per group of `group_size` inputs, asymmetric: q in 0..15, W = (q - 8) * scale + zero, the
+  zero point in the float domain as torch's kernels take it; scales and zeros (K / group, N, 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+METHODS = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, qweight: Tensor, scales: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
+        self.register_buffer("qweight", qweight)  # (N, K) int8
+        self.register_buffer("scales", scales)  # (N,) float32
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        w = linear.weight.detach().float()
+        scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)  # (N,)
+        q = torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8)
+        return cls(q, scales, None if linear.bias is None else linear.bias.detach().clone())
+
+    def dequantize(self) -> Tensor:
+        """W (N, K) in float32."""
+        return self.qweight.float() * self.scales[:, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, self.in_features)  # (M, K)
+        y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scales.to(x.dtype))  # (M, N)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, packed: Tensor, scales_and_zeros: Tensor, bias: Tensor | None, in_features: int,
+                 out_features: int, group_size: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("packed", packed)  # the kernel's own layout
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # (K / group, N, 2) float32
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int) -> Int4Linear:
+        w = linear.weight.detach().float()
+        N, K = w.shape
+        groups = w.view(N, K // group_size, group_size)
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # (N, K / group)
+        scales = ((high - low) / 15).clamp(min=1e-12)
+        zero_int = torch.round(-low / scales)
+        q = (torch.round(groups / scales[..., None]) + zero_int[..., None]).clamp(0, 15)
+        return cls.from_int4(q.to(torch.int32).view(N, K), scales, (8 - zero_int) * scales,
+                             None if linear.bias is None else linear.bias.detach().clone(), group_size)
+
+    @classmethod
+    def from_int4(cls, q: Tensor, scales: Tensor, zeros: Tensor, bias: Tensor | None, group_size: int) -> Int4Linear:
+        """q (N, K) int32 in 0..15; scales and float-domain zeros (N, K / group): W = (q - 8) * s + z."""
+        N, K = q.shape
+        packed = _pack_int4(q)
+        scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().float()
+        return cls(packed, scales_and_zeros, bias, K, N, group_size)
+
+    def dequantize(self) -> Tensor:
+        """W (N, K) in float32, from the kernel applied to the identity."""
+        eye = torch.eye(self.in_features, device=self.packed.device)
+        return self._matmul(eye).t().contiguous()
+
+    def _matmul(self, flat: Tensor) -> Tensor:
+        sz = self.scales_and_zeros.to(flat.dtype)
+        if flat.is_cuda:
+            return torch.ops.aten._weight_int4pack_mm(flat, self.packed, self.group_size, sz)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, sz)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self._matmul(x.reshape(-1, self.in_features))  # (M, N)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def _pack_int4(q: Tensor) -> Tensor:
+    if q.is_cuda:
+        packed_pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+        return torch.ops.aten._convert_weight_to_int4pack(packed_pairs, 8)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8)
+
+
+def check_quantization(method: str, group_size: int) -> None:
+    if method not in METHODS:
+        raise ValueError(f"quantization must be one of {list(METHODS)}, got {method!r}")
+    if method == "int4" and group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {list(GROUP_SIZES)} for int4, got {group_size!r}")
+
+
+def quantizable(linear: nn.Linear, method: str, group_size: int) -> bool:
+    """Whether torch's kernel takes this shape: int4 needs K a multiple of the group and N of 16."""
+    N, K = linear.weight.shape
+    return method == "int8" or (K % group_size == 0 and N % 16 == 0)
+
+
+def quantize_linears(root: nn.Module, method: str, group_size: int = 128,
+                     skip: Iterable[str] = ()) -> list[str]:
+    """Replace every nn.Linear under `root` (but the names in `skip`) by its quantized form, in place;
+    returns the names of those left in floating point because the kernel does not take their shape."""
+    check_quantization(method, group_size)
+    skipped = set(skip)
+    left = []
+    for name, module in list(root.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if not isinstance(child, nn.Linear) or full in skipped:
+                continue
+            if not quantizable(child, method, group_size):
+                left.append(full)
+                continue
+            new = Int8Linear.from_linear(child) if method == "int8" else Int4Linear.from_linear(child, group_size)
+            setattr(module, child_name, new)
+    return left

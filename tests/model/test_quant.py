@@ -1,0 +1,83 @@
+"""Weight-only int8 / int4 linear layers: exact against their dequantized weights, close to the float
+layer, and a quantized tiny model equal to the same model holding the dequantized weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_batch, tiny_config_dict
+from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration
+from idefics2.model.quant import Int4Linear, Int8Linear, quantize_linears
+
+
+def linear(n: int = 64, k: int = 256, bias: bool = True) -> nn.Linear:
+    torch.manual_seed(0)
+    layer = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.3)
+        layer.weight[3, :7] = 4.0  # an outlier row and group: the scales must follow them
+    return layer
+
+
+@pytest.mark.parametrize("make", [Int8Linear.from_linear, lambda l: Int4Linear.from_linear(l, 64)],
+                         ids=["int8", "int4-g64"])
+def test_quantized_linear_is_exact_against_its_dequantized_weight(make) -> None:
+    float_layer = linear()
+    q = make(float_layer)
+    x = torch.randn(2, 5, 256)
+    reference = x @ q.dequantize().t() + float_layer.bias
+    torch.testing.assert_close(q(x), reference, rtol=1e-5, atol=1e-4)
+    w = float_layer.weight.detach()
+    error = (q.dequantize() - w).abs()
+    if isinstance(q, Int8Linear):  # half a step of each row's grid
+        step = (w.abs().amax(dim=1, keepdim=True) / 127).expand_as(w)
+    else:  # half a step of each group's grid
+        groups = w.view(w.shape[0], -1, 64)
+        step = ((groups.amax(-1) - groups.amin(-1)) / 15)[..., None].expand_as(groups).reshape(w.shape)
+    assert bool((error <= step / 2 + 1e-5).all())
+    assert q(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_int4_follows_the_kernel_convention_with_a_float_zero_point() -> None:
+    """W = (q - 8) * scale + zero, per group: a group of constant weights comes back exactly."""
+    layer = nn.Linear(128, 16, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.arange(16.0)[:, None].expand(16, 128) - 7.5)
+    q = Int4Linear.from_linear(layer, 32)
+    torch.testing.assert_close(q.dequantize(), layer.weight, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_a_quantized_model_equals_the_model_with_its_dequantized_weights(method: str) -> None:
+    config = Idefics2Config.from_dict(tiny_config_dict(text_hidden=64, vision_hidden=32))
+    torch.manual_seed(1)
+    model = Idefics2ForConditionalGeneration(config).eval()
+    reference = copy.deepcopy(model)
+    odd_shapes = sorted(n for n, m in model.model.text_model.named_modules() if isinstance(m, nn.Linear)
+                        and (m.out_features % 16 or m.in_features % 32))  # the MLP's 56 rows/inputs
+    left = quantize_linears(model.model.text_model, method, group_size=32)
+    assert sorted(left) == ([] if method == "int8" else odd_shapes) and len(odd_shapes) == 6
+    with torch.no_grad():
+        for name, module in model.model.text_model.named_modules():
+            if isinstance(module, (Int8Linear, Int4Linear)):
+                reference.model.text_model.get_submodule(name).weight.copy_(module.dequantize())
+    batch = make_batch(tiny_config_dict(text_hidden=64, vision_hidden=32))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, rtol=1e-4, atol=1e-4)
+        tokens = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=4)
+        same = reference.generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=4)
+    assert torch.equal(tokens, same)
+
+
+def test_bad_quantization_options_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"quantization must be one of \['int8', 'int4'\], got 'int3'"):
+        quantize_linears(nn.Sequential(linear()), "int3")
+    with pytest.raises(ValueError, match=r"group_size must be one of \[32, 64, 128, 256\] for int4, got 100"):
+        quantize_linears(nn.Sequential(linear()), "int4", group_size=100)
+    odd = nn.Sequential(nn.Linear(96, 16), nn.Linear(128, 16))
+    assert quantize_linears(odd, "int4", group_size=64) == ["0"]  # 96 inputs: not whole groups of 64
+    assert isinstance(odd[0], nn.Linear) and isinstance(odd[1], Int4Linear)
