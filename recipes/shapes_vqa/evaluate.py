@@ -100,12 +100,15 @@ def main() -> None:
     parser.add_argument("--colour-binding", action="store_true",
                         help="only colour questions about 2-3 shapes of distinct kinds and colours "
                              "(the shipping check of docs/training.md: --seed 5 --n 120)")
+    parser.add_argument("--quantization", choices=["int8", "int4"], help="quantize the decoder and connector")
+    parser.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
     args = parser.parse_args()
     for flag, value in (("--n", args.n), ("--batch-size", args.batch_size)):
         if value < 1:
             parser.error(f"{flag} must be at least 1, got {value}")
     torch.set_num_threads(2)
-    model = Idefics2ForConditionalGeneration.from_pretrained(args.model_dir).eval()
+    model = Idefics2ForConditionalGeneration.from_pretrained(args.model_dir, quantization=args.quantization,
+                                                             group_size=args.group_size).eval()
     processor = Idefics2Processor.from_pretrained(args.model_dir)
     items = (make_colour_binding_items if args.colour_binding else make_eval_items)(args.seed, args.n)
     start = time.monotonic()

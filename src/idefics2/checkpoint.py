@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from idefics2.config import Idefics2Config
 from idefics2.files import inside, resolve_folder, write_folder_atomically
+from idefics2.model.quant import Int4Linear, Int8Linear, quantization_targets, quantize_weight
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ Shard = tuple[list[str], Callable[[str], torch.Tensor]]
 def load_pretrained(cls: type[M], folder_or_repo_id: str | os.PathLike[str], *, dtype: Any = None,
                     device: Any = None, perceiver_eps_from_text: bool = False,
                     progress: bool | None = None, config: Idefics2Config | None = None,
-                    report: dict[str, list[str]] | None = None) -> M:
+                    report: dict[str, list[str]] | None = None, quantization: tuple[str, int] | None = None) -> M:
     """Build `cls` (Idefics2Model or Idefics2ForConditionalGeneration) from a checkpoint folder.
 
     dtype: None/"auto" keeps the stored dtype; device: where the weights go (default CPU).
@@ -162,7 +163,8 @@ def load_pretrained(cls: type[M], folder_or_repo_id: str | os.PathLike[str], *, 
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights",
               disable=None if progress else True) as bar:
         return _build(cls, config, shards(), dtype=dtype, device=device, source=f"checkpoint {folder}",
-                      read=lambda t: bar.update(t.numel() * t.element_size()), report=report)
+                      read=lambda t: bar.update(t.numel() * t.element_size()), report=report,
+                      quantization=quantization)
 
 
 @contextlib.contextmanager
@@ -215,15 +217,20 @@ def load_state_dict(cls: type[M], config: Idefics2Config, state_dict: dict[str, 
 
 
 def _build(cls: type[M], config: Idefics2Config, shards: Iterable[Shard], *, dtype: Any, device: Any,
-           source: str, read: Callable[[torch.Tensor], None], report: dict[str, list[str]] | None = None) -> M:
+           source: str, read: Callable[[torch.Tensor], None], report: dict[str, list[str]] | None = None,
+           quantization: tuple[str, int] | None = None) -> M:
     """The model built on the meta device, every weight assigned from `shards`; a ValueError listing
     missing, unexpected and mis-shaped keys when they do not fit. With a `report` (the caller asked
     for the loading info, as transformers' `output_loading_info=True`), missing weights are
     initialised as in a new model and, with unexpected keys, listed there instead; mis-shaped ones
-    still raise."""
+    still raise. `quantization` (method, group size): the decoder's and connector's linear weights
+    are quantized as each is read (`model.quant`), so the float copy of one weight at a time is
+    all that is held beside the quantized model."""
     target_dtype = resolve_dtype(dtype)
     with skip_init(), torch.device("meta"):
         model = cls(config)  # type: ignore[call-arg]
+    targets = quantization_targets(model, quantization)
+    quantized: dict[str, nn.Module] = {}
     expected = {k: v.shape for k, v in model.state_dict().items()}
     tied = getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in expected
     if tied:
@@ -251,10 +258,16 @@ def _build(cls: type[M], config: Idefics2Config, shards: Iterable[Shard], *, dty
             if tensor.shape != expected[key]:
                 mis_shaped.append(f"{ckpt_key}: checkpoint {tuple(tensor.shape)}, model {tuple(expected[key])}")
                 continue
+            read(tensor)
+            if key.endswith(".weight") and key[:-len(".weight")] in targets:
+                assert quantization is not None
+                layer = quantize_weight(tensor, *quantization)
+                quantized[key[:-len(".weight")]] = layer.to(device) if device is not None else layer
+                state[key] = tensor.new_empty(0)  # present; the quantized layer replaces it below
+                continue
             if target_dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(target_dtype)
             state[key] = tensor.to(device) if device is not None else tensor
-            read(tensor)
     if bad_dtype:
         raise ValueError(f"{source} holds tensors that are not floating point where the model has float "
                          f"weights: {bad_dtype[:20]}")
@@ -274,7 +287,14 @@ def _build(cls: type[M], config: Idefics2Config, shards: Iterable[Shard], *, dty
                          + (f"\n  missing keys ({len(missing)}): {missing[:20]}" if missing else "")
                          + (f"\n  unexpected keys ({len(unexpected)}): {unexpected[:20]}" if unexpected else "")
                          + (f"\n  mis-shaped keys ({len(mis_shaped)}): {mis_shaped[:20]}" if mis_shaped else ""))
+    for name in quantized:
+        state.pop(f"{name}.weight")
     model.load_state_dict(state, strict=False, assign=True)  # completeness was checked above; a tied head is absent
+    for name, layer in quantized.items():
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        layer.bias = getattr(owner, attr).bias  # loaded (or None) with the rest
+        setattr(owner, attr, layer)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model.eval()
@@ -336,6 +356,9 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike[str], *, max_sha
     max_bytes = parse_size(max_shard_size)
     config: Idefics2Config = model.config  # type: ignore[assignment]
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules()):
+        raise ValueError("the model holds quantized layers, which save_pretrained does not write yet: save the "
+                         "float model, and quantize when loading it (from_pretrained(..., quantization=...))")
     if any(".lora_A." in key for key in state):
         raise ValueError("the model has LoRA adapters attached: save them with idefics2.lora.save_adapter, "
                          "or fold them in with idefics2.lora.merge_lora before save_pretrained")

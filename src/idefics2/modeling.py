@@ -26,12 +26,14 @@ class PretrainedMixin:
     def from_pretrained(cls: type[M], folder_or_repo_id: str | os.PathLike[str] | None = None, *,
                         config: Idefics2Config | None = None, state_dict: dict[str, Any] | None = None,
                         output_loading_info: bool = False, dtype: Any = None, device: Any = None,
-                        torch_dtype: Any = None, **kwargs: Any) -> M | tuple[M, dict[str, list[str]]]:
+                        torch_dtype: Any = None, quantization: str | None = None, group_size: int = 128,
+                        **kwargs: Any) -> M | tuple[M, dict[str, list[str]]]:
         """From a checkpoint folder (its config.json, or `config`), or with `folder_or_repo_id=None`
         from `config` and `state_dict`, as transformers takes them. Weights that do not fit raise a
         ValueError; with `output_loading_info=True` the caller gets transformers' lenient load instead:
         missing weights initialised as in a new model, and they and unexpected keys listed next to the
-        model (mis-shaped weights still raise)."""
+        model (mis-shaped weights still raise). `quantization` "int8" / "int4" (with `group_size`)
+        quantizes the decoder's and the connector's linear layers while loading (`model.quant`)."""
         dtype = dtype if dtype is not None else torch_dtype
         report: dict[str, list[str]] | None = (
             {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
@@ -45,7 +47,8 @@ class PretrainedMixin:
                 raise ValueError("pass either a checkpoint folder or state_dict=, not both")
             folder = checkpoint.resolve_folder(folder_or_repo_id)
             model = checkpoint.load_pretrained(cls, folder, dtype=dtype, device=device, config=config,
-                                               report=report, **kwargs)
+                                               report=report, quantization=None if quantization is None
+                                               else (quantization, group_size), **kwargs)
             if isinstance(model, Idefics2ForConditionalGeneration):
                 model.generation_config = load_generation_config(folder) or model.generation_config
         if report is not None:

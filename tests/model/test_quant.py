@@ -23,8 +23,8 @@ def linear(n: int = 64, k: int = 256, bias: bool = True) -> nn.Linear:
     return layer
 
 
-@pytest.mark.parametrize("make", [Int8Linear.from_linear, lambda l: Int4Linear.from_linear(l, 64)],
-                         ids=["int8", "int4-g64"])
+@pytest.mark.parametrize("make", [lambda l: Int8Linear.from_weight(l.weight, l.bias),
+                                  lambda l: Int4Linear.from_weight(l.weight, l.bias, 64)], ids=["int8", "int4-g64"])
 def test_quantized_linear_is_exact_against_its_dequantized_weight(make) -> None:
     float_layer = linear()
     q = make(float_layer)
@@ -47,7 +47,7 @@ def test_int4_follows_the_kernel_convention_with_a_float_zero_point() -> None:
     layer = nn.Linear(128, 16, bias=False)
     with torch.no_grad():
         layer.weight.copy_(torch.arange(16.0)[:, None].expand(16, 128) - 7.5)
-    q = Int4Linear.from_linear(layer, 32)
+    q = Int4Linear.from_weight(layer.weight, None, 32)
     torch.testing.assert_close(q.dequantize(), layer.weight, rtol=0, atol=1e-6)
 
 
@@ -81,3 +81,25 @@ def test_bad_quantization_options_are_refused() -> None:
     odd = nn.Sequential(nn.Linear(96, 16), nn.Linear(128, 16))
     assert quantize_linears(odd, "int4", group_size=64) == ["0"]  # 96 inputs: not whole groups of 64
     assert isinstance(odd[0], nn.Linear) and isinstance(odd[1], Int4Linear)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantizing_while_loading_equals_quantizing_after(tmp_path, method: str) -> None:
+    config = Idefics2Config.from_dict(tiny_config_dict(text_hidden=64, vision_hidden=32))
+    torch.manual_seed(2)
+    Idefics2ForConditionalGeneration(config).save_pretrained(tmp_path, max_shard_size="30KB")
+    loaded = Idefics2ForConditionalGeneration.from_pretrained(tmp_path, quantization=method, group_size=32)
+    after = Idefics2ForConditionalGeneration.from_pretrained(tmp_path)
+    quantize_linears(after.model.text_model, method, group_size=32)
+    quantize_linears(after.model.connector, method, group_size=32)
+    kinds = {type(m) for m in loaded.model.vision_model.modules()} | {type(loaded.lm_head)}
+    assert not kinds & {Int8Linear, Int4Linear}  # the vision tower and the head stay in float
+    assert sum(isinstance(m, (Int8Linear, Int4Linear)) for m in loaded.modules()) == \
+        sum(isinstance(m, (Int8Linear, Int4Linear)) for m in after.modules()) > 4
+    batch = make_batch(tiny_config_dict(text_hidden=64, vision_hidden=32))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, after(**batch).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="holds quantized layers, which save_pretrained does not write yet"):
+        loaded.save_pretrained(tmp_path / "again")
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        Idefics2ForConditionalGeneration.from_pretrained(tmp_path, quantization="fp8")

@@ -32,11 +32,11 @@ class Int8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        w = linear.weight.detach().float()
+    def from_weight(cls, weight: Tensor, bias: Tensor | None = None) -> Int8Linear:
+        w = weight.detach().float()  # (N, K)
         scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)  # (N,)
         q = torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8)
-        return cls(q, scales, None if linear.bias is None else linear.bias.detach().clone())
+        return cls(q, scales, bias)
 
     def dequantize(self) -> Tensor:
         """W (N, K) in float32."""
@@ -60,16 +60,15 @@ class Int4Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int) -> Int4Linear:
-        w = linear.weight.detach().float()
+    def from_weight(cls, weight: Tensor, bias: Tensor | None = None, group_size: int = 128) -> Int4Linear:
+        w = weight.detach().float()
         N, K = w.shape
         groups = w.view(N, K // group_size, group_size)
         low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # (N, K / group)
         scales = ((high - low) / 15).clamp(min=1e-12)
         zero_int = torch.round(-low / scales)
         q = (torch.round(groups / scales[..., None]) + zero_int[..., None]).clamp(0, 15)
-        return cls.from_int4(q.to(torch.int32).view(N, K), scales, (8 - zero_int) * scales,
-                             None if linear.bias is None else linear.bias.detach().clone(), group_size)
+        return cls.from_int4(q.to(torch.int32).view(N, K), scales, (8 - zero_int) * scales, bias, group_size)
 
     @classmethod
     def from_int4(cls, q: Tensor, scales: Tensor, zeros: Tensor, bias: Tensor | None, group_size: int) -> Int4Linear:
@@ -104,6 +103,14 @@ def _pack_int4(q: Tensor) -> Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8)
 
 
+def quantize_weight(weight: Tensor, method: str, group_size: int,
+                    bias: Tensor | None = None) -> Int8Linear | Int4Linear:
+    """A linear layer's weight (N, K) (and bias) as its quantized layer."""
+    bias = None if bias is None else bias.detach().clone()
+    return Int8Linear.from_weight(weight, bias) if method == "int8" else Int4Linear.from_weight(weight, bias,
+                                                                                               group_size)
+
+
 def check_quantization(method: str, group_size: int) -> None:
     if method not in METHODS:
         raise ValueError(f"quantization must be one of {list(METHODS)}, got {method!r}")
@@ -111,9 +118,10 @@ def check_quantization(method: str, group_size: int) -> None:
         raise ValueError(f"group_size must be one of {list(GROUP_SIZES)} for int4, got {group_size!r}")
 
 
-def quantizable(linear: nn.Linear, method: str, group_size: int) -> bool:
-    """Whether torch's kernel takes this shape: int4 needs K a multiple of the group and N of 16."""
-    N, K = linear.weight.shape
+def quantizable(shape: tuple[int, ...], method: str, group_size: int) -> bool:
+    """Whether torch's kernel takes a weight of `shape` (N, K): int4 needs K a multiple of the group
+    and N of 16."""
+    N, K = shape
     return method == "int8" or (K % group_size == 0 and N % 16 == 0)
 
 
@@ -129,9 +137,21 @@ def quantize_linears(root: nn.Module, method: str, group_size: int = 128,
             full = f"{name}.{child_name}" if name else child_name
             if not isinstance(child, nn.Linear) or full in skipped:
                 continue
-            if not quantizable(child, method, group_size):
+            if not quantizable(tuple(child.weight.shape), method, group_size):
                 left.append(full)
                 continue
-            new = Int8Linear.from_linear(child) if method == "int8" else Int4Linear.from_linear(child, group_size)
-            setattr(module, child_name, new)
+            setattr(module, child_name, quantize_weight(child.weight, method, group_size, child.bias))
     return left
+
+
+def quantization_targets(model: nn.Module, quantization: tuple[str, int] | None) -> set[str]:
+    """The linear layers `quantization` applies to: the decoder's and the connector's (not the vision
+    tower, not the LM head), those whose shape the kernel takes."""
+    if quantization is None:
+        return set()
+    method, group_size = quantization
+    check_quantization(method, group_size)
+    return {name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and quantizable(tuple(module.weight.shape), method, group_size)
+            and any(part in name.split(".") for part in ("text_model", "connector"))}
+

@@ -20,6 +20,8 @@ from typing import Any, NoReturn
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from idefics2.files import write_file_atomically
+
 # The Idefics2 template of docs/numerics.md §6.6 (built into transformers <= 4.42, shipped in the Hub files later).
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}{{message['role'].capitalize()}}"
@@ -228,4 +230,4 @@ def write_chat_template(folder: Path, template: ChatTemplate) -> None:
                 raise ValueError(f"chat template name {name!r} cannot be a file name")
             path = folder / NAMED_TEMPLATES_DIR / f"{name}.jinja"
             path.parent.mkdir(exist_ok=True)
-        path.write_text(source, encoding="utf-8")
+        write_file_atomically(path, source)  # a failure leaves the previous file whole

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from idefics2.processing.batch import BatchFeature
+from idefics2.processing.config_files import read_json_object, write_text_file
 from idefics2.processing.image_inputs import CheckedImage, check_image, make_nested_images, to_rgb
 from idefics2.processing.image_ops import Box, resize_output_size, split_boxes, write_image
 from idefics2.processing.image_settings import SETTING_NAMES, Settings, checked_settings
@@ -288,33 +289,54 @@ class Idefics2ImageProcessor:
     def from_pretrained(cls, folder: str | os.PathLike[str], **overrides: Any) -> Idefics2ImageProcessor:
         """Load from a local folder: `preprocessor_config.json` (4.x Hub layout) if present, else the
         `"image_processor"` entry of `processor_config.json` (what transformers 5.x writes);
-        `overrides` as `from_dict` takes them."""
+        `overrides` as `from_dict` takes them. A bad file is a ValueError naming it and the field;
+        `max_image_pixels: null` in a file is refused (`from_file_config`)."""
         folder = Path(folder)
         legacy, combined = folder / "preprocessor_config.json", folder / "processor_config.json"
         if legacy.is_file():
-            return cls.from_dict(json.loads(legacy.read_text()), **overrides)
+            return cls.from_file_config(read_json_object(legacy, "an image processor config"), legacy, **overrides)
         if combined.is_file():
-            config = json.loads(combined.read_text())
+            config = read_json_object(combined)
             if not isinstance(config.get("image_processor"), dict):
                 raise ValueError(f"{combined} has no 'image_processor' entry and {legacy.name} is missing")
-            return cls.from_dict(config["image_processor"], **overrides)
+            return cls.from_file_config(config["image_processor"], combined, **overrides)
         raise FileNotFoundError(f"neither {legacy.name} nor {combined.name} in {folder}")
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike[str]) -> Idefics2ImageProcessor:
-        """Build from one JSON config file (what `to_json_file` writes), read as `from_dict` reads it."""
-        config = json.loads(Path(path).read_text(encoding="utf-8"))
-        if not isinstance(config, dict):
-            raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an image processor config")
-        return cls.from_dict(config)
+        """Build from one JSON config file (what `to_json_file` writes), read as `from_pretrained` reads it."""
+        return cls.from_file_config(read_json_object(Path(path), "an image processor config"), Path(path))
+
+    @classmethod
+    def from_file_config(cls, config: dict[str, Any], path: Path, **overrides: Any) -> Idefics2ImageProcessor:
+        """`from_dict` on a dict read from `path`, its errors naming the file. `max_image_pixels: null`
+        is refused: a folder must not turn the decompression-bomb guard off (leave the key out for the
+        default, or pass `max_image_pixels=None` to `from_pretrained` to disable it in this process);
+        `to_json_string` leaves it out when it is None, so saved folders always load."""
+        if config.get("max_image_pixels", 0) is None and "max_image_pixels" not in overrides:
+            raise ValueError(f"{path}: max_image_pixels is null, which would turn off the decompression-bomb "
+                             "guard; a file may not do that: remove the key (default: "
+                             f"{DEFAULT_MAX_IMAGE_PIXELS}) or pass max_image_pixels=None when loading")
+        try:
+            return cls.from_dict(config, **overrides)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
 
     def to_json_string(self) -> str:
         """preprocessor_config.json's text."""
-        config = {**self.to_dict(), "processor_class": "Idefics2Processor"}
+        config = {**self.to_file_dict(), "processor_class": "Idefics2Processor"}
         return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
+    def to_file_dict(self) -> dict[str, Any]:
+        """`to_dict` as files hold it: without `max_image_pixels` when the guard is off (None), since a
+        file may not turn it off (`from_file_config`); loading the file turns it back on."""
+        config = self.to_dict()
+        if config["max_image_pixels"] is None:
+            del config["max_image_pixels"]
+        return config
+
     def to_json_file(self, path: str | os.PathLike[str]) -> None:
-        Path(path).write_text(self.to_json_string(), encoding="utf-8")
+        write_text_file(Path(path), self.to_json_string())
 
     def save_pretrained(self, folder: str | os.PathLike[str]) -> list[str]:
         """Write `preprocessor_config.json` in the 4.x Hub layout, which transformers loads too.

@@ -24,12 +24,23 @@ from idefics2.processing.chat_inputs import (
     images_from_messages,
 )
 from idefics2.processing.chat_template import (
+    CHAT_TEMPLATE_JINJA,
+    CHAT_TEMPLATE_JSON,
     DEFAULT_CHAT_TEMPLATE,
+    NAMED_TEMPLATES_DIR,
     ChatTemplate,
     Message,
     read_chat_template,
     template_source,
     write_chat_template,
+)
+from idefics2.processing.config_files import (
+    DEFAULT_IMAGE_SEQ_LEN,
+    check_chat_template_files,
+    check_image_sides,
+    checked_image_seq_len,
+    read_processor_config,
+    write_text_file,
 )
 from idefics2.processing.image_inputs import make_nested_images
 from idefics2.processing.image_processor import Idefics2ImageProcessor
@@ -88,9 +99,8 @@ def _nest_images(images: Any, n_images_in_text: list[int] | None) -> list[list[A
 
 
 def _validate_seq_len(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"image_seq_len must be a positive int, got {value!r}")
-    return value
+    """1..MAX_IMAGE_SEQ_LEN (4096; `config_files`): the processor does not know the model's latents."""
+    return checked_image_seq_len(value)
 
 
 class Idefics2Processor:
@@ -156,7 +166,8 @@ class Idefics2Processor:
                              f"{sorted({*own_keys, *SETTING_NAMES, *_TOKENIZER_OVERRIDES})}")
         config: dict[str, Any] = {}
         if (folder / PROCESSOR_CONFIG_FILE).is_file():
-            config = json.loads((folder / PROCESSOR_CONFIG_FILE).read_text(encoding="utf-8"))
+            config = read_processor_config(folder / PROCESSOR_CONFIG_FILE)
+        check_chat_template_files(folder, CHAT_TEMPLATE_JSON, CHAT_TEMPLATE_JINJA, NAMED_TEMPLATES_DIR)
         own = {k: overrides.pop(k) for k in own_keys if k in overrides}
         text = {k: overrides.pop(k) for k in _TOKENIZER_OVERRIDES if k in overrides}
         image_processor = Idefics2ImageProcessor.from_pretrained(folder, **overrides)
@@ -164,7 +175,7 @@ class Idefics2Processor:
         return cls(
             image_processor,
             tokenizer,
-            image_seq_len=own.get("image_seq_len", config.get("image_seq_len", 64)),
+            image_seq_len=own.get("image_seq_len", config.get("image_seq_len", DEFAULT_IMAGE_SEQ_LEN)),
             chat_template=own.get("chat_template") or cls._find_chat_template(folder, config, tokenizer),
         )
 
@@ -179,7 +190,7 @@ class Idefics2Processor:
         own `image_seq_len`, and the class name; the tokenizer and the chat template have files of
         their own and are left out, as in transformers."""
         return {
-            "image_processor": self.image_processor.to_dict(),
+            "image_processor": self.image_processor.to_file_dict(),
             "image_seq_len": self.image_seq_len,
             "processor_class": type(self).__name__,
         }
@@ -189,7 +200,7 @@ class Idefics2Processor:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def to_json_file(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json_string(), encoding="utf-8")
+        write_text_file(Path(path), self.to_json_string())
 
     def save_pretrained(self, folder: str | Path) -> list[str]:
         """Write the files transformers 5.x writes: the tokenizer's, processor_config.json (image
@@ -293,7 +304,9 @@ class Idefics2Processor:
                 )
         if not sum(n_images):
             return {}  # a text-only batch (e.g. [[], []]): no pixels, which the model accepts
-        return dict(self.image_processor(nested, return_tensors=tensor_kind, **image_kwargs))
+        pixels = self.image_processor(nested, return_tensors=tensor_kind, **image_kwargs)
+        check_image_sides(pixels)
+        return dict(pixels)
 
     def _check_image_tokens_survived(self, expanded: list[str], input_ids: list[list[int]]) -> None:
         """Truncation must not drop or split an image: the model needs every block whole (pitfall §8.6)."""

@@ -19,6 +19,7 @@ import torch
 from idefics2.processing.batch import BatchFeature
 from idefics2.processing.chat_inputs import check_options
 from idefics2.processing.chat_template import Message, render_chat
+from idefics2.processing.config_files import checked_pad_length, shown
 from idefics2.processing.tokenizer_files import (
     CALL_DEFAULT_KEYS,
     NO_TRUNCATE,
@@ -288,7 +289,9 @@ class Tokenizer:
         if not is_option(truncation, TRUNCATE | NO_TRUNCATE):
             raise ValueError(f"Unsupported truncation={truncation!r}")
         if not is_option(padding, PADDING):
-            raise ValueError(f"Unsupported padding={padding!r}")
+            raise ValueError(f"Unsupported padding={shown(padding)}")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)):
+            raise ValueError(f"max_length must be an int or None, got {shown(max_length)}")
         encodings = self.backend.encode_batch(texts, add_special_tokens=False)
         if truncation in TRUNCATE and (limit := self._limit(max_length)) is not None:
             n_special = self.backend.num_special_tokens_to_add(False) if add_special_tokens else 0
@@ -304,6 +307,7 @@ class Tokenizer:
             target = self._limit(max_length)
             if target is None:
                 raise ValueError("padding='max_length' needs max_length")
+            checked_pad_length(target, "max_length" if max_length is not None else "model_max_length")
             self._pad(rows, masks, target, side)
         elif padding in PAD_LONGEST:
             self._pad(rows, masks, max((len(r) for r in rows), default=0), side)

@@ -12,6 +12,15 @@ from typing import Any
 
 import tokenizers
 
+from idefics2.processing.config_files import (
+    field_error,
+    is_finite_number,
+    is_int,
+    read_json_object,
+    shown,
+    write_text_file,
+)
+
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
@@ -54,12 +63,12 @@ def checked_call_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown tokenizer call default(s) {unknown}; valid: {list(CALL_DEFAULT_KEYS)}")
     if "padding" in defaults and not is_option(defaults["padding"], PADDING):
         raise ValueError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', "
-                         f"got {defaults['padding']!r}")
+                         f"got {shown(defaults['padding'])}")
     if "truncation" in defaults and not is_option(defaults["truncation"], TRUNCATE | NO_TRUNCATE):
-        raise ValueError(f"Unsupported truncation={defaults['truncation']!r}")
+        raise ValueError(f"Unsupported truncation={shown(defaults['truncation'])}")
     limit = defaults.get("max_length")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"max_length must be a positive int or None, got {limit!r}")
+        raise ValueError(f"max_length must be a positive int or None, got {shown(limit)}")
     return dict(defaults)
 
 
@@ -73,19 +82,24 @@ def token_content(value: Any) -> str | None:
 
 
 def read_tokenizer_folder(folder: Path) -> tuple[tokenizers.Tokenizer, dict[str, Any]]:
-    """The pipeline of `folder`/tokenizer.json and the `Tokenizer` keyword settings from its configs."""
+    """The pipeline of `folder`/tokenizer.json and the `Tokenizer` keyword settings from its configs,
+    every field checked on read (a ValueError names the file and the field)."""
     folder = Path(folder)
     if not (folder / TOKENIZER_FILE).is_file():
         raise ValueError(f"No {TOKENIZER_FILE} in {folder}")
-    backend = tokenizers.Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+    try:
+        backend = tokenizers.Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+    except Exception as err:  # the tokenizers library raises a bare Exception for a bad file
+        raise ValueError(f"{folder / TOKENIZER_FILE}: the tokenizers library cannot read it "
+                         f"({shown(str(err), 200)})") from None
     config: dict[str, Any] = {}
     if (folder / TOKENIZER_CONFIG_FILE).is_file():
-        config = json.loads((folder / TOKENIZER_CONFIG_FILE).read_text(encoding="utf-8"))
+        config = checked_tokenizer_config(folder / TOKENIZER_CONFIG_FILE)
     if (folder / SPECIAL_TOKENS_MAP_FILE).is_file():
-        special_map = json.loads((folder / SPECIAL_TOKENS_MAP_FILE).read_text(encoding="utf-8"))
+        special_map = checked_tokenizer_config(folder / SPECIAL_TOKENS_MAP_FILE)
         for key, value in special_map.items():  # tokenizer_config.json wins, as in transformers
             config.setdefault(key, value)
-    check_added_tokens(backend, config.get("added_tokens_decoder", {}))
+    check_added_tokens(backend, config.get("added_tokens_decoder") or {})
     additional = config.get("additional_special_tokens") or []
     chat_template = config.get("chat_template")
     if isinstance(chat_template, list):  # 4.x allowed several named templates
@@ -105,6 +119,71 @@ def read_tokenizer_folder(folder: Path) -> tuple[tokenizers.Tokenizer, dict[str,
         init_kwargs={key: config[key] for key in CALL_DEFAULT_KEYS if key in config},
         extra_config={k: v for k, v in config.items() if k not in OWNED_KEYS},
     )
+
+
+def checked_tokenizer_config(path: Path) -> dict[str, Any]:
+    """tokenizer_config.json or special_tokens_map.json, each field this class reads checked."""
+    config = read_json_object(path)
+    for key in SPECIAL_KEYS:
+        _checked_token(config.get(key), path, key)
+    additional = config.get("additional_special_tokens")
+    if additional is not None and not isinstance(additional, list):
+        raise field_error(path, "additional_special_tokens", "a list of tokens", additional)
+    for i, token in enumerate(additional or []):
+        _checked_token(token, path, f"additional_special_tokens[{i}]")
+    for key in ("add_bos_token", "add_eos_token", "clean_up_tokenization_spaces"):
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            raise field_error(path, key, "true, false or null", config[key])
+    for key in ("padding_side", "truncation_side"):
+        if config.get(key) not in (None, "left", "right"):
+            raise field_error(path, key, "'left' or 'right'", config[key])
+    limit = config.get("model_max_length")
+    if limit is not None and not ((is_int(limit) or is_finite_number(limit)) and limit >= 1):
+        raise field_error(path, "model_max_length", "a finite number >= 1 (1e30: no limit)", limit)
+    _check_named_templates(config.get("chat_template"), path)
+    _check_added_tokens_decoder(config.get("added_tokens_decoder"), path)
+    defaults = {key: config[key] for key in CALL_DEFAULT_KEYS if key in config}
+    try:
+        checked_call_defaults(defaults)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    return config
+
+
+def _checked_token(value: Any, path: Path, field: str) -> None:
+    try:
+        token_content(value)
+    except ValueError:
+        raise field_error(path, field, 'a string, null or an object with a "content" string', value) from None
+
+
+def _check_named_templates(value: Any, path: Path) -> None:
+    """A chat template: a string, or 4.x's list of {"name": ..., "template": ...} objects."""
+    if value is None or isinstance(value, str):
+        return
+    if not isinstance(value, list):
+        raise field_error(path, "chat_template", 'a string or a list of {"name", "template"} objects', value)
+    for i, item in enumerate(value):
+        if not (isinstance(item, dict) and isinstance(item.get("name"), str)
+                and isinstance(item.get("template"), str)):
+            raise field_error(path, f"chat_template[{i}]", 'an object with "name" and "template" strings', item)
+
+
+def _check_added_tokens_decoder(value: Any, path: Path) -> None:
+    """{"id": {"content": str, "lstrip": bool, ...}}, ids decimal strings."""
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise field_error(path, "added_tokens_decoder", "an object of {id: token}", value)
+    for index, spec in value.items():
+        field = f"added_tokens_decoder[{shown(index, 30)}]"
+        if not (index.isascii() and index.isdigit() and len(index) <= 18):
+            raise ValueError(f"{path}: {field}: the key must be a token id (a non-negative integer)")
+        if not isinstance(spec, dict) or not isinstance(spec.get("content"), str) or not spec["content"]:
+            raise field_error(path, f"{field}.content", "a non-empty string", spec)
+        for flag in ("single_word", "lstrip", "rstrip", "normalized", "special"):
+            if flag in spec and not isinstance(spec[flag], bool):
+                raise field_error(path, f"{field}.{flag}", "true or false", spec[flag])
 
 
 def check_added_tokens(backend: tokenizers.Tokenizer, declared: dict[str, Any]) -> None:
@@ -138,7 +217,7 @@ def write_tokenizer_folder(tokenizer: Any, folder: Path) -> tuple[str, str, str]
     makes transformers 5 keep the `▁` prefix on every segment as tokenizer.json does (docs/numerics.md §6.2).
     """
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer.backend.save(str(folder / TOKENIZER_FILE))
+    write_text_file(folder / TOKENIZER_FILE, tokenizer.backend.to_str(pretty=True))
     decoder = tokenizer.backend.get_added_tokens_decoder()
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -170,7 +249,5 @@ def write_tokenizer_folder(tokenizer: Any, folder: Path) -> tuple[str, str, str]
     special_map = {key: as_dict(getattr(tokenizer, key)) for key in names}
     special_map["additional_special_tokens"] = [as_dict(t) for t in tokenizer.additional_special_tokens]
     for name, payload in ((TOKENIZER_CONFIG_FILE, config), (SPECIAL_TOKENS_MAP_FILE, special_map)):
-        (folder / name).write_text(
-            json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
+        write_text_file(folder / name, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
     return tuple(str(folder / name) for name in (TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE, TOKENIZER_FILE))
