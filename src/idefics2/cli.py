@@ -36,9 +36,10 @@ def shipped_model_path() -> Path:
 
 
 def load(model: str | None, dtype: str, device: str, adapter: str | None = None,
-         download: bool = False) -> tuple[Any, Any]:
+         download: bool = False, quantization: str | None = None, group_size: int = 128) -> tuple[Any, Any]:
     """(model, processor) from a Hub-layout folder or repo id; the shipped model by default. A LoRA
-    `adapter` folder (ours or PEFT's) is folded into the weights, so generation costs what it did."""
+    `adapter` folder (ours or PEFT's) is folded into the weights, so generation costs what it did;
+    with `quantization` too, the merged weights are quantized after the merge."""
     from idefics2.checkpoint import resolve_device
     from idefics2.files import resolve_folder
     from idefics2.modeling import Idefics2ForConditionalGeneration
@@ -47,13 +48,18 @@ def load(model: str | None, dtype: str, device: str, adapter: str | None = None,
     if model is None and not (shipped_model_path() / "config.json").is_file():
         raise UserError(f"the shipped model is missing from {shipped_model_path()}; reinstall idefics2 or pass --model")
     folder = resolve_folder(model or shipped_model_path(), allow_download=download or None)
-    lm = Idefics2ForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=resolve_device(device),
-                                                          progress=True)
+    lm = Idefics2ForConditionalGeneration.from_pretrained(
+        folder, dtype=dtype, device=resolve_device(device), progress=True,
+        quantization=quantization if adapter is None else None, group_size=group_size)
     if adapter is not None:
         from idefics2.lora import load_adapter, merge_lora
+        from idefics2.model.quant import quantize_linears
 
         load_adapter(lm, adapter)
         merge_lora(lm)
+        if quantization is not None:
+            for part in (lm.model.text_model, lm.model.connector):
+                quantize_linears(part, quantization, group_size)
     return lm, Idefics2Processor.from_pretrained(folder)
 
 
@@ -117,7 +123,8 @@ def sampling_options(model: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     images = open_images(args.image)
-    model, processor = load(args.model, args.dtype, args.device, args.adapter, args.download)
+    model, processor = load(args.model, args.dtype, args.device, args.adapter, args.download, args.quantization,
+                            args.group_size)
     messages = ([{"role": "system", "content": [{"type": "text", "text": args.system}]}] if args.system else [])
     messages.append(user_turn(args.prompt, len(images)))
     out = answer(model, processor, messages, images, args, stream=not args.json)
@@ -129,7 +136,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     """Multi-turn chat on stdin: `/image PATH` attaches an image to the next question, `/reset`, `/quit`."""
-    model, processor = load(args.model, args.dtype, args.device, args.adapter, args.download)
+    model, processor = load(args.model, args.dtype, args.device, args.adapter, args.download, args.quantization,
+                            args.group_size)
     messages: list[dict[str, Any]] = []
     all_images: list[Any] = []
     pending = open_images(args.image)
@@ -203,7 +211,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UserError(f"the server needs fastapi and uvicorn ({err}): pip install 'idefics2[server]'") from None
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be between 0 and 65535, got {args.port}")
-    model, processor = load(args.model, args.dtype, args.device, args.adapter, args.download)
+    model, processor = load(args.model, args.dtype, args.device, args.adapter, args.download, args.quantization,
+                            args.group_size)
     name = args.served_model_name or (Path(args.model).name if args.model else SHIPPED_MODEL)
     for flag in ("max_batch_size", "max_queue", "max_body_mb"):
         if getattr(args, flag) < 1:
@@ -222,6 +231,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--adapter", help="a LoRA adapter folder (from `idefics2 finetune` or PEFT) to apply")
     add_download_flag(parser)
+    parser.add_argument("--quantization", choices=["int8", "int4"],
+                        help="store the decoder's and connector's weights in int8 or int4 (quantized while loading)")
+    parser.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256],
+                        help="inputs per int4 scale (default 128)")
 
 
 def add_download_flag(parser: argparse.ArgumentParser) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_batch, tiny_config_dict
+from conftest import EXAMPLES, make_batch, tiny_config_dict
 from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration
 from idefics2.model.quant import Int4Linear, Int8Linear, quantize_linears
 
@@ -103,3 +103,12 @@ def test_quantizing_while_loading_equals_quantizing_after(tmp_path, method: str)
         loaded.save_pretrained(tmp_path / "again")
     with pytest.raises(ValueError, match="quantization must be one of"):
         Idefics2ForConditionalGeneration.from_pretrained(tmp_path, quantization="fp8")
+
+
+def test_the_cli_answers_with_quantized_weights(capsys) -> None:
+    from idefics2.cli import main
+
+    for method in ("int8", "int4"):
+        assert main(["generate", "--quantization", method, "--group-size", "32", "--image",
+                     str(EXAMPLES / "shapes.png"), "What color is the circle?"]) == 0
+        assert capsys.readouterr().out.strip() == "Red."
