@@ -298,3 +298,14 @@ def test_cuda_matches_the_reference_on_the_same_device(dtype: torch.dtype) -> No
     got, expected = ours(**batch).logits[real].float(), reference(**batch).logits[real].float()
     tolerance = 1e-4 if dtype == torch.float32 else 0.05 * expected.abs().max().item()
     torch.testing.assert_close(got, expected, rtol=0, atol=tolerance)
+
+
+def test_images_smaller_than_a_patch_are_a_value_error() -> None:
+    from conftest import tiny_config_dict
+    from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration
+
+    model = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(tiny_config_dict(patch=4)))
+    with pytest.raises(ValueError, match=r"at least the patch size 4, got \(1, 1, 3, 3, 9\)"):
+        model.get_image_features(torch.zeros(1, 1, 3, 3, 9))
+    with pytest.raises(ValueError, match=r"\(batch, images, 3, height, width\)"):
+        model.get_image_features(torch.zeros(3, 8, 8))

@@ -123,8 +123,13 @@ class Idefics2Model(Idefics2PreTrainedModel):
         of the real images (see `real_images`), in (sample, image) order.
 
         Each image runs on its own grid (`own_grids`); images of the same shape go through the
-        tower together; with a `cache`, images seen before are not recomputed.
+        tower together; with a `cache`, images seen before are not recomputed. Images smaller than
+        one patch are a ValueError: the tower has nothing to look at.
         """
+        patch = self.config.vision_config.patch_size
+        if pixel_values.dim() != 5 or min(pixel_values.shape[-2:]) < patch:
+            raise ValueError(f"pixel_values must be (batch, images, 3, height, width) with height and width at "
+                             f"least the patch size {patch}, got {tuple(pixel_values.shape)}")
         pixels, patch_mask = self.real_images(pixel_values, pixel_attention_mask)  # (R, 3, H, W), (R, Gh, Gw)
         grids = self.own_grids(pixels, patch_mask)
         if not grids:
