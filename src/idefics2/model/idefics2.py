@@ -127,9 +127,9 @@ class Idefics2Model(Idefics2PreTrainedModel):
         one patch are a ValueError: the tower has nothing to look at.
         """
         patch = self.config.vision_config.patch_size
-        if pixel_values.dim() != 5 or min(pixel_values.shape[-2:]) < patch:
-            raise ValueError(f"pixel_values must be (batch, images, 3, height, width) with height and width at "
-                             f"least the patch size {patch}, got {tuple(pixel_values.shape)}")
+        if pixel_values.dim() == 5 and min(pixel_values.shape[-2:]) < patch:  # the rank: `real_images`
+            raise ValueError(f"pixel_values must have a height and width of at least the patch size {patch}, "
+                             f"got {tuple(pixel_values.shape)}")
         pixels, patch_mask = self.real_images(pixel_values, pixel_attention_mask)  # (R, 3, H, W), (R, Gh, Gw)
         grids = self.own_grids(pixels, patch_mask)
         if not grids:
