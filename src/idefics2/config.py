@@ -6,7 +6,10 @@ attributes. Keys we do not model, from a file, a keyword or an assignment, are k
 (readable as attributes) and written back, so a load/save round trip loses nothing. `from_dict`
 is the one place that knows the legacy spellings of docs/numerics.md §2.6 (Hub, transformers 4.x
 and 5.x). Values are checked when a sub-config is made and again, with the checks that span
-several of them (image_token_id against the vocabulary), by `validate` when a model is built.
+several of them (image_token_id against the vocabulary), by `validate` when a model is built:
+every value for type, range and finiteness (the rules and the caps on sizes are in
+`idefics2.config_checks`), each refusal one ValueError naming the field, and the file when read
+from one.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, TypeVar
+
+from idefics2.config_checks import check_consistency, check_fields, shown
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +58,10 @@ _MISSING = object()
 IDEFICS2_TEXT_DEFAULTS = {"max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "pad_token_id": 0}
 
 
-def _require_positive(obj: object, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{type(obj).__name__}.{name} must be a positive integer, got {value!r}")
+def _mapping(raw: Any, what: str) -> Mapping[str, Any]:
+    if isinstance(raw, Mapping):
+        return raw
+    raise ValueError(f"{what} must be a dict (a JSON object), got {type(raw).__name__}: {shown(raw)}")
 
 
 def config_class(cls: type[T]) -> type[T]:
@@ -69,7 +73,7 @@ def config_class(cls: type[T]) -> type[T]:
 
     @functools.wraps(init)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        extra = dict(kwargs.pop("extra", None) or {})
+        extra = dict(_mapping(kwargs.pop("extra", None) or {}, f"{cls.__name__} extra"))
         extra.update({key: kwargs.pop(key) for key in list(kwargs) if key not in names})
         init(self, *args, extra=extra, **kwargs)
 
@@ -108,10 +112,12 @@ class _SubConfig(_ConfigAttributes):
         self.validate()
 
     def validate(self) -> None:
-        """Raise a ValueError naming the first impossible value."""
+        """Raise a ValueError naming the first impossible value (`config_checks.check_fields`)."""
+        check_fields(self)
 
     @classmethod
     def from_dict(cls: type[C], raw: Mapping[str, Any]) -> C:
+        raw = _mapping(raw, cls.__name__)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in raw.items() if k in names}
         extra = {k: v for k, v in raw.items() if k not in names and k not in _BOOKKEEPING_KEYS}
@@ -148,13 +154,6 @@ class VisionConfig(_SubConfig):
 
     model_type: ClassVar[str] = "idefics2_vision"
 
-    def validate(self) -> None:
-        _require_positive(self, "hidden_size", "intermediate_size", "num_hidden_layers",
-                          "num_attention_heads", "num_channels", "image_size", "patch_size")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"vision_config.hidden_size ({self.hidden_size}) must be divisible by "
-                             f"vision_config.num_attention_heads ({self.num_attention_heads})")
-
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
@@ -180,13 +179,6 @@ class PerceiverConfig(_SubConfig):
     initializer_range: float = 0.02
 
     model_type: ClassVar[str] = "idefics2_perceiver"
-
-    def validate(self) -> None:
-        _require_positive(self, "hidden_size", "resampler_n_latents", "resampler_depth",
-                          "resampler_n_heads", "resampler_head_dim", "num_key_value_heads")
-        if self.resampler_n_heads % self.num_key_value_heads:
-            raise ValueError(f"perceiver_config.num_key_value_heads ({self.num_key_value_heads}) must divide "
-                             f"perceiver_config.resampler_n_heads ({self.resampler_n_heads})")
 
 
 @config_class
@@ -215,27 +207,19 @@ class TextConfig(_SubConfig):
 
     model_type: ClassVar[str] = "mistral"
 
-    def validate(self) -> None:
-        _require_positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                          "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"text_config.num_key_value_heads ({self.num_key_value_heads}) must divide "
-                             f"text_config.num_attention_heads ({self.num_attention_heads})")
-        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"text_config.hidden_size ({self.hidden_size}) must be divisible by "
-                             f"text_config.num_attention_heads ({self.num_attention_heads})")
-        if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ValueError(f"text_config.sliding_window must be positive or null, got {self.sliding_window}")
-
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> TextConfig:
-        raw = dict(raw)
-        rope = raw.pop("rope_parameters", None) or raw.pop("rope_scaling", None)
-        if isinstance(rope, Mapping):
+        raw = dict(_mapping(raw, cls.__name__))
+        rope = raw.pop("rope_parameters", None)
+        if rope is None or rope == {}:
+            rope = raw.pop("rope_scaling", None)
+        if rope is not None:
+            rope = _mapping(rope, "text_config.rope_parameters")
             if rope.get("rope_type", "default") not in ("default", None):
-                raise ValueError(f"text_config rope type {rope.get('rope_type')!r} is not supported; "
+                raise ValueError(f"text_config rope type {shown(rope.get('rope_type'))} is not supported; "
                                  "Idefics2 uses plain RoPE ('default')")
-            raw.setdefault("rope_theta", rope.get("rope_theta", cls.rope_theta))
+            if raw.get("rope_theta") is None:
+                raw["rope_theta"] = rope.get("rope_theta", cls.rope_theta)
         return super().from_dict(raw)
 
     def to_dict(self) -> dict[str, Any]:
@@ -294,19 +278,20 @@ class Idefics2Config(_ConfigAttributes):
             logger.warning("perceiver_config.hidden_size (%d) != text_config.hidden_size (%d): using the "
                            "text values for hidden_size and rms_norm_eps", perceiver.hidden_size, text.hidden_size)
             perceiver.hidden_size, perceiver.rms_norm_eps = text.hidden_size, text.rms_norm_eps
+        check_fields(self)
 
     def validate(self) -> None:
         """Every check, the sub-configs' included; run when a model is built from this config, so
         that values assigned since construction are checked too."""
-        for name in self.sub_configs:
-            getattr(self, name).validate()
-        if self.perceiver_config.hidden_size != self.text_config.hidden_size:
-            raise ValueError(f"perceiver_config.hidden_size ({self.perceiver_config.hidden_size}) must equal "
-                             f"text_config.hidden_size ({self.text_config.hidden_size}): the perceiver's "
-                             "outputs replace token embeddings")
-        if not 0 <= self.image_token_id < self.text_config.vocab_size:
-            raise ValueError(f"image_token_id ({self.image_token_id}) must be a token id below "
-                             f"text_config.vocab_size ({self.text_config.vocab_size})")
+        for name, cls in self.sub_configs.items():
+            sub = getattr(self, name)
+            if isinstance(sub, cls):
+                sub.validate()
+            else:
+                raise ValueError(  # noqa: TRY004 - every refusal of a config value is a ValueError
+                    f"{name} must be a {cls.__name__}, got {type(sub).__name__}: {shown(sub)}")
+        check_fields(self)
+        check_consistency(self)
 
     def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> TextConfig:
         """The decoder's config (transformers' name for it)."""
@@ -321,10 +306,12 @@ class Idefics2Config(_ConfigAttributes):
         `perceiver_eps_from_text=True` reproduces transformers <= 4.45, whose perceiver RMSNorms
         used `text_config.rms_norm_eps` (docs/numerics.md §2.6); the default follows 4.46+ and 5.x.
         """
-        raw = dict(raw)
-        text = TextConfig.from_dict(raw.pop("text_config", None) or IDEFICS2_TEXT_DEFAULTS)
-        vision = VisionConfig.from_dict(raw.pop("vision_config", None) or {})
-        perceiver_raw = dict(raw.pop("perceiver_config", None) or {})
+        raw = dict(_mapping(raw, "an Idefics2 config"))
+        sub_raw = {name: raw.pop(name, None) for name in cls.sub_configs}
+        sub_raw = {name: {} if value is None else _mapping(value, name) for name, value in sub_raw.items()}
+        text = TextConfig.from_dict(sub_raw["text_config"] or IDEFICS2_TEXT_DEFAULTS)
+        vision = VisionConfig.from_dict(sub_raw["vision_config"])
+        perceiver_raw = dict(sub_raw["perceiver_config"])
         if perceiver_eps_from_text:
             perceiver_raw["rms_norm_eps"] = text.rms_norm_eps
         perceiver = PerceiverConfig.from_dict(perceiver_raw)
@@ -339,6 +326,8 @@ class Idefics2Config(_ConfigAttributes):
                 raise ValueError(f"unknown Idefics2Config option {name!r}: expected one of its fields "
                                  f"({', '.join(sorted(config.field_names - {'extra'}))}) or a key of config.json")
             setattr(config, name, value)
+        if overrides:
+            config.__post_init__()  # converts sub-configs given as dicts, checks the values set
         return config
 
     def to_dict(self) -> dict[str, Any]:
@@ -376,9 +365,13 @@ class Idefics2Config(_ConfigAttributes):
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike[str], **kwargs: Any) -> Idefics2Config:
-        """A config.json file; `kwargs` as `from_dict` takes them."""
+        """A config.json file; `kwargs` as `from_dict` takes them. A file that is no JSON object of
+        valid values is a ValueError naming the file and the field."""
         with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f), **kwargs)
+            try:
+                return cls.from_dict(json.load(f), **kwargs)
+            except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError too
+                raise ValueError(f"{os.fspath(path)}: {error}") from error
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike[str], *, subfolder: str = "", **kwargs: Any) -> Idefics2Config:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from idefics2.generation.config import GenerationConfig
 from idefics2.generation.outputs import StepRecorder, keeps_every_row
-from idefics2.generation.sampling import TokenRules, filter_logits
+from idefics2.generation.sampling import TokenRules, filter_logits, sampling_probabilities
 from idefics2.generation.steps import decode_step, prefill
 from idefics2.model.kv_cache import KVCache
 
@@ -160,7 +160,7 @@ def _candidates(beams: Beams, log_probs: Tensor, C: int, position: int, step: in
     B, K, V = log_probs.shape
     totals = (log_probs + beams.running_scores[:, :, None]).view(B, K * V)
     if sampling:
-        drawn = torch.multinomial(totals.softmax(dim=-1), C, generator=generator)
+        drawn = torch.multinomial(sampling_probabilities(totals), C, generator=generator)
         scores, order = totals.gather(1, drawn).sort(dim=-1, descending=True)
         flat = drawn.gather(1, order)
     else:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from idefics2.generation.checks import FLOAT32, is_finite_real, is_int, is_real
 from idefics2.model.vision import check_pixel_inputs
 
 logger = logging.getLogger(__name__)
@@ -139,68 +139,90 @@ def resolve(model: nn.Module, overrides: dict[str, Any]) -> GenerationConfig:
     return GenerationConfig(**values)
 
 
-def as_id_list(value: int | Sequence[int] | Tensor | None) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, Tensor):
-        return [int(v) for v in value.reshape(-1).tolist()]
-    return [value] if isinstance(value, int) else [int(v) for v in value]
+def _check_lengths(cfg: GenerationConfig) -> None:
+    if not is_int(cfg.max_new_tokens) or cfg.max_new_tokens < 1:  # type: ignore[operator]
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {cfg.max_new_tokens!r}")
+    if not is_int(cfg.min_new_tokens) or not 0 <= cfg.min_new_tokens <= cfg.max_new_tokens:  # type: ignore[operator]
+        raise ValueError(f"min_new_tokens must be an integer in [0, max_new_tokens={cfg.max_new_tokens}], "
+                         f"got {cfg.min_new_tokens!r}")
+    cfg.max_new_tokens, cfg.min_new_tokens = int(cfg.max_new_tokens), int(cfg.min_new_tokens)  # type: ignore[arg-type]
+    n, beams = cfg.num_return_sequences, cfg.num_beams
+    if not is_int(beams) or beams < 1:  # type: ignore[operator]
+        raise ValueError(f"num_beams must be an integer >= 1 (1 = no beam search), got {beams!r}")
+    if not is_int(n) or n < 1:  # type: ignore[operator]
+        raise ValueError(f"num_return_sequences must be an integer >= 1, got {n!r}")
+    if beams > 1 and n > beams:  # type: ignore[operator]
+        raise ValueError(f"num_return_sequences ({n}) must be at most num_beams ({beams})")
+    if n > 1 and beams == 1 and not (cfg.do_sample and cfg.temperature != 0):  # type: ignore[operator]
+        raise ValueError(f"num_return_sequences={n} needs do_sample=True with a temperature above 0, or "
+                         f"num_beams >= {n}: greedy decoding returns the same sequence each time")
+    if cfg.early_stopping not in (True, False, "never") or type(cfg.early_stopping) not in (bool, str):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {cfg.early_stopping!r}")
+    if not is_finite_real(cfg.length_penalty):
+        raise ValueError(f"length_penalty must be a finite number, got {cfg.length_penalty!r}")
+    ngram = cfg.no_repeat_ngram_size
+    if not is_int(ngram) or ngram < 0:  # type: ignore[operator]
+        raise ValueError(f"no_repeat_ngram_size must be an integer >= 0 (0 = off), got {ngram!r}")
+
+
+def _check_sampling(cfg: GenerationConfig) -> None:
+    """Temperature: any number >= 0 (0 = greedy, inf = uniform over the allowed ids); one so small that
+    the scaled scores overflow float32 gives the greedy token (`sampling.apply_temperature`)."""
+    if not is_real(cfg.temperature) or not cfg.temperature >= 0:  # type: ignore[operator]
+        raise ValueError(f"temperature must be >= 0 (a number; 0 = greedy), got {cfg.temperature!r}")
+    if not is_int(cfg.top_k) or cfg.top_k < 0:  # type: ignore[operator]
+        raise ValueError(f"top_k must be an integer >= 0 (0 = no top-k filtering), got {cfg.top_k!r}")
+    if not is_real(cfg.top_p) or not 0 < cfg.top_p <= 1:  # type: ignore[operator]
+        raise ValueError(f"top_p must be in (0, 1], got {cfg.top_p!r}")
+    penalty = cfg.repetition_penalty
+    if not is_real(penalty) or not penalty > 0:  # type: ignore[operator]
+        raise ValueError(f"repetition_penalty must be > 0 (1 = no penalty), got {penalty!r}")
+    if not FLOAT32.tiny <= penalty <= FLOAT32.max:  # type: ignore[operator]
+        # float32 turns 1e-300 into 0 (scores / 0 = inf) and 1e300 into inf
+        raise ValueError(f"repetition_penalty must be > 0 (1 = no penalty) and within float32's normal range "
+                         f"[{FLOAT32.tiny:.3g}, {FLOAT32.max:.3g}], got {penalty!r}")
+    for name in ("do_sample", "output_scores", "output_logits", "return_dict_in_generate",
+                 "remove_invalid_values", "output_hidden_states", "output_attentions"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"{name} must be True or False, got {getattr(cfg, name)!r}")
+
+
+def _check_ids(cfg: GenerationConfig, eos_ids: list[int], vocab_size: int) -> None:
+    bad_eos = [i for i in eos_ids if not 0 <= i < vocab_size]
+    if bad_eos:
+        raise ValueError(f"eos_token_id must be token ids in [0, {vocab_size}) (the vocabulary), got {bad_eos}")
+    for name in ("pad_token_id", "bos_token_id"):
+        value = getattr(cfg, name)
+        if value is not None and (not is_int(value) or not 0 <= value < vocab_size):
+            raise ValueError(f"{name} must be a token id in [0, {vocab_size}), got {value!r}")
+    bad_words = cfg.bad_words_ids or []
+    if isinstance(bad_words, (str, bytes)) or not isinstance(bad_words, Sequence):
+        raise ValueError(f"bad_words_ids must be a list of lists of token ids, got {bad_words!r}")
+    for seq in bad_words:
+        if not isinstance(seq, (list, tuple)) or not seq or any(not is_int(i) or not 0 <= i < vocab_size
+                                                                for i in seq):
+            raise ValueError(f"bad_words_ids must be non-empty lists of token ids in [0, {vocab_size}), got {seq!r}")
+    stops = cfg.stop_strings or []
+    if not isinstance(stops, Sequence) or any(not isinstance(s, str) or not s for s in stops):
+        raise ValueError(f"stop_strings must be non-empty strings, got {cfg.stop_strings!r}")
 
 
 def validate(cfg: GenerationConfig, eos_ids: list[int], vocab_size: int, max_positions: int,
               prompt_length: int) -> None:
-    """Every argument checked before any compute; messages name the argument and its allowed range."""
-    def fail(message: str) -> None:
-        raise ValueError(message)
-
+    """Every argument checked before any compute; messages name the argument and its allowed range.
+    Integers (NumPy ones too) are stored back as Python ints; bools are not numbers here."""
     assert cfg.max_new_tokens is not None and cfg.min_new_tokens is not None
-    if not isinstance(cfg.max_new_tokens, int) or cfg.max_new_tokens < 1:
-        fail(f"max_new_tokens must be an integer >= 1, got {cfg.max_new_tokens!r}")
-    if not isinstance(cfg.min_new_tokens, int) or not 0 <= cfg.min_new_tokens <= cfg.max_new_tokens:
-        fail(f"min_new_tokens must be an integer in [0, max_new_tokens={cfg.max_new_tokens}], "
-             f"got {cfg.min_new_tokens!r}")
-    n, beams = cfg.num_return_sequences, cfg.num_beams
-    if not isinstance(beams, int) or isinstance(beams, bool) or beams < 1:
-        fail(f"num_beams must be an integer >= 1 (1 = no beam search), got {beams!r}")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        fail(f"num_return_sequences must be an integer >= 1, got {n!r}")
-    if beams > 1 and n > beams:
-        fail(f"num_return_sequences ({n}) must be at most num_beams ({beams})")
-    if n > 1 and beams == 1 and not (cfg.do_sample and cfg.temperature != 0):
-        fail(f"num_return_sequences={n} needs do_sample=True with a temperature above 0, or num_beams >= {n}: "
-             "greedy decoding returns the same sequence each time")
-    if cfg.early_stopping not in (True, False, "never"):
-        fail(f"early_stopping must be True, False or 'never', got {cfg.early_stopping!r}")
-    if not isinstance(cfg.length_penalty, (int, float)) or not math.isfinite(cfg.length_penalty):
-        fail(f"length_penalty must be a finite number, got {cfg.length_penalty!r}")
-    ngram = cfg.no_repeat_ngram_size
-    if not isinstance(ngram, int) or isinstance(ngram, bool) or ngram < 0:
-        fail(f"no_repeat_ngram_size must be an integer >= 0 (0 = off), got {ngram!r}")
-    if not cfg.temperature >= 0:  # type: ignore[operator]
-        fail(f"temperature must be >= 0 (0 = greedy), got {cfg.temperature!r}")
-    if not isinstance(cfg.top_k, int) or cfg.top_k < 0:
-        fail(f"top_k must be an integer >= 0 (0 = no top-k filtering), got {cfg.top_k!r}")
-    if not 0 < cfg.top_p <= 1:  # type: ignore[operator]
-        fail(f"top_p must be in (0, 1], got {cfg.top_p!r}")
-    if not cfg.repetition_penalty > 0:  # type: ignore[operator]
-        fail(f"repetition_penalty must be > 0 (1 = no penalty), got {cfg.repetition_penalty!r}")
-    bad_eos = [i for i in eos_ids if not 0 <= i < vocab_size]
-    if bad_eos:
-        fail(f"eos_token_id must be token ids in [0, {vocab_size}) (the vocabulary), got {bad_eos}")
-    if cfg.pad_token_id is not None and not 0 <= cfg.pad_token_id < vocab_size:
-        fail(f"pad_token_id must be a token id in [0, {vocab_size}), got {cfg.pad_token_id!r}")
-    for seq in cfg.bad_words_ids or []:
-        if not isinstance(seq, (list, tuple)) or not seq or any(not 0 <= int(i) < vocab_size for i in seq):
-            fail(f"bad_words_ids must be non-empty lists of token ids in [0, {vocab_size}), got {seq!r}")
-    if any(not isinstance(s, str) or not s for s in cfg.stop_strings or []):
-        fail(f"stop_strings must be non-empty strings, got {cfg.stop_strings!r}")
+    _check_lengths(cfg)
+    _check_sampling(cfg)
+    _check_ids(cfg, eos_ids, vocab_size)
     if prompt_length >= max_positions:
-        fail(f"prompt length ({prompt_length} tokens, images included) leaves no room for a new token: "
-             f"text_config.max_position_embeddings is {max_positions}; shorten the prompt or use fewer images")
+        raise ValueError(f"prompt length ({prompt_length} tokens, images included) leaves no room for a new "
+                         f"token: text_config.max_position_embeddings is {max_positions}; shorten the prompt "
+                         "or use fewer images")
     if prompt_length + cfg.max_new_tokens > max_positions:
-        fail(f"prompt length ({prompt_length}) + max_new_tokens ({cfg.max_new_tokens}) exceeds "
-             f"text_config.max_position_embeddings ({max_positions}): max_new_tokens must be in "
-             f"[1, {max_positions - prompt_length}] for this prompt")
+        raise ValueError(f"prompt length ({prompt_length}) + max_new_tokens ({cfg.max_new_tokens}) exceeds "
+                         f"text_config.max_position_embeddings ({max_positions}): max_new_tokens must be in "
+                         f"[1, {max_positions - prompt_length}] for this prompt")
 
 
 def check_inputs(input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None,

@@ -22,9 +22,15 @@ import torch
 from torch import Tensor, nn
 
 from idefics2.generation.beam_search import beam_search, check_beam_options
+from idefics2.generation.checks import (
+    as_id_list,
+    check_cache_memory,
+    check_call_arguments,
+    check_input_tensors,
+    initial_cache_length,
+)
 from idefics2.generation.config import (
     GenerationConfig,
-    as_id_list,
     check_inputs,
     check_unsupported,
     resolve,
@@ -144,6 +150,8 @@ class Generator:
         """
         check_unsupported(unsupported)
         model = self.model
+        extra_eos = check_call_arguments(model, seed, generator, extra_eos_token_ids, logits_processor, streamer,
+                                         use_cache, compile, vision_cache)
         cfg = resolve(model, {
             "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "do_sample": do_sample,
             "temperature": temperature, "top_k": top_k, "top_p": top_p, "repetition_penalty": repetition_penalty,
@@ -156,24 +164,23 @@ class Generator:
             "bad_words_ids": bad_words_ids, "return_dict_in_generate": return_dict_in_generate,
             "stop_strings": [stop_strings] if isinstance(stop_strings, str) else stop_strings,
         })
-        eos_ids = list(dict.fromkeys(as_id_list(cfg.eos_token_id) + as_id_list(list(extra_eos_token_ids))))
+        eos_ids = list(dict.fromkeys(as_id_list(cfg.eos_token_id) + extra_eos))
         inputs = _prepared_inputs(model, cfg, eos_ids, input_ids, attention_mask, pixel_values,
-                                  pixel_attention_mask)
+                                  pixel_attention_mask, inputs_embeds)
         embeds = _prepared_embeds(model, cfg, inputs[0], inputs_embeds)
         beams = int(cfg.num_beams)  # type: ignore[arg-type]
         if beams > 1:
             check_beam_options(cfg, streamer)
         stops = list(cfg.stop_strings or [])
-        if stops and tokenizer is None:
-            raise ValueError("stop_strings need a tokenizer to decode the new tokens: pass tokenizer=")
+        if stops and not callable(getattr(tokenizer, "decode", None)):
+            raise ValueError("stop_strings need a tokenizer (with decode) to read new tokens: pass tokenizer=")
         generator = _random_source(generator, seed, model.device)
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
         sampling = bool(cfg.do_sample) and cfg.temperature != 0
         if isinstance(streamer, TextIteratorStreamer):
             streamer.add_stop_strings(stops)
         threads = check_decode_threads(decode_threads, model.device, compile)
-        several = torch.get_num_threads() > 1
-        tuner = self.thread_tuner(torch.get_num_threads()) if threads == "auto" and several else None
+        tuner = self.thread_tuner(torch.get_num_threads()) if threads == "auto" and torch.get_num_threads() > 1 else None
         plan = _Plan(cfg, eos_ids, pad, sampling, stops, generator, tokenizer, streamer,
                      self.step_function(compile), self.vision_cache_for(vision_cache), threads, tuner,
                      list(logits_processor or []), use_cache, embeds)
@@ -198,9 +205,11 @@ def _random_source(generator: torch.Generator | None, seed: int | None,
 
 def _prepared_inputs(model: nn.Module, cfg: GenerationConfig, eos_ids: list[int], input_ids: Tensor | None,
                      attention_mask: Tensor | None, pixel_values: Tensor | None,
-                     pixel_attention_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+                     pixel_attention_mask: Tensor | None,
+                     inputs_embeds: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """The checked inputs on the model's device, each prompt repeated once per beam or returned
     sequence (together, as transformers expands them); no `input_ids`: (B, 1) BOS tokens."""
+    check_input_tensors(model, input_ids, attention_mask, pixel_values, pixel_attention_mask, inputs_embeds)
     text_config = model.config.text_config
     device = model.device
     if input_ids is None:
@@ -219,6 +228,7 @@ def _prepared_inputs(model: nn.Module, cfg: GenerationConfig, eos_ids: list[int]
     ids, mask, values, pmask = (t.repeat_interleave(n, 0) if t is not None and n > 1 else t
                                 for t in (input_ids, attention_mask.long(), pixel_values, pixel_attention_mask))
     assert ids is not None and mask is not None
+    check_cache_memory(model, ids.shape[0], ids.shape[1], int(cfg.max_new_tokens))  # type: ignore[arg-type]
     return ids, mask, values, pmask
 
 
@@ -287,7 +297,7 @@ def _run(model: nn.Module, input_ids: Tensor, mask: Tensor, pixel_values: Tensor
     if pixel_values is not None:
         # (R, L, D), computed once per request, before the prefill, never while decoding
         features = model.get_image_features(pixel_values, pixel_attention_mask, plan.vision_cache)
-    cache = model.new_kv_cache(T + N)
+    cache = model.new_kv_cache(initial_cache_length(T, N, plan.step_fn is not decode_step))
     record = StepRecorder(plan.cfg, plan.use_cache)
     layers = record.layers()
     logits, next_positions = prefill(model, input_ids, mask, features, cache, layers, plan.inputs_embeds)

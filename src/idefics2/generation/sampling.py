@@ -11,6 +11,7 @@ of one request are one `TokenRules`, shared by greedy, sampled and beam decoding
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -183,7 +184,7 @@ def filter_logits(scores: Tensor, temperature: float = 1.0, top_k: int = 0, top_
     (beam sampling keeps one more than there are EOS ids, so a beam can always go on).
     """
     if temperature != 1.0:
-        scores = scores / temperature
+        scores = apply_temperature(scores, temperature)
     if top_k > 0:
         k = min(max(top_k, min_tokens_to_keep), scores.shape[-1])
         kth = torch.topk(scores, k).values[..., -1:]  # (B, 1)
@@ -205,9 +206,56 @@ def filter_logits(scores: Tensor, temperature: float = 1.0, top_k: int = 0, top_
     return scores
 
 
+def apply_temperature(scores: Tensor, temperature: float) -> Tensor:
+    """scores / temperature (B, V), as the reference divides, made safe at the two limits.
+
+    temperature = inf: -inf stays -inf (the reference's -inf / inf is nan), so banned ids stay
+    banned and the rest are uniform. A temperature so small that a row overflows float32 (+inf or
+    nan where the scores were finite, or every id -inf where some were not) gets its T -> 0 limit:
+    the greedy choice, i.e. 0 on the row's highest scores and -inf elsewhere. Rows that do not
+    overflow are exactly the reference's quotient.
+    """
+    scaled = scores / temperature
+    if math.isinf(temperature):
+        return torch.where(scores == float("-inf"), float("-inf"), scaled)
+    invalid = scaled.isnan() | (scaled == float("inf"))
+    was_invalid = scores.isnan() | (scores == float("inf"))
+    all_banned = (scaled == float("-inf")).all(dim=-1) & ~(scores == float("-inf")).all(dim=-1)
+    overflow = (invalid & ~was_invalid).any(dim=-1) | all_banned  # (B,)
+    greedy = torch.where(scores == scores.amax(dim=-1, keepdim=True), 0.0, float("-inf")).to(scores.dtype)
+    return torch.where(overflow[:, None], greedy, scaled)
+
+
+def _unsampleable_reason(scores: Tensor, row: int) -> str:
+    values = scores[row]
+    if bool(values.isnan().any()):
+        return ("some scores are nan (from the model's logits or a logits_processor); pass "
+                "remove_invalid_values=True to replace them")
+    if bool((values == float("inf")).any()):
+        return ("some scores are +inf (a logits_processor, or a repetition_penalty so small that dividing "
+                "by it overflows); pass remove_invalid_values=True to make them finite")
+    return ("every token's score is -inf: bad_words_ids, min_new_tokens (which bans EOS), no_repeat_ngram_size "
+            "or a logits_processor together ban the whole vocabulary")
+
+
 def choose_tokens(scores: Tensor, do_sample: bool, generator: torch.Generator | None) -> Tensor:
-    """(B, V) processed scores -> (B,) ids: argmax, or one draw from softmax(scores)."""
+    """(B, V) processed scores -> (B,) ids: argmax, or one draw from softmax(scores).
+
+    Greedy takes the argmax even of a row that is all -inf (id 0, as transformers 5.24 does).
+    Sampling a row with no valid distribution (all -inf, nan, or +inf scores) is a ValueError naming
+    the cause; transformers 5.24 fails there inside `torch.multinomial` with a RuntimeError.
+    """
     if not do_sample:
         return scores.argmax(dim=-1)
+    return torch.multinomial(sampling_probabilities(scores), num_samples=1, generator=generator).squeeze(1)
+
+
+def sampling_probabilities(scores: Tensor) -> Tensor:
+    """softmax(scores) (B, N) to draw from; a row without a valid distribution (all -inf, nan or
+    +inf scores) is a ValueError naming the cause, where `torch.multinomial` would raise its own."""
     probs = scores.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    broken = probs.isnan().any(dim=-1)  # softmax is nan exactly for rows without a distribution
+    if bool(broken.any()):
+        row = int(broken.nonzero()[0, 0])
+        raise ValueError(f"cannot sample the next token of row {row}: {_unsampleable_reason(scores, row)}")
+    return probs

@@ -138,7 +138,10 @@ class Tokenizer:
         backend, settings = read_tokenizer_folder(Path(folder))
         defaults = {key: overrides.pop(key) for key in CALL_DEFAULT_KEYS if key in overrides}
         settings["init_kwargs"] = {**settings["init_kwargs"], **defaults}
-        return cls(backend, **{**settings, **overrides})
+        try:
+            return cls(backend, **{**settings, **overrides})
+        except ValueError as err:  # settings that do not fit together (e.g. add_bos_token without a bos_token)
+            raise ValueError(f"{Path(folder) / 'tokenizer_config.json'}: {err}") from None
 
     def save_pretrained(self, folder: str | Path) -> tuple[str, str, str]:
         """Write tokenizer_config.json, special_tokens_map.json and tokenizer.json (loadable by
