@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from idefics2.config import Idefics2Config
 from idefics2.files import inside, resolve_folder, write_folder_atomically
-from idefics2.model.quant import Int4Linear, Int8Linear, quantization_targets, quantize_weight
+from idefics2.model.quant import AwqLayers, Int4Linear, Int8Linear, quantization_targets, quantize_weight
 
 logger = logging.getLogger(__name__)
 
@@ -231,6 +231,7 @@ def _build(cls: type[M], config: Idefics2Config, shards: Iterable[Shard], *, dty
         model = cls(config)  # type: ignore[call-arg]
     targets = quantization_targets(model, quantization)
     quantized: dict[str, nn.Module] = {}
+    awq = AwqLayers.for_config(config, source, quantization)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     tied = getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in expected
     if tied:
@@ -246,6 +247,8 @@ def _build(cls: type[M], config: Idefics2Config, shards: Iterable[Shard], *, dty
             key = key_map.get(ckpt_key)
             if key is None:
                 continue  # a head the headless model does not have
+            if awq is not None and awq.take(key, ckpt_key, get_tensor, expected):
+                continue
             if key not in expected:
                 if not (tied and key == "lm_head.weight"):
                     unexpected.append(ckpt_key)
@@ -268,6 +271,10 @@ def _build(cls: type[M], config: Idefics2Config, shards: Iterable[Shard], *, dty
             if target_dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(target_dtype)
             state[key] = tensor.to(device) if device is not None else tensor
+    if awq is not None:
+        for name, layer in awq.layers(device).items():
+            quantized[name] = layer
+            state[f"{name}.weight"] = layer.scales_and_zeros.new_empty(0)  # present: replaced below
     if bad_dtype:
         raise ValueError(f"{source} holds tensors that are not floating point where the model has float "
                          f"weights: {bad_dtype[:20]}")

@@ -14,7 +14,8 @@ Layouts (y = x W^T, W (N, K)):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -155,3 +156,103 @@ def quantization_targets(model: nn.Module, quantization: tuple[str, int] | None)
             if isinstance(module, nn.Linear) and quantizable(tuple(module.weight.shape), method, group_size)
             and any(part in name.split(".") for part in ("text_model", "connector"))}
 
+
+
+# AutoAWQ's GEMM layout: qweight (K, N / 8) int32, qzeros (K / group, N / 8) int32, scales
+# (K / group, N) float16; each int32 holds 8 nibbles, nibble i being column 8c + AWQ_ORDER[i];
+# W^T[k, n] = (q[k, n] - zero[k // group, n]) * scale[k // group, n].
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def awq_unpack(packed: Tensor) -> Tensor:
+    """(R, N / 8) int32 -> (R, N) int32 nibbles in AWQ's column order."""
+    R, C = packed.shape
+    out = torch.empty(R, C, 8, dtype=torch.int32, device=packed.device)
+    for i, column in enumerate(AWQ_ORDER):
+        out[:, :, column] = (packed >> (4 * i)) & 0xF
+    return out.view(R, C * 8)
+
+
+def awq_pack(values: Tensor) -> Tensor:
+    """(R, N) ints in 0..15 -> (R, N / 8) int32, AWQ's packing (the inverse of `awq_unpack`)."""
+    R, N = values.shape
+    grouped = values.to(torch.int32).view(R, N // 8, 8)
+    packed = torch.zeros(R, N // 8, dtype=torch.int32, device=values.device)
+    for i, column in enumerate(AWQ_ORDER):
+        packed |= grouped[:, :, column] << (4 * i)
+    return packed
+
+
+def int4_from_awq(qweight: Tensor, qzeros: Tensor, scales: Tensor, bias: Tensor | None) -> Int4Linear:
+    """An AWQ GEMM layer as an Int4Linear: same weights, torch's kernel layout."""
+    q = awq_unpack(qweight).t().contiguous()  # (N, K)
+    zero = awq_unpack(qzeros).t().float()  # (N, K / group)
+    s = scales.t().float()  # (N, K / group)
+    group_size = q.shape[1] // s.shape[1]
+    if group_size not in GROUP_SIZES or q.shape[1] != group_size * s.shape[1]:
+        raise ValueError(f"AWQ layer with {q.shape[1]} inputs and {s.shape[1]} groups: group size "
+                         f"{q.shape[1] / s.shape[1]:g} is not one of {list(GROUP_SIZES)}")
+    return Int4Linear.from_int4(q, s, (8 - zero) * s, bias, group_size)
+
+
+def check_awq_config(quantization_config: object, source: str) -> list[str]:
+    """The AWQ variants we read: 4 bits, GEMM, zero points; returns `modules_to_not_convert`."""
+    if not isinstance(quantization_config, dict):
+        raise ValueError(f"{source}: quantization_config must be an object")
+    method = quantization_config.get("quant_method")
+    if method != "awq":
+        raise ValueError(f"{source}: quantization_config.quant_method {method!r} is not supported (only 'awq')")
+    wanted = {"bits": 4, "version": "gemm", "zero_point": True}
+    got = {"bits": quantization_config.get("bits", quantization_config.get("w_bit")),
+           "version": str(quantization_config.get("version", "gemm")).lower(),
+           "zero_point": quantization_config.get("zero_point", True)}
+    wrong = [f"{k}={got[k]!r}" for k in wanted if got[k] != wanted[k]]
+    if wrong:
+        raise ValueError(f"{source}: AWQ checkpoint with {', '.join(wrong)}; only 4-bit GEMM with zero points "
+                         "is supported (GEMV, exllama and other bit widths are not)")
+    skip = quantization_config.get("modules_to_not_convert") or []
+    if not isinstance(skip, list) or not all(isinstance(m, str) for m in skip):
+        raise ValueError(f"{source}: quantization_config.modules_to_not_convert must be a list of names")
+    return skip
+
+
+class AwqLayers:
+    """The AWQ GEMM tensors (qweight, qzeros, scales) of a pre-quantized checkpoint, by layer,
+    turned into Int4Linear layers once all are read (`quantization_config` in config.json)."""
+
+    PARTS = ("qweight", "qzeros", "scales")
+
+    def __init__(self, source: str) -> None:
+        self.source, self.parts = source, {}  # type: ignore[var-annotated]
+
+    @classmethod
+    def for_config(cls, config: Any, source: str,
+                   quantization: tuple[str, int] | None) -> AwqLayers | None:
+        quantization_config = getattr(config, "extra", {}).get("quantization_config")
+        if quantization_config is None:
+            return None
+        if quantization is not None:
+            raise ValueError(f"{source} is already quantized (quantization_config in config.json): drop quantization=")
+        check_awq_config(quantization_config, source)
+        return cls(source)
+
+    def take(self, key: str, ckpt_key: str, get_tensor: Callable[[str], Tensor],
+             expected: dict[str, Any]) -> bool:
+        name, _, part = key.rpartition(".")
+        if part not in self.PARTS or f"{name}.weight" not in expected:
+            return False
+        self.parts.setdefault(name, {})[part] = get_tensor(ckpt_key)
+        return True
+
+    def layers(self, device: Any) -> dict[str, nn.Module]:
+        out = {}
+        for name, parts in self.parts.items():
+            missing = [p for p in self.PARTS if p not in parts]
+            if missing:
+                raise ValueError(f"{self.source}: AWQ layer {name} lacks {missing}")
+            try:
+                layer = int4_from_awq(parts["qweight"], parts["qzeros"], parts["scales"], None)
+            except (RuntimeError, ValueError) as err:
+                raise ValueError(f"{self.source}: AWQ layer {name}: {err}") from None
+            out[name] = layer.to(device) if device is not None else layer
+        return out
