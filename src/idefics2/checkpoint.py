@@ -10,6 +10,7 @@ good one was. Pickle (`.bin`) checkpoints are refused.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from idefics2.config import Idefics2Config
 from idefics2.files import inside, resolve_folder, write_folder_atomically
-from idefics2.model.quant import AwqLayers, Int4Linear, Int8Linear, quantization_targets, quantize_weight
+from idefics2.model.quant import AwqLayers, checkpoint_tensors, quantization_targets, quantize_weight
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +275,7 @@ def _build(cls: type[M], config: Idefics2Config, shards: Iterable[Shard], *, dty
     if awq is not None:
         for name, layer in awq.layers(device).items():
             quantized[name] = layer
-            state[f"{name}.weight"] = layer.scales_and_zeros.new_empty(0)  # present: replaced below
+            state[f"{name}.weight"] = torch.empty(0)  # present: the quantized layer replaces it below
     if bad_dtype:
         raise ValueError(f"{source} holds tensors that are not floating point where the model has float "
                          f"weights: {bad_dtype[:20]}")
@@ -363,15 +364,17 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike[str], *, max_sha
     max_bytes = parse_size(max_shard_size)
     config: Idefics2Config = model.config  # type: ignore[assignment]
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules()):
-        raise ValueError("the model holds quantized layers, which save_pretrained does not write yet: save the "
-                         "float model, and quantize when loading it (from_pretrained(..., quantization=...))")
+    added, replaced, quantization_config = checkpoint_tensors(model)
+    state = {**{k: v for k, v in state.items() if k not in replaced}, **added}
     if any(".lora_A." in key for key in state):
         raise ValueError("the model has LoRA adapters attached: save them with idefics2.lora.save_adapter, "
                          "or fold them in with idefics2.lora.merge_lora before save_pretrained")
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # the reference omits the tied head too
     with write_folder_atomically(folder, owns=_is_model_file) as tmp:
+        if quantization_config is not None:  # config.json says how the weights are stored
+            config = copy.deepcopy(config)
+            config.extra["quantization_config"] = quantization_config
         config.save_pretrained(tmp)
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None and hasattr(generation_config, "to_dict"):

@@ -81,7 +81,7 @@ def test_an_awq_checkpoint_loads_with_exactly_its_dequantized_weights(tmp_path: 
 @pytest.mark.parametrize("change, message", [
     ({"bits": 8}, r"AWQ checkpoint with bits=8; only 4-bit GEMM with zero points"),
     ({"version": "gemv"}, r"version='gemv'"),
-    ({"quant_method": "gptq"}, r"quant_method 'gptq' is not supported \(only 'awq'\)"),
+    ({"quant_method": "gptq"}, r"quant_method 'gptq' is not supported \(only 'awq' and 'idefics2-int8'\)"),
 ])
 def test_awq_variants_we_do_not_read_are_named(tmp_path: Path, change: dict, message: str) -> None:
     write_awq_checkpoint(tmp_path, **change)
@@ -96,5 +96,5 @@ def test_a_broken_awq_layer_and_double_quantization_are_refused(tmp_path: Path) 
     tensors = load_file(tmp_path / "model.safetensors")
     del tensors["model.text_model.layers.0.self_attn.q_proj.qzeros"]
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"AWQ layer model.text_model.layers.0.self_attn.q_proj lacks \['qzeros'\]"):
+    with pytest.raises(ValueError, match=r"quantized layer model.text_model.layers.0.self_attn.q_proj lacks \['qzeros'\]"):
         Idefics2ForConditionalGeneration.from_pretrained(tmp_path)

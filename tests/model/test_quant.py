@@ -4,6 +4,7 @@ layer, and a quantized tiny model equal to the same model holding the dequantize
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -99,8 +100,12 @@ def test_quantizing_while_loading_equals_quantizing_after(tmp_path, method: str)
     batch = make_batch(tiny_config_dict(text_hidden=64, vision_hidden=32))
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, after(**batch).logits, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="holds quantized layers, which save_pretrained does not write yet"):
-        loaded.save_pretrained(tmp_path / "again")
+    loaded.save_pretrained(tmp_path / "again")  # int8: our layout; int4: AWQ's GEMM layout
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
+    assert saved["quant_method"] == ("idefics2-int8" if method == "int8" else "awq")
+    again = Idefics2ForConditionalGeneration.from_pretrained(tmp_path / "again")
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, after(**batch).logits, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="quantization must be one of"):
         Idefics2ForConditionalGeneration.from_pretrained(tmp_path, quantization="fp8")
 

@@ -195,13 +195,20 @@ def int4_from_awq(qweight: Tensor, qzeros: Tensor, scales: Tensor, bias: Tensor 
     return Int4Linear.from_int4(q, s, (8 - zero) * s, bias, group_size)
 
 
-def check_awq_config(quantization_config: object, source: str) -> list[str]:
-    """The AWQ variants we read: 4 bits, GEMM, zero points; returns `modules_to_not_convert`."""
+INT8_METHOD = "idefics2-int8"  # our layout: qweight (N, K) int8, scales (N,) float32 per layer
+
+
+def check_awq_config(quantization_config: object, source: str) -> str:
+    """The pre-quantized formats we read: AWQ 4-bit GEMM with zero points, or our int8 layout;
+    returns "awq" or "int8"."""
     if not isinstance(quantization_config, dict):
         raise ValueError(f"{source}: quantization_config must be an object")
     method = quantization_config.get("quant_method")
+    if method == INT8_METHOD:
+        return "int8"
     if method != "awq":
-        raise ValueError(f"{source}: quantization_config.quant_method {method!r} is not supported (only 'awq')")
+        raise ValueError(f"{source}: quantization_config.quant_method {method!r} is not supported (only 'awq' "
+                         f"and {INT8_METHOD!r})")
     wanted = {"bits": 4, "version": "gemm", "zero_point": True}
     got = {"bits": quantization_config.get("bits", quantization_config.get("w_bit")),
            "version": str(quantization_config.get("version", "gemm")).lower(),
@@ -213,17 +220,47 @@ def check_awq_config(quantization_config: object, source: str) -> list[str]:
     skip = quantization_config.get("modules_to_not_convert") or []
     if not isinstance(skip, list) or not all(isinstance(m, str) for m in skip):
         raise ValueError(f"{source}: quantization_config.modules_to_not_convert must be a list of names")
-    return skip
+    return "awq"
+
+
+def checkpoint_tensors(model: nn.Module) -> tuple[dict[str, Tensor], set[str], dict[str, Any] | None]:
+    """How a model's quantized layers are saved: (tensors to add, state keys they replace, the
+    quantization_config for config.json), or ({}, set(), None) for a float model. Int4 layers are
+    written in AWQ's GEMM layout (scales kept in float32), int8 layers in ours; one kind per model."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (Int8Linear, Int4Linear))}
+    if not layers:
+        return {}, set(), None
+    kinds = {type(m) for m in layers.values()}
+    groups = {m.group_size for m in layers.values() if isinstance(m, Int4Linear)}
+    if len(kinds) > 1 or len(groups) > 1:
+        raise ValueError("the model mixes quantized layer kinds or group sizes, which one checkpoint cannot hold")
+    added: dict[str, Tensor] = {}
+    replaced: set[str] = set()
+    for name, layer in layers.items():
+        if isinstance(layer, Int8Linear):
+            continue  # its buffers (qweight, scales) are the saved layout
+        s, zf = layer.scales_and_zeros[..., 0].t(), layer.scales_and_zeros[..., 1].t()  # (N, K / group)
+        zero = torch.round(8 - zf / s)
+        w = layer.dequantize().view(layer.out_features, -1, layer.group_size)
+        q = torch.round(w / s[..., None] + zero[..., None]).clamp(0, 15).view(layer.out_features, -1)
+        added.update({f"{name}.qweight": awq_pack(q.t().contiguous()).cpu(),
+                      f"{name}.qzeros": awq_pack(zero.t().contiguous()).cpu(),
+                      f"{name}.scales": s.t().contiguous().cpu()})
+        replaced |= {f"{name}.packed", f"{name}.scales_and_zeros"}
+    if kinds == {Int8Linear}:
+        return added, replaced, {"quant_method": INT8_METHOD, "bits": 8}
+    return added, replaced, {"quant_method": "awq", "bits": 4, "group_size": groups.pop(), "version": "gemm",
+                             "zero_point": True}
 
 
 class AwqLayers:
-    """The AWQ GEMM tensors (qweight, qzeros, scales) of a pre-quantized checkpoint, by layer,
-    turned into Int4Linear layers once all are read (`quantization_config` in config.json)."""
+    """The tensors of a pre-quantized checkpoint (`quantization_config` in config.json), by layer:
+    AWQ GEMM (qweight, qzeros, scales) or our int8 (qweight, scales), turned into Int4Linear /
+    Int8Linear layers once all are read."""
 
-    PARTS = ("qweight", "qzeros", "scales")
-
-    def __init__(self, source: str) -> None:
-        self.source, self.parts = source, {}  # type: ignore[var-annotated]
+    def __init__(self, source: str, kind: str) -> None:
+        self.source, self.kind, self.parts = source, kind, {}  # type: ignore[var-annotated]
+        self.PARTS = ("qweight", "qzeros", "scales") if kind == "awq" else ("qweight", "scales")
 
     @classmethod
     def for_config(cls, config: Any, source: str,
@@ -233,8 +270,7 @@ class AwqLayers:
             return None
         if quantization is not None:
             raise ValueError(f"{source} is already quantized (quantization_config in config.json): drop quantization=")
-        check_awq_config(quantization_config, source)
-        return cls(source)
+        return cls(source, check_awq_config(quantization_config, source))
 
     def take(self, key: str, ckpt_key: str, get_tensor: Callable[[str], Tensor],
              expected: dict[str, Any]) -> bool:
@@ -249,10 +285,11 @@ class AwqLayers:
         for name, parts in self.parts.items():
             missing = [p for p in self.PARTS if p not in parts]
             if missing:
-                raise ValueError(f"{self.source}: AWQ layer {name} lacks {missing}")
+                raise ValueError(f"{self.source}: quantized layer {name} lacks {missing}")
             try:
-                layer = int4_from_awq(parts["qweight"], parts["qzeros"], parts["scales"], None)
+                layer: nn.Module = (int4_from_awq(parts["qweight"], parts["qzeros"], parts["scales"], None)
+                                    if self.kind == "awq" else Int8Linear(parts["qweight"], parts["scales"].float(), None))
             except (RuntimeError, ValueError) as err:
-                raise ValueError(f"{self.source}: AWQ layer {name}: {err}") from None
+                raise ValueError(f"{self.source}: quantized layer {name}: {err}") from None
             out[name] = layer.to(device) if device is not None else layer
         return out
