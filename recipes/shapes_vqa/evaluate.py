@@ -10,6 +10,7 @@ for the colour-binding check).
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import string
 import time
@@ -90,6 +91,31 @@ def format_table(scores: dict[str, float], items: Sequence[EvalItem]) -> str:
     return "\n".join(rows)
 
 
+@torch.no_grad()
+def agreement(reference: Idefics2ForConditionalGeneration, model: Idefics2ForConditionalGeneration,
+              processor: Idefics2Processor, items: Sequence[EvalItem], batch_size: int = 25) -> dict[str, float]:
+    """Next-token agreement of `model` with `reference` on the items' conversations (question and
+    answer, teacher-forced), at every real text position: mean KL(reference || model) and top-1
+    agreement."""
+    kl, same, count = 0.0, 0, 0
+    by_images: dict[int, list[EvalItem]] = defaultdict(list)  # a batch needs one image count
+    for item in items:
+        by_images[len(item.images)].append(item)
+    chunks = [group[i:i + batch_size] for group in by_images.values() for i in range(0, len(group), batch_size)]
+    for chunk in chunks:
+        texts = [processor.apply_chat_template([*item.messages, {"role": "assistant", "content": [
+            {"type": "text", "text": item.answer}]}]) for item in chunk]
+        inputs = processor(images=[list(item.images) for item in chunk], text=texts, padding=True,
+                           return_tensors="pt")
+        real = inputs["attention_mask"].bool() & (inputs["input_ids"] != processor.image_token_id)
+        p = reference(**inputs).logits.float().log_softmax(-1)[real]  # (positions, V)
+        q = model(**inputs).logits.float().log_softmax(-1)[real]
+        kl += float((p.exp() * (p - q)).sum())
+        same += int((p.argmax(-1) == q.argmax(-1)).sum())
+        count += p.shape[0]
+    return {"positions": count, "mean_kl": kl / count, "top1_agreement": same / count}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Exact-match accuracy of a shapes model on fresh questions.")
     parser.add_argument("model_dir", type=Path)
@@ -102,6 +128,8 @@ def main() -> None:
                              "(the shipping check of docs/training.md: --seed 5 --n 120)")
     parser.add_argument("--quantization", choices=["int8", "int4"], help="quantize the decoder and connector")
     parser.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
+    parser.add_argument("--agreement", action="store_true",
+                        help="with --quantization: next-token KL and top-1 agreement against float32 instead")
     args = parser.parse_args()
     for flag, value in (("--n", args.n), ("--batch-size", args.batch_size)):
         if value < 1:
@@ -111,6 +139,12 @@ def main() -> None:
                                                              group_size=args.group_size).eval()
     processor = Idefics2Processor.from_pretrained(args.model_dir)
     items = (make_colour_binding_items if args.colour_binding else make_eval_items)(args.seed, args.n)
+    if args.agreement:
+        if args.quantization is None:
+            parser.error("--agreement compares a --quantization against float32")
+        reference = Idefics2ForConditionalGeneration.from_pretrained(args.model_dir).eval()
+        print(json.dumps(agreement(reference, model, processor, items)))
+        return
     start = time.monotonic()
     answers = answer_items(model, processor, items, batch_size=args.batch_size)
     print(format_table(score(items, answers), items))
