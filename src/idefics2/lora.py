@@ -202,7 +202,9 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     model.requires_grad_(False)
     for name in names:
         base = model.get_submodule(name)
-        _set_module(model, name, LoRALinear(base, config.r, config.scaling, config.lora_dropout))  # type: ignore[arg-type]
+        wrapped = LoRALinear(base, config.r, config.scaling, config.lora_dropout)  # type: ignore[arg-type]
+        wrapped.train(base.training)  # a new module trains by default: keep the model's mode (dropout)
+        _set_module(model, name, wrapped)
     return names
 
 

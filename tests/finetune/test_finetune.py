@@ -115,6 +115,25 @@ def test_adapter_starts_as_a_no_op_and_merging_keeps_the_outputs(checkpoint: Pat
     torch.testing.assert_close(merged, adapted, atol=1e-5 * float(adapted.abs().max()), rtol=1e-5)
 
 
+def test_a_loaded_adapter_with_dropout_is_deterministic_in_eval_mode(checkpoint: Path, tmp_path: Path) -> None:
+    """Wrapping a layer of a model in eval mode keeps eval mode: the adapter's Dropout must not fire
+    (it did, moving the logits by up to 4.4 between two identical calls)."""
+    processor = Idefics2Processor.from_pretrained(checkpoint)
+    inputs = _inputs(processor)
+    trained = Idefics2ForConditionalGeneration.from_pretrained(checkpoint)
+    add_lora(trained, LoRAConfig(r=4, lora_dropout=0.5))
+    _randomise_adapters(trained, 1)
+    save_adapter(trained, LoRAConfig(r=4, lora_dropout=0.5), tmp_path / "adapter")
+    model = Idefics2ForConditionalGeneration.from_pretrained(checkpoint).eval()
+    load_adapter(model, tmp_path / "adapter")
+    assert not any(m.training for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, model(**inputs).logits)
+    model.train()  # and in training mode the dropout does fire
+    with torch.no_grad():
+        assert not torch.equal(model(**inputs).logits, model(**inputs).logits)
+
+
 @pytest.mark.oracle
 def test_adapters_load_both_ways_with_peft_on_the_reference_model(checkpoint: Path, tmp_path: Path) -> None:
     """Ours saved -> PEFT on transformers' model gives our logits; PEFT saved -> ours gives PEFT's."""
@@ -396,3 +415,20 @@ def test_answers_are_found_with_a_mistral_style_tokenizer() -> None:
     labels = make_batch([conversation], processor, assistant_prefix_ids(processor.tokenizer), "d.jsonl")["labels"][0]
     assert processor.tokenizer.convert_ids_to_tokens(labels[labels != -100].tolist()) == [
         "▁Red", ".", "<end_of_utterance>", "▁A", "▁square", ".", "<end_of_utterance>"]
+
+
+def test_the_cosine_after_warm_up_follows_transformers_schedule() -> None:
+    """The cosine starts after the warm-up (the rate right after it stays ~1, not 0.87x)."""
+    transformers = pytest.importorskip("transformers")
+    from idefics2.finetune.loop import cosine_progress, lr_factor
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = transformers.get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=10, num_training_steps=100)
+    expected = []
+    for _ in range(100):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    ours = [lr_factor(cosine_progress(step, 100, 10), step, 10, 0.0) for step in range(100)]
+    assert ours[10:] == pytest.approx(expected[10:], abs=1e-12)
+    assert ours[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])  # warm-up from the first step

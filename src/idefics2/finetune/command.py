@@ -42,6 +42,7 @@ from tqdm import tqdm
 from idefics2.finetune.data import assistant_prefix_ids, check_tokenized, load_conversations, make_batch
 from idefics2.finetune.flags import add_config_flags, check_flag_ranges, run_as_script
 from idefics2.finetune.loop import (
+    cosine_progress,
     evaluate,
     lr_factor,
     optimizer_step,
@@ -167,7 +168,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     loss_value: float | None = None  # these stay None when a resumed run has no steps left
     eval_loss: float | None = None
     for step in bar:
-        lr = cfg.lr * lr_factor(step / steps, step, cfg.warmup_steps, cfg.min_lr_ratio)
+        lr = cfg.lr * lr_factor(cosine_progress(step, steps, cfg.warmup_steps), step, cfg.warmup_steps,
+                                cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         chosen = next(stream)

@@ -21,6 +21,12 @@ from idefics2.model.text import positions_from_mask
 from idefics2.processing.processor import Idefics2Processor
 
 
+def cosine_progress(step: int, steps: int, warmup_steps: int) -> float:
+    """How far the cosine has come after the warm-up, in [0, 1], as transformers'
+    `get_cosine_schedule_with_warmup` counts it: the warm-up steps are not part of the cosine."""
+    return max(0, step - warmup_steps) / max(1, steps - warmup_steps)
+
+
 def lr_factor(progress: float, step: int, warmup_steps: int, min_ratio: float) -> float:
     """Linear warm-up over steps, then cosine from 1 to `min_ratio` over overall progress in [0, 1]."""
     if step < warmup_steps:
