@@ -432,3 +432,32 @@ def test_the_cosine_after_warm_up_follows_transformers_schedule() -> None:
     ours = [lr_factor(cosine_progress(step, 100, 10), step, 10, 0.0) for step in range(100)]
     assert ours[10:] == pytest.approx(expected[10:], abs=1e-12)
     assert ours[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])  # warm-up from the first step
+
+
+def test_gradient_checkpointing_gives_the_same_run(checkpoint: Path, data: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from idefics2.model.layers import CheckpointedLayer
+
+    recomputed: list[int] = []
+    block = CheckpointedLayer.forward
+
+    def counting(self: CheckpointedLayer, *args: object) -> object:
+        recomputed.append(int(self.gradient_checkpointing and self.training))
+        return block(self, *args)
+
+    monkeypatch.setattr(CheckpointedLayer, "forward", counting)
+    runs = []
+    for extra in ([], ["--gradient-checkpointing"]):
+        out = tmp_path / str(len(runs))
+        main(["--model", str(checkpoint), "--data", str(data), "--out-dir", str(out), "--lora-r", "4",
+              "--lora-dropout", "0.1", "--lr", "1e-2", "--warmup-steps", "0", "--max-steps", "4",
+              "--batch-size", "2", "--threads", "1", *extra])
+        runs.append((_history(out), load_file(out / "adapter" / "adapter_model.safetensors")))
+        if not extra:
+            assert not any(recomputed)
+            recomputed.clear()
+    assert recomputed and all(recomputed[:8])  # the flag switched the layers' checkpointing on
+    (plain, plain_adapter), (checkpointed, checkpointed_adapter) = runs
+    assert checkpointed == pytest.approx(plain, rel=1e-6, abs=1e-7)
+    for key, value in plain_adapter.items():
+        torch.testing.assert_close(checkpointed_adapter[key], value, rtol=1e-5, atol=1e-6)

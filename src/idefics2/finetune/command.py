@@ -80,6 +80,7 @@ class FinetuneConfig:
     lora_dropout: float = 0.0
     target_modules: str | None = None
     merge: bool = False
+    gradient_checkpointing: bool = False
     checkpoint_every: int = 0
     resume: bool = False
     epochs: float = 1.0
@@ -132,6 +133,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         names = add_lora(model, lora)
         if rank == 0:
             logger.info("LoRA r=%d on %d modules", cfg.lora_r, len(names))
+    if cfg.gradient_checkpointing:  # each decoder and vision layer recomputed in the backward pass
+        model.gradient_checkpointing_enable()
     torch.manual_seed(cfg.seed + rank)  # dropout masks differ between processes
     trainable = [p for p in model.parameters() if p.requires_grad]
     if rank == 0:
@@ -213,6 +216,8 @@ HELP = {
     "target_modules": "regular expression of the module names to adapt (default: decoder, modality "
                       "projection and perceiver projections)",
     "merge": "also write <out-dir>/model with the adapters folded into the weights",
+    "gradient_checkpointing": "recompute each decoder and vision layer in the backward pass instead of "
+                              "keeping its activations (less memory, ~30% more compute, same gradients)",
     "checkpoint_every": "save <out-dir>/checkpoint.pt every N steps and after the last (0 = never)",
     "resume": "continue from <out-dir>/checkpoint.pt (same flags; a larger --max-steps extends the run)",
     "max_steps": "optimizer steps (default: --epochs over the data)",
