@@ -92,11 +92,15 @@ class _Sequence:
     rules: TokenRules
     tokens: list[int]  # prompt and generated
     prompt_len: int
-    length: int  # positions held in the cache (the last token is not yet among them)
 
     @property
     def generated(self) -> int:
         return len(self.tokens) - self.prompt_len
+
+    @property
+    def length(self) -> int:
+        """Positions held in the cache: every token but the last chosen one, which the next step feeds."""
+        return len(self.tokens) - 1
 
 
 class Engine:
@@ -127,7 +131,6 @@ class Engine:
         self.device = weight.device
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[_Sequence] = []  # sequence i lives in cache slot i
-        self.tokens_generated = 0
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="idefics2-engine", daemon=True)
@@ -228,7 +231,7 @@ class Engine:
             rules = TokenRules(input_ids, mask, self.vocab_size, repetition_penalty=params.repetition_penalty,
                                no_repeat_ngram_size=0, bad_words_ids=[], eos_ids=params.eos_token_ids,
                                min_new_tokens=params.min_new_tokens, extra=extra)
-            self.running.append(_Sequence(request, i, rules, input_ids[0].tolist(), T, T))
+            self.running.append(_Sequence(request, i, rules, input_ids[0].tolist(), T))
         finished = [first + i for i in range(params.n) if not self._choose(first + i, logits)]
         self._remove(finished)
 
@@ -246,12 +249,7 @@ class Engine:
                 _send(s.request, TokenEvent(s.index, -1, "error", error=f"{type(err).__name__}: {err}"))
             self.running.clear()
             return
-        finished = []
-        for b in range(B):
-            self.running[b].length += 1
-            if not self._choose(b, logits[b:b + 1]):
-                finished.append(b)
-        self._remove(finished)
+        self._remove([b for b in range(B) if not self._choose(b, logits[b:b + 1])])
 
     def _choose(self, b: int, logits: Tensor) -> bool:
         """Pick sequence b's next token from its logits (1, V), send the event; False once it ends."""
@@ -269,7 +267,6 @@ class Engine:
             return False
         seq.rules.record(torch.tensor([token], device=self.device))
         seq.tokens.append(token)
-        self.tokens_generated += 1
         event = TokenEvent(seq.index, token)
         if params.logprobs is not None:
             logprobs = logits[0].log_softmax(dim=-1)

@@ -4,7 +4,8 @@ Buffers per layer: (slots, H_kv, max_len, hd), zero-filled once, so a masked key
 NaN that would reach the output through a zero attention weight. Each slot fills from position 0
 with its own sequence (prefilled alone, never padded), so a slot's cache index equals its RoPE
 position and the rows of a decode batch may hold different lengths. The running sequences always
-occupy slots 0..B-1 (`move` compacts after one leaves), so a decode step reads plain views.
+occupy slots 0..B-1 (the engine `copy`s the last one into a freed slot), so a decode step reads
+plain views.
 
 Both views below speak the decoder's cache protocol (`length`, `update`, `advance`) of
 `model.kv_cache.KVCache`, which the decoder uses without knowing which one it got.
@@ -23,10 +24,6 @@ class SlotKVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.slots, self.max_len = slots, max_len
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
     def prefill_view(self, slot: int) -> _PrefillView:
         """A cache for one sequence's prefill (batch 1) that writes into `slot` from position 0."""
