@@ -3,13 +3,12 @@ preprocessor_config.json, each value validated and brought to one type before an
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from idefics2.processing.config_files import is_finite_number, is_int
 from idefics2.processing.image_ops import PixelSteps
 
 _SIZE_KEY_SETS = ({"shortest_edge", "longest_edge"}, {"height", "width"})
@@ -43,15 +42,6 @@ class Settings:
 SETTING_NAMES = tuple(Settings.__dataclass_fields__)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_finite(value: Any) -> bool:
-    is_real = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-    return is_real and math.isfinite(value)
-
-
 def checked_settings(values: dict[str, Any]) -> Settings:
     """Validate raw settings (constructor, overrides or JSON) and bring them to canonical types."""
     for name in _FLAGS:
@@ -63,18 +53,18 @@ def checked_settings(values: dict[str, Any]) -> Settings:
             "size must be {'shortest_edge': int, 'longest_edge': int} or {'height': int, 'width': int}, "
             f"got {size!r}"
         )
-    if not all(_is_int(v) and v > 0 for v in size.values()):
+    if not all(is_int(v) and v > 0 for v in size.values()):
         raise ValueError(f"size values must be positive integers, got {size!r}")
     if "shortest_edge" in size and size["shortest_edge"] > size["longest_edge"]:
         raise ValueError(f"size['shortest_edge'] must not exceed size['longest_edge'], got {size!r}")
     resample = values["resample"]
-    if not _is_int(resample) or resample not in range(6):
+    if not is_int(resample) or resample not in range(6):
         raise ValueError(f"resample must be a PIL resampling filter (0..5, 2 = bilinear), got {resample!r}")
     factor = values["rescale_factor"]
-    if not _is_finite(factor):  # any sign, as transformers: its tests pass -1 to mark a changed default
+    if not is_finite_number(factor):  # any sign, as transformers: its tests pass -1 to mark a changed default
         raise ValueError(f"rescale_factor must be a finite number, got {factor!r}")
     limit = values["max_image_pixels"]
-    if limit is not None and not (_is_int(limit) and limit > 0):
+    if limit is not None and not (is_int(limit) and limit > 0):
         raise ValueError(f"max_image_pixels must be a positive integer or None, got {limit!r}")
     return Settings(
         **{name: values[name] for name in _FLAGS},
@@ -89,11 +79,11 @@ def checked_settings(values: dict[str, Any]) -> Settings:
 
 def _per_channel(name: str, value: Any, nonzero: bool = False) -> tuple[float, float, float]:
     """One number (used for all channels, as the reference allows) or three finite numbers."""
-    items = [value] * 3 if _is_finite(value) else value
+    items = [value] * 3 if is_finite_number(value) else value
     if (
         not (isinstance(items, (list, tuple)) or (isinstance(items, np.ndarray) and items.ndim == 1))
         or len(items) != 3
-        or not all(_is_finite(v) and not (nonzero and v == 0) for v in items)
+        or not all(is_finite_number(v) and not (nonzero and v == 0) for v in items)
     ):
         rule = "non-zero finite" if nonzero else "finite"
         raise ValueError(f"{name} must be a {rule} number or 3 {rule} numbers, got {value!r}")
