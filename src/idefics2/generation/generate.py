@@ -167,7 +167,7 @@ class Generator:
         eos_ids = list(dict.fromkeys(as_id_list(cfg.eos_token_id) + extra_eos))
         inputs = _prepared_inputs(model, cfg, eos_ids, input_ids, attention_mask, pixel_values,
                                   pixel_attention_mask, inputs_embeds)
-        embeds = _prepared_embeds(model, cfg, inputs[0], inputs_embeds)
+        embeds = _prepared_embeds(model, inputs[0], inputs_embeds)
         beams = int(cfg.num_beams)  # type: ignore[arg-type]
         if beams > 1:
             check_beam_options(cfg, streamer)
@@ -232,8 +232,7 @@ def _prepared_inputs(model: nn.Module, cfg: GenerationConfig, eos_ids: list[int]
     return ids, mask, values, pmask
 
 
-def _prepared_embeds(model: nn.Module, cfg: GenerationConfig, input_ids: Tensor,
-                     inputs_embeds: Tensor | None) -> Tensor | None:
+def _prepared_embeds(model: nn.Module, input_ids: Tensor, inputs_embeds: Tensor | None) -> Tensor | None:
     """The caller's prompt embeddings (B, T, D) beside `input_ids` (already repeated per beam or
     returned sequence; the ids still place the images and start the output), repeated alike."""
     if inputs_embeds is None:

@@ -198,7 +198,7 @@ def int4_from_awq(qweight: Tensor, qzeros: Tensor, scales: Tensor, bias: Tensor 
 INT8_METHOD = "idefics2-int8"  # our layout: qweight (N, K) int8, scales (N,) float32 per layer
 
 
-def check_awq_config(quantization_config: object, source: str) -> str:
+def check_quantization_config(quantization_config: object, source: str) -> str:
     """The pre-quantized formats we read: AWQ 4-bit GEMM with zero points, or our int8 layout;
     returns "awq" or "int8"."""
     if not isinstance(quantization_config, dict):
@@ -270,7 +270,7 @@ class AwqLayers:
             return None
         if quantization is not None:
             raise ValueError(f"{source} is already quantized (quantization_config in config.json): drop quantization=")
-        return cls(source, check_awq_config(quantization_config, source))
+        return cls(source, check_quantization_config(quantization_config, source))
 
     def take(self, key: str, ckpt_key: str, get_tensor: Callable[[str], Tensor],
              expected: dict[str, Any]) -> bool:
