@@ -117,3 +117,28 @@ def test_the_cli_answers_with_quantized_weights(capsys) -> None:
         assert main(["generate", "--quantization", method, "--group-size", "32", "--image",
                      str(EXAMPLES / "shapes.png"), "What color is the circle?"]) == 0
         assert capsys.readouterr().out.strip() == "Red."
+
+
+@pytest.mark.skipif(torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has bfloat16 kernels")
+def test_a_quantized_bfloat16_model_keeps_its_vision_tower_in_float32_on_a_cpu_without_bf16(tmp_path) -> None:
+    """The tower's float32 features are cast to bfloat16 before the connector: the image features
+    equal the connector's on the float32 tower's output rounded to bfloat16."""
+    config_dict = tiny_config_dict(text_hidden=64, vision_hidden=32)
+    torch.manual_seed(3)
+    Idefics2ForConditionalGeneration(Idefics2Config.from_dict(config_dict)).to(torch.bfloat16).save_pretrained(
+        tmp_path)
+    model = Idefics2ForConditionalGeneration.from_pretrained(tmp_path, quantization="int8")
+    assert {p.dtype for p in model.model.vision_model.parameters()} == {torch.float32}
+    assert model.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.bfloat16
+    batch = make_batch(config_dict)
+    pixels = batch["pixel_values"][:1, :1]  # one image, the full canvas
+    with torch.no_grad():
+        features = model.model.get_image_features(pixels)
+        image, patch_mask = model.model.real_images(pixels, None)  # (1, 3, H, W) float32, (1, Gh, Gw)
+        assert image.dtype == torch.float32 and bool(patch_mask.all())
+        patch_features = model.model.vision_model(image, patch_mask)  # (1, P, D_v) float32
+        expected = model.model.connector(patch_features.to(torch.bfloat16), patch_mask.flatten(1))
+        torch.testing.assert_close(features, expected, rtol=0, atol=0)
+        assert model.generate(**batch, max_new_tokens=3).shape[1] == batch["input_ids"].shape[1] + 3
+    plain = Idefics2ForConditionalGeneration.from_pretrained(tmp_path)  # nothing quantized: as stored
+    assert {p.dtype for p in plain.model.vision_model.parameters()} == {torch.bfloat16}

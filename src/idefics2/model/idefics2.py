@@ -82,14 +82,15 @@ class Idefics2Model(Idefics2PreTrainedModel):
 
     def real_images(self, pixel_values: Tensor, pixel_attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """pixel_values (B, M, 3, H, W), mask (B, M, H, W) 1 = real pixel -> the real images
-        (R, 3, H, W) in the model dtype and their patch masks (R, H//p, W//p).
+        (R, 3, H, W) in the vision tower's dtype and their patch masks (R, H//p, W//p).
 
         Padding images (every value exactly 0 after the dtype cast) are dropped; the rest keep
         their (sample, image) row-major order (docs/numerics.md §4.3 steps 1-3).
         """
         check_pixel_inputs(pixel_values, pixel_attention_mask)
         B, M, C, H, W = pixel_values.shape
-        pixel_values = pixel_values.to(self.device, self.dtype).reshape(B * M, C, H, W)
+        vision_dtype = self.vision_model.embeddings.patch_embedding.weight.dtype
+        pixel_values = pixel_values.to(self.device, vision_dtype).reshape(B * M, C, H, W)
         is_real = (pixel_values != 0).flatten(1).any(dim=1)  # (B*M,)
         pixel_values = pixel_values[is_real]  # (R, 3, H, W)
         if pixel_attention_mask is None:
@@ -145,7 +146,8 @@ class Idefics2Model(Idefics2PreTrainedModel):
             images = torch.stack([grids[r][0] for r in members])  # (n, 3, h, w)
             masks = torch.stack([grids[r][1] for r in members])  # (n, gh, gw)
             patch_features = self.vision_model(images, masks)  # (n, P, D_v)
-            out = self.connector(patch_features, masks.flatten(1))  # (n, L, D)
+            # The tower may keep float32 beside a bfloat16 rest (`modeling.keep_vision_float32`).
+            out = self.connector(patch_features.to(self.dtype), masks.flatten(1))  # (n, L, D)
             for r, f in zip(members, out, strict=True):
                 features[r] = f
                 if cache is not None:
