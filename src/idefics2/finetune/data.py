@@ -1,15 +1,31 @@
 """Fine-tuning data: conversations in the chat format, tokenized with answer-only labels.
 
-A conversation (chat messages and its image files) -> the processor's left-padded inputs ->
-`labels` that are -100 everywhere except the assistant answers and the `<end_of_utterance>`
-closing each, so only what the assistant says is learned.
+A conversation (chat messages and its images) -> the processor's left-padded inputs -> `labels`
+that are -100 everywhere except the assistant answers and the `<end_of_utterance>` closing each, so
+only what the assistant says is learned.
+
+`load_conversations` reads a JSON Lines file (a record a line), a JSON file holding an array of
+records, a Parquet file, or a folder written by `datasets`' `save_to_disk` (the last two with the
+`datasets` extra). Each record is one conversation, in one of three shapes:
+
+- `messages`: chat messages as `apply_chat_template` takes them, one `{"type": "image"}` part per image;
+- `question` and `answer` strings: a user turn (the images, then the question) and its answer;
+- `texts`: a list of `{"user": ..., "assistant": ...}` turns (the Cauldron's layout), the images
+  before the first user text;
+
+with its images in `images` (a list, in the order of the image parts) or `image` (one): file paths
+relative to the folder holding the data, or `{"bytes", "path"}` dicts, as `datasets` stores its
+Image feature. Images kept in a table stay encoded there until a batch decodes them.
 """
 
 from __future__ import annotations
 
+import importlib
+import io
 import json
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,13 +33,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from idefics2.processing.image_file import read_image
+from idefics2.processing.image_file import DEFAULT_MAX_PIXELS, read_image
 from idefics2.processing.processor import END_OF_UTTERANCE_TOKEN, Idefics2Processor, reserved_token_in
 from idefics2.processing.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
 
 ROLES = ("system", "user", "assistant")
+
+DATASETS_EXTRA = 'pip install "idefics2[datasets]"'
 
 
 def assistant_prefix_ids(tokenizer: Tokenizer) -> list[int]:
@@ -66,23 +84,84 @@ def labelled_batch(processor: Idefics2Processor, conversations: Sequence[list[di
     return batch
 
 
+@dataclass(frozen=True)
+class StoredImage:
+    """An image held in a table's cell as its encoded bytes (`table` is an Arrow table, memory-mapped
+    for a saved data set), read from there when a batch needs it, so a data set's images are never all
+    held in memory as Python objects."""
+
+    table: Any
+    row: int
+    column: str
+    index: int | None  # in the cell's list of images; None for a one-image column
+
+    def data(self) -> bytes:
+        cell = self.table.column(self.column)[self.row].as_py()
+        return (cell if self.index is None else cell[self.index])["bytes"]
+
+
 @dataclass
 class Conversation:
     messages: list[dict[str, Any]]
-    images: list[Path]
+    images: list[Path | StoredImage]
     line: int = 0  # in the data file, for error messages
+    row: int | None = None  # in a table (Parquet, saved data set, JSON array), from 0, instead of a line
+
+    def place(self, path: str) -> str:
+        return _place(path, self.row, self.line)
+
+def _place(path: str | Path, row: int | None, line: int) -> str:
+    """Where a record is in the data, for error messages: "train.jsonl:3" or "train.parquet row 2"."""
+    return f"{path}:{line}" if row is None else f"{path} row {row}"
 
 def _count_images(content: Any) -> int:
     return 0 if isinstance(content, str) else sum(part.get("type") == "image" for part in content)
 
-def _check_conversation(record: Any) -> str | None:
-    """What is wrong with one parsed line, or None."""
-    if not isinstance(record, dict) or not isinstance(record.get("messages"), list) or not record["messages"]:
+def _image_column(record: dict[str, Any]) -> tuple[str, list[Any]] | str:
+    """(the column holding the record's images, its images as a list), or what is wrong with them. A
+    null column (a table's row without images) holds none."""
+    column = "images" if "images" in record or "image" not in record else "image"
+    value = record.get(column)
+    if value is None:
+        return column, []
+    if column == "image":
+        return column, [value]
+    if not isinstance(value, list):
+        return '"images" must be a list'
+    return column, value
+
+def _as_messages(record: dict[str, Any], n_images: int) -> list[Any] | str:
+    """The record's conversation as chat messages (the `messages` shape kept as it is, checked later), or
+    what is wrong with it."""
+    if "messages" in record:
+        return record["messages"]
+    images = [{"type": "image"}] * n_images
+    if "question" in record or "answer" in record:
+        question, answer = record.get("question"), record.get("answer")
+        if not isinstance(question, str) or not isinstance(answer, str):
+            return '"question" and "answer" must both be strings'
+        return [{"role": "user", "content": [*images, {"type": "text", "text": question}]},
+                {"role": "assistant", "content": answer}]
+    if "texts" in record:
+        turns = record["texts"]
+        if not isinstance(turns, list) or not turns or not all(
+                isinstance(t, dict) and isinstance(t.get("user"), str) and isinstance(t.get("assistant"), str)
+                for t in turns):
+            return '"texts" must be a non-empty list of {"user": string, "assistant": string} turns'
+        messages = []
+        for k, turn in enumerate(turns):
+            user = [*(images if k == 0 else []), {"type": "text", "text": turn["user"]}]
+            messages += [{"role": "user", "content": user},
+                         {"role": "assistant", "content": turn["assistant"]}]
+        return messages
+    return ('expected "messages", "question" and "answer", or "texts"; the record has '
+            f"{sorted(record) if record else 'no fields'}")
+
+def _check_messages(messages: Any, n_images: int) -> str | None:
+    """What is wrong with a conversation's chat messages and its number of images, or None."""
+    if not isinstance(messages, list) or not messages:
         return 'expected an object with a non-empty "messages" list'
-    images = record.get("images", [])
-    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-        return '"images" must be a list of file paths'
-    for i, message in enumerate(record["messages"]):
+    for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             return f"message {i} needs a role, one of {ROLES}"
         content = message.get("content")
@@ -90,60 +169,162 @@ def _check_conversation(record: Any) -> str | None:
                 isinstance(content, list) and all(isinstance(p, dict) and p.get("type") in ("text", "image")
                                                   for p in content)):
             return f"message {i}: content must be a string or a list of text/image parts"
-        texts = [content] if isinstance(content, str) else [p.get("text") for p in content if p["type"] == "text"]
+        texts = [content] if isinstance(content, str) else [
+            p.get("text") for p in content if p["type"] == "text"]
         if not all(isinstance(text, str) for text in texts):
             return f'message {i}: a text part needs a "text" string'
         reserved = next((token for token in map(reserved_token_in, texts) if token), None)
         if reserved:
             return (f"message {i}: the text holds {reserved}, which the chat template writes itself; "
                     'mark an image with an {"type": "image"} part instead')
-    if not any(m["role"] == "assistant" for m in record["messages"]):
+    if not any(m["role"] == "assistant" for m in messages):
         return "no assistant turn: there is nothing to learn"
-    if any(m["role"] == "assistant" and _count_images(m["content"]) for m in record["messages"]):
+    if any(m["role"] == "assistant" and _count_images(m["content"]) for m in messages):
         return "an assistant turn holds an image part: images belong to user turns"
-    n_parts = sum(_count_images(m["content"]) for m in record["messages"])
-    if n_parts != len(images):
-        return f"{n_parts} image parts in the messages but {len(images)} files in \"images\""
+    n_parts = sum(_count_images(m["content"]) for m in messages)
+    if n_parts != n_images:
+        return f"{n_parts} image parts in the messages but {n_images} images"
     return None
 
-def _image_problem(path: Path) -> str | None:
-    """Whether PIL recognises the file (its header only: decoding every image up front would cost a pass
-    over the data set; a file that is damaged further in is reported, with its line, when it is used)."""
+def _image_problem(source: Path | bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
+    """Whether PIL recognises the image and its size is within `max_pixels`, from its header only:
+    decoding every image up front would cost a pass over the data set; an image that is damaged
+    further in is reported, with its place, when it is used."""
     from PIL import Image, UnidentifiedImageError
 
+    if isinstance(source, Path) and not source.exists():
+        return f"image file {source} not found"
+    if isinstance(source, Path) and not source.is_file():  # a FIFO or a device would block or never end
+        return f"cannot read image {source}: not a regular file"
     try:
-        with Image.open(path):
-            return None
-    except FileNotFoundError:
-        return f"image file {path} not found"
-    except (UnidentifiedImageError, OSError) as err:
-        return f"cannot read image {path}: {err}"
+        with warnings.catch_warnings():  # the size is checked here, against our own limit
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as image:
+                width, height = image.size
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as err:
+        return f"cannot read image {name}: {err}"
+    if width * height > max_pixels:
+        return (f"image {name} is {width}x{height} = {width * height} pixels, more than the {max_pixels} "
+                "allowed")
+    return None
 
-def load_conversations(path: str | os.PathLike[str]) -> list[Conversation]:
-    """Parse and check the whole data file before any training; errors name the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} not found")
-    conversations = []
+def _image_source(value: Any, folder: Path, table: Any, row: int, column: str,
+                  index: int | None) -> Path | StoredImage | str:
+    """Where one image of a record is (a file, or bytes in the table's cell), checked by its header; or
+    what is wrong with it."""
+    where = column if index is None else f"{column}[{index}]"
+    if isinstance(value, dict) and value.get("bytes") is not None:
+        if not isinstance(value["bytes"], bytes):
+            return f'{where}: "bytes" must be the encoded image file'
+        problem = _image_problem(value["bytes"], where)
+        return problem if problem else StoredImage(table, row, column, index)
+    if isinstance(value, dict) and isinstance(value.get("path"), str):
+        value = value["path"]
+    if not isinstance(value, str):
+        return (f'{where} must be an image file path or a {{"bytes", "path"}} dict, got '
+                f"{type(value).__name__}")
+    path = folder / value
+    return _image_problem(path, str(path)) or path
+
+def _conversation(record: Any, folder: Path, table: Any, row: int | None, line: int) -> Conversation | str:
+    """One record as a checked Conversation, or what is wrong with it; `table` holds the record's row
+    `row` when it comes from a table."""
+    if not isinstance(record, dict):
+        return 'expected an object with a non-empty "messages" list'
+    images = _image_column(record)
+    if isinstance(images, str):
+        return images
+    column, values = images
+    messages = _as_messages(record, len(values))
+    problem = messages if isinstance(messages, str) else _check_messages(messages, len(values))
+    if problem is not None:
+        return problem
+    sources = []
+    for k, value in enumerate(values):
+        source = _image_source(value, folder, table, row or 0, column, None if column == "image" else k)
+        if isinstance(source, str):
+            return source
+        sources.append(source)
+    # the parts as the chat template reads them, without the other keys a table's rows carry (None)
+    parts = [[{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else
+             [{"type": "image"} if p["type"] == "image" else {"type": "text", "text": p["text"]}
+              for p in m["content"]] for m in messages]
+    return Conversation([{"role": m["role"], "content": content}
+                         for m, content in zip(messages, parts, strict=True)], sources, line, row)
+
+def _optional(module: str, what: str) -> Any:
+    """An optional dependency, or a ValueError saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f"{what} needs the datasets extra: {DATASETS_EXTRA}") from None
+
+def _saved_dataset(folder: Path) -> Any:
+    """A folder of `save_to_disk` as one Arrow table (memory-mapped, nothing copied); a DatasetDict's
+    folder is refused naming its splits, each of which is a data set folder of its own."""
+    datasets = _optional("datasets", f"--data {folder} (a folder: a data set saved by datasets)")
+    try:
+        loaded = datasets.load_from_disk(str(folder))
+    except FileNotFoundError:
+        raise ValueError(f"{folder} is a folder but not a data set written by datasets' save_to_disk "
+                         "(dataset_info.json, state.json and Arrow files)") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        splits = list(loaded)
+        raise ValueError(f"{folder} holds the splits {splits} of a DatasetDict; pass one of them, e.g. "
+                         f"{folder / splits[0]}")
+    return loaded.with_format("arrow")[:]
+
+def _parquet(path: Path) -> Any:
+    parquet = _optional("pyarrow.parquet", f"--data {path} (a Parquet file)")
+    try:
+        return parquet.read_table(path)
+    except Exception as err:  # pyarrow's ArrowInvalid and OSError, whichever part of the file is broken
+        raise ValueError(f"{path}: cannot read it as Parquet ({err})") from None
+
+def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed record) of each non-blank line; a line that is not JSON names its number."""
     # split("\n"), not splitlines(): JSON strings may hold U+2028 and other characters splitlines breaks at
     for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        problem = _check_conversation(record)
-        if problem is not None:
-            raise ValueError(f"{path}:{number}: {problem}")
-        images = [path.parent / p for p in record.get("images", [])]
-        for image in images:
-            problem = _image_problem(image)
-            if problem is not None:
-                raise ValueError(f"{path}:{number}: {problem}")
-        messages = [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str)
-                    else m for m in record["messages"]]
-        conversations.append(Conversation(messages, images, number))
+
+def _json_array(path: Path) -> list[Any]:
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected an array of records (or one record a line)")
+    return records
+
+def _records(path: Path) -> Iterator[tuple[Any, Any, int | None, int]]:
+    """(record, the Arrow table holding it or None, its row in a table or array or None, its line in a
+    JSON Lines file or 0) for every record of the data, whatever form it comes in."""
+    if path.is_dir() or path.suffix == ".parquet":
+        table = _saved_dataset(path) if path.is_dir() else _parquet(path)
+        rows = (record for batch in table.to_batches(max_chunksize=256) for record in batch.to_pylist())
+        yield from ((record, table, row, 0) for row, record in enumerate(rows))
+    elif path.suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
+        yield from ((record, None, row, 0) for row, record in enumerate(_json_array(path)))
+    else:
+        yield from ((record, None, None, line) for line, record in _json_lines(path))
+
+def load_conversations(path: str | os.PathLike[str]) -> list[Conversation]:
+    """Parse and check the whole data (every record, every image's header) before any training; errors
+    name the line, or the row of a table."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file {path} not found")
+    conversations = []
+    for record, table, row, line in _records(path):
+        conversation = _conversation(record, path.parent, table, row, line)
+        if isinstance(conversation, str):
+            raise ValueError(f"{_place(path, row, line)}: {conversation}")
+        conversations.append(conversation)
     if not conversations:
         raise ValueError(f"{path} holds no conversations")
     return conversations
@@ -157,12 +338,12 @@ def check_tokenized(conversations: Sequence[Conversation], processor: Idefics2Pr
     for c in conversations:
         labels = labelled_batch(processor, [c.messages], None, prefix_ids)["labels"][0]
         if len(labels) > limit:
-            raise ValueError(f"{path}:{c.line}: the conversation is {len(labels)} tokens long (image tokens "
+            raise ValueError(f"{c.place(path)}: the conversation is {len(labels)} tokens long (image tokens "
                              f"included); the model takes at most {limit} positions")
         answers = int((labels == processor.end_of_utterance_id).sum())
         turns = sum(m["role"] == "assistant" for m in c.messages)
         if answers != turns:
-            raise ValueError(f"{path}:{c.line}: {turns} assistant turns but {answers} found after tokenization; "
+            raise ValueError(f"{c.place(path)}: {turns} assistant turns but {answers} found after tokenization; "
                              "a conversation must not start with an assistant turn, and user text must not "
                              "contain '\\nAssistant:'")
 
@@ -172,9 +353,10 @@ def make_batch(conversations: Sequence[Conversation], processor: Idefics2Process
     images = []
     for c in conversations:
         try:
-            images.append([read_image(str(p)) for p in c.images])
+            images.append([read_image(str(p) if isinstance(p, Path) else io.BytesIO(p.data()))
+                           for p in c.images])
         except (ValueError, FileNotFoundError) as err:
-            raise ValueError(f"{path}:{c.line}: cannot read an image: {err}") from None
+            raise ValueError(f"{c.place(path)}: cannot read an image: {err}") from None
     return labelled_batch(processor, [c.messages for c in conversations], images if any(images) else None,
                           prefix_ids)
 
