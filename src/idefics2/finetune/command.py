@@ -39,17 +39,24 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from idefics2.finetune.data import assistant_prefix_ids, check_tokenized, load_conversations, make_batch
+from idefics2.finetune.data import (
+    assistant_prefix_ids,
+    check_tokenized,
+    load_conversations,
+    load_processor,
+    make_batch,
+)
 from idefics2.finetune.flags import add_config_flags, check_flag_ranges, run_as_script
 from idefics2.finetune.loop import (
-    cosine_progress,
+    LR_SCHEDULES,
     evaluate,
-    lr_factor,
+    lr_multiplier,
     optimizer_step,
     param_groups,
     start_distributed,
     step_indices,
 )
+from idefics2.finetune.reporting import REPORT_TO, Report
 from idefics2.finetune.run_folder import (
     append_history,
     check_resumable,
@@ -60,7 +67,6 @@ from idefics2.finetune.run_folder import (
 )
 from idefics2.lora import LoRAConfig, add_lora, merge_lora, save_adapter
 from idefics2.modeling import Idefics2ForConditionalGeneration
-from idefics2.processing.processor import Idefics2Processor
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +79,9 @@ class FinetuneConfig:
     data: str = ""
     eval_data: str | None = None
     eval_every: int = 0
+    image_splitting: bool | None = None
+    longest_edge: int | None = None
+    report_to: str = "none"
     out_dir: str = "runs/finetune"
     full: bool = False
     lora_r: int = 8
@@ -90,6 +99,7 @@ class FinetuneConfig:
     lr: float = 1e-4
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
+    lr_schedule: str = "cosine"
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
@@ -99,12 +109,16 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         """Every value checked before anything is loaded; a mistake names its flag."""
-        check_flag_ranges(self, positive=("batch_size", "grad_accum", "lr", "epochs", "lora_r", "max_steps"),
+        check_flag_ranges(self, positive=("batch_size", "grad_accum", "lr", "epochs", "lora_r", "max_steps",
+                                                    "longest_edge"),
                           non_negative=("warmup_steps", "weight_decay", "grad_clip", "eval_every",
                                         "checkpoint_every"))
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"--dtype must be float32 or bfloat16 (float16 would need loss scaling), got "
                              f"{self.dtype!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got "
+                             f"{self.lr_schedule!r}")
         if self.full and self.dtype != "float32":
             raise ValueError("--full trains the weights themselves, which needs --dtype float32: AdamW steps "
                              "on bfloat16 weights lose small updates (LoRA adapters are float32 on any base)")
@@ -113,6 +127,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run the fine-tuning; returns the summary written (by rank 0) to <out_dir>/summary.json."""
     if cfg.resume:
         check_resumable(Path(cfg.out_dir))
+    report = Report(cfg.report_to, Path(cfg.out_dir))  # names a missing tensorboard before anything loads
     rank, world, device = start_distributed(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -121,7 +136,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         **({"target_modules": cfg.target_modules} if cfg.target_modules else {}))
     conversations = load_conversations(cfg.data)
     held_out = load_conversations(cfg.eval_data) if cfg.eval_data else []
-    processor = Idefics2Processor.from_pretrained(cfg.model)
+    processor = load_processor(cfg.model, cfg.image_splitting, cfg.longest_edge)
     prefix_ids = assistant_prefix_ids(processor.tokenizer)
     model = Idefics2ForConditionalGeneration.from_pretrained(cfg.model, dtype=cfg.dtype, device=device)
     for path, items in ((cfg.data, conversations), (cfg.eval_data, held_out)):
@@ -171,8 +186,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     loss_value: float | None = None  # these stay None when a resumed run has no steps left
     eval_loss: float | None = None
     for step in bar:
-        lr = cfg.lr * lr_factor(cosine_progress(step, steps, cfg.warmup_steps), step, cfg.warmup_steps,
-                                cfg.min_lr_ratio)
+        lr = cfg.lr * lr_multiplier(cfg.lr_schedule, step, steps, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         chosen = next(stream)
@@ -188,9 +202,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         if rank == 0:
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
             append_history(out, record)
+            report.log(record)
             if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps):
                 save_checkpoint(out, model, optimizer, step + 1)
     bar.close()
+    report.close()
     summary = {"steps": steps, "examples_per_step": per_step, "final_loss": loss_value, "world_size": world,
                **({"eval_loss": eval_loss} if held_out else {})}
     if rank == 0:
@@ -207,8 +223,17 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
 HELP = {
     "model": "Hub-layout checkpoint folder to fine-tune",
-    "data": 'one conversation per line: {"messages": [chat messages], "images": [paths relative to the file]} '
-            "(README, Fine-tuning)",
+    "data": 'conversations: a JSON Lines file, one {"messages": [chat messages], "images": [paths '
+            'relative to the file]} a line; or a JSON array, a Parquet file or a datasets save_to_disk '
+            'folder, with "messages", "question"/"answer" or "texts" and "images"/"image" columns (README, '
+            "Fine-tuning)",
+    "image_splitting": "override the processor's do_image_splitting (the four crops beside each image)",
+    "longest_edge": "override the processor's size: images resized to N pixels on their longest side (its "
+                    "shortest_edge, the side every image is brought up to, lowered to N if above)",
+    "report_to": "also write history.jsonl's scalars to <out-dir>/tensorboard (needs idefics2[tensorboard])",
+    "lr_schedule": "after the linear warm-up from 0: cosine or linear decay to --min-lr-ratio x --lr, or "
+                   "constant (transformers' get_*_schedule_with_warmup, step by step; default cosine)",
+    "min_lr_ratio": "where the cosine and linear decays end, as a fraction of --lr",
     "eval_data": "held-out conversations (same format): their answer loss is logged as eval_loss",
     "eval_every": "evaluate every N steps (0: only after the last step)",
     "out_dir": "where adapter/, model/ and history.jsonl go", "full": "train every weight instead of LoRA adapters",
@@ -217,7 +242,7 @@ HELP = {
                       "projection and perceiver projections)",
     "merge": "also write <out-dir>/model with the adapters folded into the weights",
     "gradient_checkpointing": "recompute each decoder and vision layer in the backward pass instead of "
-                              "keeping its activations (less memory, ~30% more compute, same gradients)",
+                              "keeping its activations (less memory, ~30%% more compute, same gradients)",
     "checkpoint_every": "save <out-dir>/checkpoint.pt every N steps and after the last (0 = never)",
     "resume": "continue from <out-dir>/checkpoint.pt (same flags; a larger --max-steps extends the run)",
     "max_steps": "optimizer steps (default: --epochs over the data)",
@@ -231,7 +256,8 @@ def register_finetune_command(subparsers: Any, help: str | None = None) -> argpa
     """Add `finetune` (with the CLI's one-line `help`) to the subparsers; `args.func(args)` runs it."""
     parser = subparsers.add_parser("finetune", help=help, description=__doc__.split("\n\n")[0])
     add_config_flags(parser, FinetuneConfig, HELP, required=("model", "data"), floats=("epochs",),
-                     ints=("max_steps", "threads"))
+                     ints=("max_steps", "threads", "longest_edge"), switches=("image_splitting",),
+                     choices={"lr_schedule": list(LR_SCHEDULES), "report_to": list(REPORT_TO)})
     parser.set_defaults(func=run_from_args)
     return parser
 

@@ -84,6 +84,26 @@ def labelled_batch(processor: Idefics2Processor, conversations: Sequence[list[di
     return batch
 
 
+def load_processor(folder: str | os.PathLike[str], image_splitting: bool | None = None,
+                   longest_edge: int | None = None) -> Idefics2Processor:
+    """The checkpoint's processor, with fine-tuning's overrides of its image settings (None keeps the
+    file's): `image_splitting` turns the four crops beside each image on or off, `longest_edge` is the
+    longest side images are resized to. Its shortest edge, the side every image is brought up to,
+    is lowered to `longest_edge` when above it, as the two must fit together."""
+    processor = Idefics2Processor.from_pretrained(folder)
+    overrides: dict[str, Any] = {}
+    if image_splitting is not None:
+        overrides["do_image_splitting"] = image_splitting
+    if longest_edge is not None:
+        size = processor.image_processor.size
+        if "longest_edge" not in size:
+            raise ValueError(f"--longest-edge: the processor of {folder} resizes every image to "
+                             f"{size['height']}x{size['width']}, not by its longest edge")
+        overrides["size"] = {"shortest_edge": min(size["shortest_edge"], longest_edge),
+                             "longest_edge": longest_edge}
+    return Idefics2Processor.from_pretrained(folder, **overrides) if overrides else processor
+
+
 @dataclass(frozen=True)
 class StoredImage:
     """An image held in a table's cell as its encoded bytes (`table` is an Arrow table, memory-mapped
@@ -294,12 +314,9 @@ def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
 
 def _json_array(path: Path) -> list[Any]:
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected an array of records (or one record a line)")
-    return records
 
 def _records(path: Path) -> Iterator[tuple[Any, Any, int | None, int]]:
     """(record, the Arrow table holding it or None, its row in a table or array or None, its line in a
@@ -308,7 +325,7 @@ def _records(path: Path) -> Iterator[tuple[Any, Any, int | None, int]]:
         table = _saved_dataset(path) if path.is_dir() else _parquet(path)
         rows = (record for batch in table.to_batches(max_chunksize=256) for record in batch.to_pylist())
         yield from ((record, table, row, 0) for row, record in enumerate(rows))
-    elif path.suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
+    elif path.suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):  # else lines
         yield from ((record, None, row, 0) for row, record in enumerate(_json_array(path)))
     else:
         yield from ((record, None, None, line) for line, record in _json_lines(path))

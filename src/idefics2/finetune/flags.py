@@ -23,14 +23,18 @@ def check_flag_ranges(config: Any, positive: Sequence[str], non_negative: Sequen
 
 def add_config_flags(parser: argparse.ArgumentParser, config_class: type, helps: dict[str, str], *,
                      required: Sequence[str] = (), choices: dict[str, list[str]] | None = None,
-                     floats: Sequence[str] = (), ints: Sequence[str] = ()) -> None:
-    """One `--flag` per field of a config dataclass: booleans are switches; the rest take a value of the
-    default's type (`floats`/`ints` name fields whose default is None), and `--help` shows the default."""
+                     floats: Sequence[str] = (), ints: Sequence[str] = (),
+                     switches: Sequence[str] = ()) -> None:
+    """One `--flag` per field of a config dataclass: booleans are switches, and `switches` names fields
+    whose default None means "as the files say" (`--flag` True, `--no-flag` False); the rest take a value of
+    the default's type (`floats`/`ints` name fields whose default is None), and `--help` shows the default."""
     defaults = config_class()
     for f in fields(config_class):
         flag, default, text = "--" + f.name.replace("_", "-"), getattr(defaults, f.name), helps.get(f.name, "")
         if isinstance(default, bool):
             parser.add_argument(flag, action="store_true", help=text)
+        elif f.name in switches:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif f.name in required:
             parser.add_argument(flag, required=True, help=text)
         elif choices and f.name in choices:

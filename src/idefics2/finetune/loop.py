@@ -20,18 +20,45 @@ from idefics2.model.idefics2 import causal_lm_loss
 from idefics2.model.text import positions_from_mask
 from idefics2.processing.processor import Idefics2Processor
 
+LR_SCHEDULES = ("cosine", "linear", "constant_with_warmup")
+
 
 def cosine_progress(step: int, steps: int, warmup_steps: int) -> float:
-    """How far the cosine has come after the warm-up, in [0, 1], as transformers'
+    """How far the decay has come after the warm-up, in [0, 1], as transformers'
     `get_cosine_schedule_with_warmup` counts it: the warm-up steps are not part of the cosine."""
     return max(0, step - warmup_steps) / max(1, steps - warmup_steps)
 
 
+def cosine_decay(progress: float) -> float:
+    """Half a cosine period, from 1 at progress 0 to 0 at progress 1."""
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def lr_multiplier(schedule: str, step: int, steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """The learning rate of optimizer step `step` (counted from 0) of `steps`, as a fraction of `--lr`.
+
+    Step by step what transformers' `get_cosine_schedule_with_warmup`, `get_linear_schedule_with_warmup`
+    and `get_constant_schedule_with_warmup` give (a linear warm-up from 0 over `warmup_steps`, then the
+    decay over the steps after it), except that the cosine and linear decays end at `min_ratio` instead
+    of 0, as transformers' `get_cosine_with_min_lr_schedule_with_warmup(min_lr_rate=...)` does.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; expected one of {LR_SCHEDULES}")
+    if step < warmup_steps:
+        return step / warmup_steps
+    if schedule == "constant_with_warmup":
+        return 1.0
+    progress = cosine_progress(step, steps, warmup_steps)
+    return min_ratio + (1 - min_ratio) * (1 - progress if schedule == "linear" else cosine_decay(progress))
+
+
 def lr_factor(progress: float, step: int, warmup_steps: int, min_ratio: float) -> float:
-    """Linear warm-up over steps, then cosine from 1 to `min_ratio` over overall progress in [0, 1]."""
+    """The shapes recipe's schedule: a linear warm-up reaching 1 at step `warmup_steps`, then the cosine from
+    1 to `min_ratio` over the run's overall progress in [0, 1] (steps or wall-clock time, whichever is
+    further), warm-up included."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return min_ratio + (1 - min_ratio) * cosine_decay(min(1.0, progress))
 
 def param_groups(model: nn.Module, weight_decay: float,
                   decay_positions: bool = True) -> list[dict[str, Any]]:
