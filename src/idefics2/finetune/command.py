@@ -12,6 +12,11 @@ paths relative to the data file:
                   {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}],
      "images": ["photos/cat.jpg"]}
 
+`--data` also takes a JSON array of such records, a Parquet file or a `datasets` `save_to_disk` folder
+(the `datasets` extra), whose images may be the encoded bytes `datasets` stores, and records of
+`question`/`answer` strings or the Cauldron's `texts` turns with an `image` or `images` column (see
+`idefics2.finetune.data`).
+
 Only the assistant turns are learned. `<out-dir>/adapter` receives the adapter in PEFT's layout
 (see `idefics2.lora`), `<out-dir>/model` a full checkpoint (with `--merge` or `--full`), `<out-dir>/history.jsonl`
 the loss per step.

@@ -15,7 +15,9 @@ records, a Parquet file, or a folder written by `datasets`' `save_to_disk` (the 
 
 with its images in `images` (a list, in the order of the image parts) or `image` (one): file paths
 relative to the folder holding the data, or `{"bytes", "path"}` dicts, as `datasets` stores its
-Image feature. Images kept in a table stay encoded there until a batch decodes them.
+Image feature. Images kept in a table stay encoded there until a batch decodes them: a saved data
+set's Arrow files are memory-mapped (its images are read from disk as they are used), a Parquet file
+is read into memory whole.
 """
 
 from __future__ import annotations
