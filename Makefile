@@ -8,7 +8,7 @@ $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
 	touch $(STAMP)
 
-.PHONY: demo test bench
+.PHONY: demo test bench test-vllm
 demo: $(STAMP)
 	.venv/bin/idefics2 generate --image examples/shapes.png "What color is the circle?"
 
@@ -17,3 +17,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_load.py
+
+# The vLLM plugin (plugins/vllm) in its own virtualenv, .venv-vllm: vLLM pins its own torch and transformers.
+test-vllm:
+	bash plugins/vllm/setup.sh
+	.venv-vllm/bin/python -m pytest -p no:cacheprovider plugins/vllm/tests
