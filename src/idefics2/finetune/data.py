@@ -28,7 +28,7 @@ import json
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +112,7 @@ class StoredImage:
     for a saved data set), read from there when a batch needs it, so a data set's images are never all
     held in memory as Python objects."""
 
-    table: Any
+    table: Any = field(repr=False, compare=False)
     row: int
     column: str
     index: int | None  # in the cell's list of images; None for a one-image column
