@@ -358,3 +358,27 @@ def test_finetune_from_a_saved_dataset_trains_as_from_jsonl_and_exports_the_over
     assert _history(tmp_path / "saved") == _history(tmp_path / "jsonl")
     exported = load_processor(tmp_path / "saved" / "model").image_processor
     assert exported.do_image_splitting is True and exported.size == {"shortest_edge": 32, "longest_edge": 48}
+
+
+def test_the_image_flags_parse_as_overrides_or_none() -> None:
+    import argparse
+
+    from idefics2.finetune.command import register_finetune_command
+
+    parser = argparse.ArgumentParser()
+    register_finetune_command(parser.add_subparsers())
+    required = ["finetune", "--model", "m", "--data", "d"]
+    args = parser.parse_args(required)
+    assert (args.image_splitting, args.longest_edge, args.report_to, args.lr_schedule) == (
+        None,
+        None,
+        "none",
+        "cosine",
+    )
+    assert parser.parse_args([*required, "--image-splitting"]).image_splitting is True
+    args = parser.parse_args([*required, "--no-image-splitting", "--longest-edge", "448"])
+    assert (args.image_splitting, args.longest_edge) == (False, 448)
+    with pytest.raises(ValueError, match="--longest-edge must be positive, got 0"):
+        FinetuneConfig(model="m", data="d", longest_edge=0)
+    with pytest.raises(ValueError, match="--lr-schedule must be one of cosine, linear, constant_with_warmup"):
+        FinetuneConfig(model="m", data="d", lr_schedule="step")
