@@ -13,6 +13,7 @@ cover every row (`outputs.keeps_every_row`).
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,13 @@ from idefics2.generation.config import (
     resolve,
     validate,
 )
+from idefics2.generation.constraints import (
+    CompiledConstraint,
+    Constraint,
+    ConstraintProcessor,
+    compiler_for,
+    per_row,
+)
 from idefics2.generation.outputs import GenerateOutput, StepRecorder, every_row, keeps_every_row
 from idefics2.generation.sampling import LogitsProcessor, TokenRules, choose_tokens, filter_logits
 from idefics2.generation.steps import compile_decode_step, decode_step, prefill
@@ -44,6 +52,7 @@ from idefics2.generation.threads import ThreadTuner, check_decode_threads
 from idefics2.generation.vision_cache import VisionFeatureCache
 from idefics2.model.kv_cache import KVCache
 
+logger = logging.getLogger(__name__)
 
 class Streamer(Protocol):
     """What `generate` feeds: the prompt ids, then each step's new ids; `end()` once, even on errors."""
@@ -110,7 +119,8 @@ class Generator:
                  return_dict_in_generate: bool | None = None, num_return_sequences: int | None = None,
                  no_repeat_ngram_size: int | None = None, num_beams: int | None = None,
                  length_penalty: float | None = None, early_stopping: bool | str | None = None,
-                 logits_processor: Sequence[LogitsProcessor] | None = None, use_cache: bool = True,
+                 logits_processor: Sequence[LogitsProcessor] | None = None,
+                 constraint: Constraint | Sequence[Constraint | None] | None = None, use_cache: bool = True,
                  compile: bool = False, vision_cache: bool | VisionFeatureCache | None = True,
                  decode_threads: int | None | str = "auto", **unsupported: Any) -> Tensor | GenerateOutput:
         """Prompt + new tokens (B, T + N) for `input_ids` (B, T) and optional images; without
@@ -138,6 +148,12 @@ class Generator:
         Dict output (`return_dict_in_generate`): `output_scores`, `output_logits`,
         `output_hidden_states`, `output_attentions` and the cache; see `GenerateOutput`.
         `logits_processor`: `LogitsProcessor`s (transformers' signature) run after the built-in rules.
+        `constraint`: the answer follows a `Constraint` (`Constraint.json_schema(schema)`, `.regex`,
+        `.choices`, `.grammar`), one for every row or a list with one (or None) per prompt; needs
+        `tokenizer` (ours or a transformers fast one) and an EOS id, which the row takes as soon as
+        its grammar is complete. A row that reaches `max_new_tokens` first is cut short, with a
+        warning. One argument rather than one per kind: a list then means one per row for every
+        kind, and two kinds at once cannot be asked for. Not with beam search.
         `no_repeat_ngram_size` n > 0: no n-gram occurs twice in a row's tokens (prompt included).
         `use_cache=False` gives the same tokens (decoding always uses the KV cache) and leaves the
         cache out of the dict output. `logits_to_keep` is accepted and has no effect.
@@ -171,6 +187,11 @@ class Generator:
         beams = int(cfg.num_beams)  # type: ignore[arg-type]
         if beams > 1:
             check_beam_options(cfg, streamer)
+        if constraint is not None and beams > 1:
+            raise ValueError("a constraint cannot be combined with beam search (num_beams > 1): the beams' "
+                             "scores would rank answers the grammar cut short; use greedy or sampled decoding")
+        constraints = _compiled_constraints(model, constraint, tokenizer, inputs[0].shape[0],
+                                            int(cfg.num_return_sequences))  # type: ignore[arg-type]
         stops = list(cfg.stop_strings or [])
         if stops and not callable(getattr(tokenizer, "decode", None)):
             raise ValueError("stop_strings need a tokenizer (with decode) to read new tokens: pass tokenizer=")
@@ -183,7 +204,7 @@ class Generator:
         tuner = self.thread_tuner(torch.get_num_threads()) if threads == "auto" and torch.get_num_threads() > 1 else None
         plan = _Plan(cfg, eos_ids, pad, sampling, stops, generator, tokenizer, streamer,
                      self.step_function(compile), self.vision_cache_for(vision_cache), threads, tuner,
-                     list(logits_processor or []), use_cache, embeds)
+                     list(logits_processor or []), use_cache, embeds, constraints)
         if beams > 1:
             return _run_beam_search(model, *inputs, plan)
         try:
@@ -193,6 +214,23 @@ class Generator:
         finally:
             if streamer is not None:
                 streamer.end()
+
+
+def _compiled_constraints(model: nn.Module, constraint: Any, tokenizer: Any, rows: int,
+                          copies: int) -> list[CompiledConstraint | None] | None:
+    """One compiled constraint (or None) per row of the expanded batch (`copies` rows per prompt),
+    each distinct constraint compiled once; None without a constraint."""
+    if constraint is None:
+        return None
+    per_prompt = per_row(constraint, rows // copies)
+    if tokenizer is None:
+        raise ValueError("a constraint needs the tokenizer to read tokens as text: pass tokenizer=")
+    compiler = compiler_for(tokenizer, model.config.text_config.vocab_size)
+    compiled: dict[int, CompiledConstraint] = {}
+    for c in per_prompt:
+        if c is not None and id(c) not in compiled:
+            compiled[id(c)] = compiler.compile(c)
+    return [None if c is None else compiled[id(c)] for c in per_prompt for _ in range(copies)]
 
 
 def _random_source(generator: torch.Generator | None, seed: int | None,
@@ -284,6 +322,7 @@ class _Plan:
     logits_processor: list[LogitsProcessor]
     use_cache: bool  # False: the dict output carries no cache, its hidden states the whole sequence
     inputs_embeds: Tensor | None  # the caller's prompt embeddings, in place of embedding input_ids
+    constraints: list[CompiledConstraint | None] | None  # per row of the expanded batch
 
 
 def _run(model: nn.Module, input_ids: Tensor, mask: Tensor, pixel_values: Tensor | None,
@@ -322,6 +361,12 @@ def _live_to_batch(values: Tensor, *, live: Tensor, rows: Tensor, batch: int, pa
     return every_row(values[live], rows[live], batch, pad)
 
 
+def _warn_incomplete(rows: list[int], max_new_tokens: int) -> None:
+    if rows:
+        logger.warning("rows %s reached max_new_tokens=%d before their constraint's grammar was complete: their "
+                       "answers are cut short (finish reason 'length'); raise max_new_tokens", rows, max_new_tokens)
+
+
 def _decode(model: nn.Module, input_ids: Tensor, mask: Tensor, next_positions: Tensor,
             first: tuple[Tensor, list[Tensor] | None], cache: KVCache, plan: _Plan,
             record: StepRecorder) -> Tensor:
@@ -343,7 +388,11 @@ def _decode(model: nn.Module, input_ids: Tensor, mask: Tensor, next_positions: T
     finished = torch.zeros(B, dtype=torch.bool, device=device)  # with keep_all: rows that emit pad
     padded = not bool(mask.all())
     eos = torch.tensor(plan.eos_ids, dtype=torch.long, device=device)
-    rules = TokenRules.for_request(cfg, plan.eos_ids, input_ids, mask, logits.shape[-1], plan.logits_processor)
+    constraint = None
+    if plan.constraints is not None:
+        constraint = ConstraintProcessor.for_rows(plan.constraints, plan.eos_ids, logits.shape[-1])
+    rules = TokenRules.for_request(cfg, plan.eos_ids, input_ids, mask, logits.shape[-1], plan.logits_processor,
+                                   constraint)
     for step in range(N):
         scores = rules(sequences[rows, : T + step], logits, step)
         if plan.sampling:
@@ -364,6 +413,8 @@ def _decode(model: nn.Module, input_ids: Tensor, mask: Tensor, next_positions: T
                 if not done[i] and _hits_stop_string(plan.tokenizer, new_ids, plan.stops):
                     done[i] = True
         rules.record(tokens)
+        if step == N - 1 and constraint is not None:
+            _warn_incomplete([int(rows[i]) for i in constraint.incomplete() if not done[i]], N)
         if step == N - 1 or bool(done.all()):
             return sequences[:, : T + step + 1]
         if keep_all:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from idefics2.generation.config import GenerationConfig
+from idefics2.generation.constraints import ConstraintProcessor
 
 
 @dataclass
@@ -117,15 +118,17 @@ class LogitsProcessor(Protocol):
 
 class TokenRules:
     """The logits processors of one request in the reference's order: repetition penalty, repeated
-    n-grams, bad words, min_new_tokens, invalid-value removal, then the caller's. Greedy, sampled and beam decoding all
+    n-grams, bad words, min_new_tokens, invalid-value removal, then the caller's, then the
+    constraint's mask (`constraints.ConstraintProcessor`: last, so no other rule can let a token
+    outside the grammar back in). Greedy, sampled and beam decoding all
     run this one list. The repetition penalty keeps a per-row seen-token mask instead of rescanning
-    the history: `record` each step's tokens and `select` the rows that go on (finished rows
-    dropped, beams reordered)."""
+    the history, and the constraint a matcher per row: `record` each step's tokens and `select` the
+    rows that go on (finished rows dropped, beams reordered)."""
 
     def __init__(self, input_ids: Tensor, mask: Tensor, vocab_size: int, *, repetition_penalty: float,
                  no_repeat_ngram_size: int, bad_words_ids: Sequence[Sequence[int]], eos_ids: Sequence[int],
                  min_new_tokens: int, extra: Sequence[LogitsProcessor] = (),
-                 remove_invalid: bool = False) -> None:
+                 remove_invalid: bool = False, constraint: ConstraintProcessor | None = None) -> None:
         device = input_ids.device
         self.penalty = repetition_penalty
         self.seen = seen_tokens(input_ids, mask, vocab_size) if repetition_penalty != 1.0 else None
@@ -135,17 +138,19 @@ class TokenRules:
         self.eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
         self.extra = list(extra)
         self.remove_invalid = remove_invalid
+        self.constraint = constraint
 
     @classmethod
     def for_request(cls, cfg: GenerationConfig, eos_ids: Sequence[int], input_ids: Tensor, mask: Tensor,
-                    vocab_size: int, extra: Sequence[LogitsProcessor] = ()) -> TokenRules:
+                    vocab_size: int, extra: Sequence[LogitsProcessor] = (),
+                    constraint: ConstraintProcessor | None = None) -> TokenRules:
         """The rules a resolved generation config asks for, on prompts `input_ids` (B, T) with `mask`."""
         penalty = float(cfg.repetition_penalty)  # type: ignore[arg-type]
         return cls(input_ids, mask, vocab_size, repetition_penalty=penalty,
                    no_repeat_ngram_size=int(cfg.no_repeat_ngram_size or 0),
                    bad_words_ids=cfg.bad_words_ids or [], eos_ids=eos_ids,
                    min_new_tokens=int(cfg.min_new_tokens or 0), extra=extra,
-                   remove_invalid=bool(cfg.remove_invalid_values))
+                   remove_invalid=bool(cfg.remove_invalid_values), constraint=constraint)
 
     def __call__(self, history: Tensor, scores: Tensor, step: int) -> Tensor:
         """history (B, S) every token so far; scores (B, V) of new token number `step` (from 0)."""
@@ -161,17 +166,23 @@ class TokenRules:
             scores = remove_invalid_values(scores)
         for processor in self.extra:
             scores = processor(history, scores)
+        if self.constraint is not None:
+            scores = self.constraint.mask(scores)
         return scores
 
     def record(self, tokens: Tensor) -> None:
         """The tokens (B,) each row got this step."""
         if self.seen is not None:
             self.seen[torch.arange(tokens.shape[0], device=tokens.device), tokens] = True
+        if self.constraint is not None:
+            self.constraint.record(tokens)
 
     def select(self, rows: Tensor) -> None:
         """Keep the rows `rows` (1-D index, repeats allowed), in that order."""
         if self.seen is not None:
             self.seen = self.seen[rows]
+        if self.constraint is not None:
+            self.constraint.select(rows)
 
 
 def filter_logits(scores: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
