@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -125,6 +126,19 @@ class Constraint:
         return json.dumps({"grammars": [{"lark_grammar": 'start: " "? @body'}, {"name": "body", **body}]})
 
 
+def lark_grammar(text: str) -> str:
+    """A grammar in Lark syntax, or in GBNF (llama.cpp's, `root ::= ...`, which vLLM's other backends
+    take) converted to Lark by llguidance; a ValueError when the GBNF cannot be read."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("a grammar must be a non-empty string")
+    from llguidance.gbnf_to_lark import any_to_lark
+
+    try:
+        return any_to_lark(text)
+    except Exception as err:  # the converter raises bare Exceptions and assertion errors on bad GBNF
+        raise ValueError(f"cannot read the GBNF grammar: {err}") from None
+
+
 def tokenizer_json(tokenizer: Any) -> str:
     """The tokenizer.json text of our `Tokenizer`, a transformers fast tokenizer or a `tokenizers.Tokenizer`."""
     for backend in (getattr(tokenizer, "backend", None), getattr(tokenizer, "backend_tokenizer", None), tokenizer):
@@ -186,20 +200,22 @@ def _clean(message: str) -> str:
 
 
 _COMPILERS: weakref.WeakKeyDictionary[Any, dict[int, tuple[int, ConstraintCompiler]]] = weakref.WeakKeyDictionary()
+_COMPILERS_LOCK = threading.Lock()  # the server compiles in several worker threads
 
 
 def compiler_for(tokenizer: Any, vocab_size: int) -> ConstraintCompiler:
     """The `ConstraintCompiler` of `tokenizer` for `vocab_size` logits, built on first use and kept
     while the tokenizer lives (rebuilt if tokens were added since)."""
-    try:
-        per_tokenizer = _COMPILERS.setdefault(tokenizer, {})
-    except TypeError:  # not weakly referenceable: no caching
-        return ConstraintCompiler(tokenizer, vocab_size)
-    size, compiler = per_tokenizer.get(vocab_size, (-1, None))
-    if compiler is None or size != len(tokenizer):
-        compiler = ConstraintCompiler(tokenizer, vocab_size)
-        per_tokenizer[vocab_size] = (len(tokenizer), compiler)
-    return compiler
+    with _COMPILERS_LOCK:
+        try:
+            per_tokenizer = _COMPILERS.setdefault(tokenizer, {})
+        except TypeError:  # not weakly referenceable: no caching
+            return ConstraintCompiler(tokenizer, vocab_size)
+        size, compiler = per_tokenizer.get(vocab_size, (-1, None))
+        if compiler is None or size != len(tokenizer):
+            compiler = ConstraintCompiler(tokenizer, vocab_size)
+            per_tokenizer[vocab_size] = (len(tokenizer), compiler)
+        return compiler
 
 
 class _Row:

@@ -7,14 +7,15 @@ others, one token per running sequence per step. A finished or cancelled sequenc
 next step boundary and frees its slot. `n` samples of one request share its image features and
 its prefill (the cache row is copied).
 
-Per-sequence work (the logits processors, sampling, stop checks) runs row by row with the same
-functions as `generate`, so a sequence's tokens do not depend on which others share its steps;
+Per-sequence work (the logits processors, a constraint's matcher, sampling, stop checks) runs row
+by row with the same functions as `generate`, so a sequence's tokens do not depend on which others share its steps;
 greedy output equals the request run alone. Events go to each request's `on_event` callback,
 from the scheduler thread: the caller hands them to its own thread or event loop.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -24,12 +25,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from idefics2.generation.constraints import CompiledConstraint, ConstraintProcessor
 from idefics2.generation.sampling import LogitsProcessor, TokenRules, choose_tokens, filter_logits
 from idefics2.generation.slot_cache import SlotKVCache
 from idefics2.generation.steps import compile_decode_step, decode_step, prefill
 from idefics2.generation.streaming import Decoder
 from idefics2.generation.vision_cache import VisionFeatureCache
 
+logger = logging.getLogger(__name__)
 
 class QueueFull(Exception):
     """`Engine.submit` when `max_queue` requests already wait (a server answers 429)."""
@@ -52,6 +55,7 @@ class SamplingParams:
     n: int = 1
     logprobs: int | None = None  # None: none; k: the chosen token's log-probability and the k most likely
     logits_processors: Callable[[], Sequence[LogitsProcessor]] | None = None  # a fresh list per sequence
+    constraint: CompiledConstraint | None = None  # each sequence follows it with a matcher of its own
 
 
 @dataclass
@@ -228,9 +232,12 @@ class Engine:
             if i:
                 self.cache.copy(first, first + i, T)
             extra = list(params.logits_processors()) if params.logits_processors else []
+            constraint = None
+            if params.constraint is not None:
+                constraint = ConstraintProcessor.for_rows([params.constraint], params.eos_token_ids, self.vocab_size)
             rules = TokenRules(input_ids, mask, self.vocab_size, repetition_penalty=params.repetition_penalty,
                                no_repeat_ngram_size=0, bad_words_ids=[], eos_ids=params.eos_token_ids,
-                               min_new_tokens=params.min_new_tokens, extra=extra)
+                               min_new_tokens=params.min_new_tokens, extra=extra, constraint=constraint)
             self.running.append(_Sequence(request, i, rules, input_ids[0].tolist(), T))
         finished = [first + i for i in range(params.n) if not self._choose(first + i, logits)]
         self._remove(finished)
@@ -278,6 +285,9 @@ class Engine:
             event.finish_reason = "stop"
         elif seq.generated >= params.max_new_tokens:  # `submit` keeps this within max_model_len
             event.finish_reason = "length"
+            if seq.rules.constraint is not None and seq.rules.constraint.incomplete():
+                logger.warning("a sequence reached max_new_tokens=%d before its constraint's grammar was complete: "
+                               "its answer is cut short (finish reason 'length')", params.max_new_tokens)
         _send(request, event)
         return event.finish_reason is None
 

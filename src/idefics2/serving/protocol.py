@@ -8,6 +8,12 @@ pixel count is read from its header and checked before it is decoded.
 Sampling defaults follow vLLM's server: a field the request leaves out comes from the checkpoint's
 generation_config.json, else from OpenAI's defaults (temperature 1, top_p 1, no top-k), except that
 a checkpoint saying `do_sample: false` decodes greedily.
+
+Structured output: OpenAI's `response_format` (`json_object`, or `json_schema` with `strict`
+honoured), vLLM's `structured_outputs` ({json | regex | choice | grammar | json_object}) and its
+older `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`, at most one of them per
+request, become one `Constraint` (compiled against the tokenizer by the server, so a schema that
+cannot be enforced is a 400 before any decoding).
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
+import re
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -23,6 +31,7 @@ from typing import Any
 from PIL import Image
 
 from idefics2.generation.config import GenerationConfig
+from idefics2.generation.constraints import Constraint, lark_grammar
 from idefics2.processing.image_file import DEFAULT_MAX_PIXELS, read_image
 from idefics2.processing.processor import reserved_token_in
 
@@ -31,7 +40,13 @@ MAX_IMAGES = 32  # per request
 REMOTE_DEADLINE_S = 10.0  # for all remote images of one request together
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-UNSUPPORTED = ("tools", "functions", "tool_choice", "response_format", "logit_bias")  # rejected when set
+UNSUPPORTED = ("tools", "functions", "tool_choice", "logit_bias")  # rejected when set
+GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+# vLLM's StructuredOutputsParams fields: the constraint (one of), and options
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+STRUCTURED_OPTIONS = ("disable_fallback", "disable_any_whitespace", "disable_additional_properties",
+                      "whitespace_pattern", "structural_tag")
+SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class RequestError(ValueError):
@@ -54,6 +69,8 @@ class ChatRequest:
     max_tokens: int | None
     sampling: dict[str, Any]  # SamplingParams fields: temperature, top_k, top_p, min_p, ..., stop_strings
     logprobs: int | None  # None: none; k: the chosen token's and the top k
+    constraint: Constraint | None = None  # the answer's structure, if the request asks for one
+    constraint_param: str | None = None  # the request field it came from, for errors
 
 
 # ------------------------------------------------------------------------------------------- images
@@ -165,6 +182,112 @@ def convert_messages(raw: Any, allow_remote: bool) -> tuple[list[dict[str, Any]]
     return messages, images
 
 
+# -------------------------------------------------------------------------------- structured output
+def _only_keys(value: Any, allowed: tuple[str, ...], param: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise RequestError(f"{param} must be an object", param)
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise RequestError(f"{param} has unknown field(s) {unknown}; it takes {list(allowed)}", f"{param}.{unknown[0]}")
+    return value
+
+
+def _schema(value: Any, param: str) -> dict[str, Any] | bool:
+    """A JSON schema given as an object (or true), or as a string holding one (vLLM allows both)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise RequestError(f"{param} is a string that is not JSON (give the schema as an object)", param) from None
+    if value is True or isinstance(value, dict):
+        return value
+    raise RequestError(f"{param} must be a JSON schema (an object)", param)
+
+
+def _response_format(value: Any) -> tuple[Constraint, str] | None:
+    """OpenAI's response_format: text (no constraint), json_object, or json_schema {name, schema, strict}."""
+    param = "response_format"
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        _only_keys(value, ("type",), param)
+        return None
+    if kind == "json_object":
+        _only_keys(value, ("type",), param)
+        return Constraint("json_schema", {"type": "object"}, leading_space=True), param
+    if kind != "json_schema":
+        raise RequestError("response_format.type must be text, json_object or json_schema", f"{param}.type")
+    _only_keys(value, ("type", "json_schema"), param)
+    spec = _only_keys(value.get("json_schema"), ("name", "description", "schema", "strict"), f"{param}.json_schema")
+    name = spec.get("name")
+    if not isinstance(name, str) or not SCHEMA_NAME.fullmatch(name):
+        raise RequestError("response_format.json_schema.name must be 1 to 64 letters, digits, _ or -",
+                           f"{param}.json_schema.name")
+    if "schema" not in spec:
+        raise RequestError("response_format.json_schema.schema is missing: give the JSON schema the answer must "
+                           "follow", f"{param}.json_schema.schema")
+    strict = _flag(spec, "strict")
+    where = f"{param}.json_schema.schema"
+    return Constraint("json_schema", _schema(spec["schema"], where), strict=strict, leading_space=True), where
+
+
+def _structured(fields: dict[str, Any], param: str) -> tuple[Constraint, str]:
+    """vLLM's structured-output fields (structured_outputs' names); schemas there are strict."""
+    given = [k for k in STRUCTURED_KINDS if fields.get(k) not in (None, False)]
+    if len(given) != 1:
+        raise RequestError(f"{param} must set exactly one of {list(STRUCTURED_KINDS)}, got {given or 'none'}", param)
+    for option in ("whitespace_pattern", "structural_tag"):
+        if fields.get(option) is not None:
+            raise RequestError(f"{param}.{option} is not supported by this server", f"{param}.{option}")
+    for option in ("disable_fallback", "disable_any_whitespace", "disable_additional_properties"):
+        _flag(fields, option)  # checked; answers never hold free whitespace, and there is no fallback backend
+    if fields.get("disable_additional_properties"):
+        raise RequestError(f"{param}.disable_additional_properties is not supported: set additionalProperties: false "
+                           "in the schema", f"{param}.disable_additional_properties")
+    kind = given[0]
+    value, where = fields[kind], f"{param}.{kind}" if param == "structured_outputs" else param
+    try:
+        if kind == "json":
+            return Constraint("json_schema", _schema(value, where), leading_space=True), where
+        if kind == "json_object":
+            if value is not True:
+                raise RequestError(f"{where} must be true", where)
+            return Constraint("json_schema", {"type": "object"}, leading_space=True), where
+        if kind == "choice":
+            if not isinstance(value, list):
+                raise RequestError(f"{where} must be a list of strings", where)
+            return Constraint("choices", tuple(value), leading_space=True), where
+        if not isinstance(value, str):
+            raise RequestError(f"{where} must be a string", where)
+        if kind == "regex":
+            return Constraint("regex", value, leading_space=True), where
+        return Constraint("grammar", lark_grammar(value), leading_space=True), where
+    except ValueError as err:
+        if isinstance(err, RequestError):
+            raise
+        raise RequestError(f"{where}: {err}", where) from None
+
+
+def parse_constraint(body: dict[str, Any]) -> tuple[Constraint, str] | None:
+    """The request's structured-output constraint and the field it came from; None without one."""
+    sources = [k for k in ("response_format", "structured_outputs", *GUIDED) if body.get(k) is not None]
+    if len(sources) > 1:
+        raise RequestError(f"set at most one of response_format, structured_outputs and guided_*, got {sources}",
+                           sources[1])
+    for name in ("guided_whitespace_pattern", "guided_decoding_backend"):
+        if body.get(name) is not None and not sources:
+            raise RequestError(f"{name} needs a guided_* constraint", name)
+    if body.get("guided_whitespace_pattern") is not None:
+        raise RequestError("guided_whitespace_pattern is not supported by this server", "guided_whitespace_pattern")
+    if not sources:
+        return None
+    source = sources[0]
+    if source == "response_format":
+        return _response_format(body[source])
+    if source == "structured_outputs":
+        return _structured(_only_keys(body[source], (*STRUCTURED_KINDS, *STRUCTURED_OPTIONS), source), source)
+    return _structured({GUIDED[source]: body[source]}, source)
+
+
 # ----------------------------------------------------------------------------------------- sampling
 def _number(body: dict[str, Any], name: str, kind: type, low: float, high: float, default: Any) -> Any:
     value = body.get(name)
@@ -235,6 +358,7 @@ def parse_request(body: dict[str, Any], defaults: GenerationConfig, *, max_n: in
         logprobs = _number(body, "top_logprobs", int, 0, MAX_TOP_LOGPROBS, 0)
     elif body.get("top_logprobs") is not None:
         raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
+    constraint = parse_constraint(body)
     messages, images = convert_messages(body.get("messages"), allow_remote)
     return ChatRequest(
         messages, images, stream, include_usage, _number(body, "n", int, 1, max_n, 1), max_tokens,
@@ -242,4 +366,4 @@ def parse_request(body: dict[str, Any], defaults: GenerationConfig, *, max_n: in
          "min_p": _number(body, "min_p", float, 0.0, 1.0, 0.0), "repetition_penalty": penalty,
          "min_new_tokens": min_tokens,
          "seed": _number(body, "seed", int, 0, 2**63 - 1, None), "stop_strings": stops or []},
-        logprobs)
+        logprobs, *(constraint or (None, None)))

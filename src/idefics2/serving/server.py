@@ -1,6 +1,7 @@
 """OpenAI-compatible HTTP server on the continuous-batching `Engine`.
 
-Routes: `POST /v1/chat/completions` (plain or streamed), `GET /v1/models`, `GET /health`,
+Routes: `POST /v1/chat/completions` (plain or streamed; structured output through `response_format`
+or vLLM's `structured_outputs` / `guided_*` fields, see `protocol.parse_constraint`), `GET /v1/models`, `GET /health`,
 `GET /metrics` (Prometheus, vLLM's metric names). The event loop only moves bytes: the body is
 read with a size limit, then parsing, image decoding, templating and image processing run in a
 small pool of worker threads (`parse_workers`), and the engine's scheduler thread runs the model.
@@ -28,6 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from idefics2.generation.config import GenerationConfig
+from idefics2.generation.constraints import compiler_for
 from idefics2.generation.engine import Engine, EngineRequest, QueueFull, SamplingParams, TokenEvent
 from idefics2.generation.vision_cache import VisionFeatureCache
 from idefics2.serving.choices import Choice, usage
@@ -158,7 +160,14 @@ def _prepare(body: dict[str, Any], *, processor: Any, engine: Engine, defaults: 
         raise RequestError(f"the prompt takes {prompt_tokens} of the model's {engine.max_model_len} "
                            f"positions (images included), which leaves {max(room, 0)} for the answer; "
                            f"max_tokens asked for {max_tokens}", "messages" if room < 1 else "max_tokens")
-    return chat, inputs, SamplingParams(max_tokens, eos, n=chat.n, logprobs=chat.logprobs, **chat.sampling)
+    constraint = None
+    if chat.constraint is not None:  # compiled here, off the event loop, so a bad schema is a 400 up front
+        try:
+            constraint = compiler_for(processor.tokenizer, engine.vocab_size).compile(chat.constraint)
+        except ValueError as err:
+            raise RequestError(str(err), chat.constraint_param) from None
+    return chat, inputs, SamplingParams(max_tokens, eos, n=chat.n, logprobs=chat.logprobs, constraint=constraint,
+                                        **chat.sampling)
 
 
 async def _read_json(request: Request, limit: int) -> dict[str, Any]:
