@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -295,13 +296,15 @@ def test_finetune_learns_the_answers_and_writes_peft_files_and_a_merged_model(ch
         torch.testing.assert_close(merged(**inputs).logits, adapted(**inputs).logits, atol=2e-5, rtol=1e-5)
 
 
-def test_full_finetuning_trains_every_weight_and_writes_a_checkpoint(
-        checkpoint: Path, data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    (tmp_path / "adapter").mkdir()  # left by an earlier LoRA run in the same folder: kept, and said so
-    with caplog.at_level("WARNING", logger="idefics2.finetune.command"):
-        finetune(FinetuneConfig(model=str(checkpoint), data=str(data), out_dir=str(tmp_path), full=True, lr=3e-3,
-                                warmup_steps=0, max_steps=12, batch_size=3, threads=1))
-    assert "adapter/ in" in caplog.text and "from an earlier run" in caplog.text
+def test_full_finetuning_trains_every_weight_and_writes_a_checkpoint(checkpoint: Path, data: Path,
+                                                                    tmp_path: Path) -> None:
+    (tmp_path / "adapter").mkdir()  # left by an earlier LoRA run in the same folder: refused, or deleted
+    config = FinetuneConfig(model=str(checkpoint), data=str(data), out_dir=str(tmp_path), full=True, lr=3e-3,
+                            warmup_steps=0, max_steps=12, batch_size=3, threads=1)
+    with pytest.raises(ValueError, match=r"already holds a run \(adapter\): pass --resume .* --overwrite"):
+        finetune(config)
+    finetune(dataclasses.replace(config, overwrite=True))
+    assert not (tmp_path / "adapter").exists()
     losses = _history(tmp_path)
     assert sum(losses[-3:]) < 0.6 * sum(losses[:3])
     before = Idefics2ForConditionalGeneration.from_pretrained(checkpoint).state_dict()
@@ -313,10 +316,12 @@ def test_full_finetuning_trains_every_weight_and_writes_a_checkpoint(
 
 def test_resume_continues_exactly(checkpoint: Path, data: Path, tmp_path: Path) -> None:
     """3 steps + resume to 6 == 6 straight steps (constant lr; the conversations of a step are a function
-    of the seed and the step), and the history holds each step once."""
+    of the seed and the step; the dropout masks continue from the random generators in the checkpoint),
+    and the history holds each step once."""
     def config(folder: str, **changes: object) -> FinetuneConfig:
         settings = {"model": str(checkpoint), "data": str(data), "lora_r": 4, "lr": 1e-2, "warmup_steps": 0,
-                    "min_lr_ratio": 1.0, "batch_size": 2, "threads": 1, "max_steps": 6, "checkpoint_every": 3,
+                    "lora_dropout": 0.3, "min_lr_ratio": 1.0, "batch_size": 2, "threads": 1, "max_steps": 6,
+                    "checkpoint_every": 3,
                     "out_dir": str(tmp_path / folder), **changes}
         return FinetuneConfig(**settings)  # type: ignore[arg-type]
 
@@ -332,8 +337,9 @@ def test_resume_continues_exactly(checkpoint: Path, data: Path, tmp_path: Path) 
     assert [json.loads(line)["step"] for line in (tmp_path / "split" / "history.jsonl").read_text().splitlines()] == [
         1, 2, 3, 4, 5, 6]
     assert _history(tmp_path / "split")[3:] == _history(tmp_path / "straight")[3:]
-    with pytest.raises(ValueError, match="other trainable tensors"):
-        finetune(config("split", resume=True, lora_r=2, max_steps=7))
+    with pytest.raises(ValueError, match=r"differs from the one .* continues in --batch-size \(2 in the checkpoint, "
+                                         r"3 now\); --lora-r \(4 in the checkpoint, 2 now\)\. Resume with"):
+        finetune(config("split", resume=True, lora_r=2, batch_size=3, max_steps=7))
 
 
 def _free_port() -> int:

@@ -24,7 +24,14 @@ the loss per step.
 With several processes (torchrun sets WORLD_SIZE), each optimizer step splits `--batch-size` x
 world size x `--grad-accum` conversations across the processes, and the loss is divided by the
 number of answer tokens of the whole step. So the gradient is the same as one process taking the
-whole step alone (tests/finetune/test_finetune.py checks the weights agree).
+whole step alone (tests/finetune/test_finetune.py checks the weights agree). Each process holds the
+whole model (DDP), or with `--fsdp` a shard of its weights, gradients and AdamW state (FSDP2,
+`loop.shard_model`; tests/finetune/test_fsdp.py checks it trains the weights of DDP).
+
+`<out-dir>/checkpoint.pt` (`--checkpoint-every`) holds the trainable tensors, the optimizer state,
+every process's random generators and the settings that shape the run: `--resume` continues exactly
+(dropout too) and refuses other settings by name. A new run into a folder that holds a run is
+refused unless `--overwrite`.
 """
 
 
@@ -58,17 +65,23 @@ from idefics2.finetune.loop import (
     lr_multiplier,
     optimizer_step,
     param_groups,
+    shard_model,
     start_distributed,
     step_indices,
+    training_precision,
 )
 from idefics2.finetune.reporting import REPORT_TO, Report
 from idefics2.finetune.run_folder import (
     append_history,
+    check_fresh,
     check_resumable,
+    check_same_run,
+    clear_run,
     export,
     load_checkpoint,
     save_checkpoint,
     start_history,
+    trained_state,
 )
 from idefics2.lora import LoRAConfig, add_lora, merge_lora, save_adapter
 from idefics2.modeling import Idefics2ForConditionalGeneration
@@ -95,8 +108,11 @@ class FinetuneConfig:
     target_modules: str | None = None
     merge: bool = False
     gradient_checkpointing: bool = False
+    fsdp: bool = False
+    fsdp_mixed_precision: bool = False
     checkpoint_every: int = 0
     resume: bool = False
+    overwrite: bool = False
     epochs: float = 1.0
     max_steps: int | None = None
     batch_size: int = 1
@@ -127,13 +143,41 @@ class FinetuneConfig:
         if self.full and self.dtype != "float32":
             raise ValueError("--full trains the weights themselves, which needs --dtype float32: AdamW steps "
                              "on bfloat16 weights lose small updates (LoRA adapters are float32 on any base)")
+        if self.fsdp and self.dtype != "float32":
+            raise ValueError("--fsdp keeps float32 shards of the weights, so it needs --dtype float32; add "
+                             "--fsdp-mixed-precision to gather and compute in bfloat16")
+        if self.fsdp_mixed_precision and not self.fsdp:
+            raise ValueError("--fsdp-mixed-precision is the precision of --fsdp; pass both")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --out-dir, --overwrite replaces it: pass one")
+
+
+# The settings a resumed run may change: where files are, how often it evaluates and checkpoints, how
+# many steps it takes, and how it computes the same gradients. Every other one shapes the updates.
+RESUMABLE_CHANGES = ("model", "data", "eval_data", "eval_every", "out_dir", "merge", "gradient_checkpointing",
+                     "fsdp", "checkpoint_every", "resume", "overwrite", "epochs", "max_steps", "device", "threads",
+                     "report_to")
+
+
+def run_settings(cfg: FinetuneConfig, world: int, examples: int) -> dict[str, Any]:
+    """What shapes the run's updates, named as a user sets it; stored in the checkpoint, and a resume
+    with other values is refused (`check_same_run`)."""
+    return {**{"--" + name.replace("_", "-"): value for name, value in asdict(cfg).items()
+               if name not in RESUMABLE_CHANGES},
+            "processes (world size)": world, "conversations in --data": examples}
+
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run the fine-tuning; returns the summary written (by rank 0) to <out_dir>/summary.json."""
+    out = Path(cfg.out_dir)
     if cfg.resume:
-        check_resumable(Path(cfg.out_dir))
-    report = Report(cfg.report_to, Path(cfg.out_dir))  # names a missing tensorboard before anything loads
+        check_resumable(out)
+    else:
+        check_fresh(out, cfg.overwrite)
+    report = Report(cfg.report_to, out)  # names a missing tensorboard package before anything loads
     rank, world, device = start_distributed(cfg.device)
+    if cfg.fsdp and world == 1:
+        raise ValueError("--fsdp shards the model over the processes torchrun starts; with one process, drop it")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     lora = None if cfg.full else LoRAConfig(
@@ -141,6 +185,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         **({"target_modules": cfg.target_modules} if cfg.target_modules else {}))
     conversations = load_conversations(cfg.data)
     held_out = load_conversations(cfg.eval_data) if cfg.eval_data else []
+    run = run_settings(cfg, world, len(conversations))
+    if cfg.resume:
+        check_same_run(out, run)
     processor = load_processor(cfg.model, cfg.image_splitting, cfg.longest_edge)
     prefix_ids = assistant_prefix_ids(processor.tokenizer)
     model = Idefics2ForConditionalGeneration.from_pretrained(cfg.model, dtype=cfg.dtype, device=device)
@@ -156,6 +203,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if cfg.gradient_checkpointing:  # each decoder and vision layer recomputed in the backward pass
         model.gradient_checkpointing_enable()
     torch.manual_seed(cfg.seed + rank)  # dropout masks differ between processes
+    if cfg.fsdp:
+        shard_model(model, device, cfg.fsdp_mixed_precision)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if rank == 0:
         logger.info("%.2f M trainable parameters of %.2f M", sum(p.numel() for p in trainable) / 1e6,
@@ -163,25 +212,24 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     per_step = cfg.batch_size * world * cfg.grad_accum
     steps = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * len(conversations) / per_step))
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
-    out = Path(cfg.out_dir)
     start = 0
-    if cfg.resume:  # every process loads it, before DDP wraps the model
+    if cfg.resume:  # every process loads it (and its random generators), before DDP wraps the model
         start = load_checkpoint(out, model, optimizer, device)
         if rank == 0:
             logger.info("resumed from step %d", start)
     # find_unused_parameters: a micro-batch without images leaves the connector's adapters without gradients
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True,
-    ) if world > 1 else None
+    ) if world > 1 and not cfg.fsdp else None
+    if world > 1:
+        dist.barrier()  # every process has checked the folder before process 0 writes to it
     if rank == 0:
+        if cfg.overwrite:
+            clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "finetune_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
         start_history(out, start)
-        stale = [name for name, written in (("adapter", lora is not None), ("model", cfg.full or cfg.merge))
-                 if not written and (out / name).exists()]
-        if stale:
-            logger.warning("%s in %s come(s) from an earlier run; this run will not replace it",
-                           " and ".join(f"{name}/" for name in stale), out)
+    precision = training_precision(device, cfg.fsdp_mixed_precision)
     model.train()
     stream = step_indices(len(conversations), per_step, cfg.seed)
     for _ in range(start):  # the conversations of the steps already taken
@@ -199,21 +247,26 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                                                      (m * world + rank + 1) * cfg.batch_size]]
                  for m in range(cfg.grad_accum)]
         batches = [make_batch(mb, processor, prefix_ids, cfg.data) for mb in micro]
-        loss_value, grad_norm = optimizer_step(model, ddp, batches, optimizer, cfg.grad_clip, world, device)
+        with precision:
+            loss_value, grad_norm = optimizer_step(model, ddp, batches, optimizer, cfg.grad_clip, world, device)
         record = {"step": step + 1, "loss": round(loss_value, 6), "grad_norm": round(grad_norm, 6), "lr": lr}
         if held_out and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == steps):
-            eval_loss = evaluate(model, held_out, processor, prefix_ids, str(cfg.eval_data), cfg.batch_size, device)
+            with precision:
+                eval_loss = evaluate(model, held_out, processor, prefix_ids, str(cfg.eval_data), cfg.batch_size,
+                                     device)
             record["eval_loss"] = round(eval_loss, 6)
         if rank == 0:
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
             append_history(out, record)
             report.log(record)
-            if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps):
-                save_checkpoint(out, model, optimizer, step + 1)
+        if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps):
+            save_checkpoint(out, model, optimizer, step + 1, run, device)  # every process: FSDP gathers
     bar.close()
     report.close()
     summary = {"steps": steps, "examples_per_step": per_step, "final_loss": loss_value, "world_size": world,
                **({"eval_loss": eval_loss} if held_out else {})}
+    if cfg.fsdp:
+        model = unsharded_copy(model, cfg, lora, rank)
     if rank == 0:
         model.eval()
         if lora is not None:
@@ -225,6 +278,24 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         dist.barrier()
         dist.destroy_process_group()
     return summary
+
+def unsharded_copy(model: Idefics2ForConditionalGeneration, cfg: FinetuneConfig, lora: LoRAConfig | None,
+                   rank: int) -> Idefics2ForConditionalGeneration:
+    """In process 0, the base reloaded on the CPU with the trained tensors of a sharded model put in, so
+    the adapter and merged exports are written as without FSDP; the other processes keep `model`.
+    Every process calls it (the tensors are gathered)."""
+    trained, _ = trained_state(model)
+    if rank != 0:
+        return model
+    plain = Idefics2ForConditionalGeneration.from_pretrained(cfg.model, dtype=cfg.dtype)
+    if lora is None:
+        plain.requires_grad_(True)
+    else:
+        add_lora(plain, lora)
+    keys = plain.load_state_dict(trained, strict=False)
+    assert not keys.unexpected_keys, keys.unexpected_keys
+    return plain
+
 
 HELP = {
     "model": "Hub-layout checkpoint folder to fine-tune",
@@ -248,8 +319,14 @@ HELP = {
     "merge": "also write <out-dir>/model with the adapters folded into the weights",
     "gradient_checkpointing": "recompute each decoder and vision layer in the backward pass instead of "
                               "keeping its activations (less memory, ~30%% more compute, same gradients)",
+    "fsdp": "under torchrun, shard the weights, gradients and optimizer state over the processes (FSDP2: "
+            "one unit per decoder layer, the rest in the root)",
+    "fsdp_mixed_precision": "with --fsdp: gather the weights and compute in bfloat16, reduce the gradients "
+                            "in float32 onto float32 shards",
+    "overwrite": "start a new run in an --out-dir that holds an earlier one, deleting its files",
     "checkpoint_every": "save <out-dir>/checkpoint.pt every N steps and after the last (0 = never)",
-    "resume": "continue from <out-dir>/checkpoint.pt (same flags; a larger --max-steps extends the run)",
+    "resume": "continue from <out-dir>/checkpoint.pt (the same run's flags, checked; a larger --max-steps "
+              "extends it)",
     "max_steps": "optimizer steps (default: --epochs over the data)",
     "batch_size": "conversations per process per micro-batch", "grad_accum": "micro-batches per optimizer step",
     "dtype": "the base weights' dtype: float32 or bfloat16 (LoRA only; adapters stay float32)",

@@ -7,17 +7,21 @@ import math
 import os
 import random
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from idefics2.checkpoint import resolve_device
 from idefics2.finetune.data import Conversation, answer_tokens, make_batch
 from idefics2.model.idefics2 import causal_lm_loss
 from idefics2.model.text import positions_from_mask
+from idefics2.modeling import Idefics2ForConditionalGeneration
 from idefics2.processing.processor import Idefics2Processor
 
 LR_SCHEDULES = ("cosine", "linear", "constant_with_warmup")
@@ -99,16 +103,21 @@ def answer_loss(model: torch.nn.Module, batch: dict[str, Tensor], device: torch.
 def evaluate(model: torch.nn.Module, conversations: Sequence[Conversation], processor: Idefics2Processor,
              prefix_ids: Sequence[int], path: str, batch_size: int, device: torch.device) -> float:
     """Mean answer-token loss over held-out conversations; with several processes each takes every
-    world-size-th conversation and the sums are added up, so every process returns the same value."""
+    world-size-th conversation and the sums are added up, so every process returns the same value.
+    Every process runs the same number of forward passes (one with fewer conversations repeats the
+    first and drops its loss): a sharded model gathers its layers in each one, together."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = list(conversations[rank::world])
+    rounds = math.ceil(math.ceil(len(conversations) / world) / batch_size)
     total = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, answer tokens
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for i in range(0, len(mine), batch_size):
-            loss, n = answer_loss(model, make_batch(mine[i:i + batch_size], processor, prefix_ids, path), device)
-            total += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=device)
+        for i in range(rounds):
+            part = mine[i * batch_size:(i + 1) * batch_size]
+            loss, n = answer_loss(model, make_batch(part or conversations[:1], processor, prefix_ids, path), device)
+            if part:
+                total += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=device)
     model.train(was_training)
     if world > 1:
         dist.all_reduce(total)
@@ -157,11 +166,48 @@ def optimizer_step(model: torch.nn.Module, ddp: torch.nn.parallel.DistributedDat
         step_loss += loss.item() / world
     # The norm before clipping (0 = no clipping) is logged: with the loss, it shows a scaling mistake.
     stepped = [p for group in optimizer.param_groups for p in group["params"]]  # the trainable tensors
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(stepped, grad_clip if grad_clip > 0 else math.inf))
+    grad_norm = torch.nn.utils.clip_grad_norm_(stepped, grad_clip if grad_clip > 0 else math.inf)
+    if isinstance(grad_norm, DTensor):  # sharded gradients (FSDP): the norm over every shard
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if world > 1:
         total = torch.tensor(step_loss, device=device)
         dist.all_reduce(total)
         step_loss = total.item()
-    return step_loss, grad_norm
+    return step_loss, float(grad_norm)
+
+
+def shard_model(model: Idefics2ForConditionalGeneration, device: torch.device, mixed_precision: bool) -> None:
+    """FSDP2 over every process, in place: each decoder layer is a unit whose weights are gathered
+    just for its forward and backward, the root unit holds the rest; parameters, gradients and
+    AdamW's state stay split across the processes. With `mixed_precision` the gathered weights and
+    the computation are bfloat16, the gradients are reduced in float32 onto float32 master shards.
+
+    The vision tower and the connector belong to the root unit, not one unit per vision layer: they run
+    once per image shape of a micro-batch and not at all without images, so the processes would call
+    a per-layer gather a different number of times (and hang); in the root they are gathered once per
+    forward on every process. The root reduces a zero gradient for a parameter its process did not
+    use (a micro-batch without images leaves the connector's adapters without one), as DDP's
+    find_unused_parameters does.
+
+    The processes must also reduce the units in the same order. A layer's reduction fires in the
+    backward pass once the gradient of its input is computed, but only if that input requires one,
+    which behind frozen embeddings holds only where image features (adapted in the connector) were
+    merged in; elsewhere it would wait for the end and come after the root's. So the token embeddings'
+    output is made to require a gradient.
+    """
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
+        else MixedPrecisionPolicy()
+    for layer in model.model.text_model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    model.set_reduce_scatter_unused_params(True)  # type: ignore[operator]
+    model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: output.requires_grad_(True))
+
+
+def training_precision(device: torch.device, mixed_precision: bool) -> AbstractContextManager:
+    """bfloat16 autocast for FSDP's mixed precision: a LoRA adapter casts its input to float32, which
+    must meet the gathered bfloat16 adapter weights in a bfloat16 product."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if mixed_precision else nullcontext()
