@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from conftest import config_dict, new_llm, ours, write_checkpoint
+from idefics2.model.vision import bucket_position_ids
 
 TOLERANCE = 1e-4
 PROMPT = "User:{images}What is in the picture?<end_of_utterance>\nAssistant:"
@@ -152,3 +153,28 @@ def test_a_batch_of_eight_equals_each_alone(engine: tuple[Case, Any, Any, Any]) 
                 print(f"{case.name} request {index}: near-tie at step {step}, compared steps 0..{step - 1}")
                 break
             assert a == b, f"request {index} step {step}: alone {a}, in the batch {b}"
+
+
+def test_a_processor_option_other_than_splitting_is_refused(engine: tuple[Case, Any, Any, Any]) -> None:
+    case, llm, _, _ = engine
+    request = vllm_request(PROMPT.format(images="<image>"), [image(case.image_sizes[0], 11)])
+    request["mm_processor_kwargs"] = {"size": {"longest_edge": 16, "shortest_edge": 8}}
+    with pytest.raises(ValueError, match="do_image_splitting"):
+        llm.generate(request, greedy(1, 0), use_tqdm=False)
+
+def test_the_second_config_meets_sides_where_vllms_own_position_ids_differ() -> None:
+    """What makes the logits test cover the position-id rule: on a 70 x 70 grid, vLLM's own rule
+    gives other ids than ours for the full images of the second config (whose sizes the
+    processor keeps)."""
+    from transformers import Idefics2VisionConfig
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.models.idefics2_vision_model import Idefics2VisionEmbeddings
+
+    case = CASES[1]
+    vision = case.config["vision_config"]
+    with set_current_vllm_config(VllmConfig()):
+        embeddings = Idefics2VisionEmbeddings(Idefics2VisionConfig(**vision))
+    grid = vision["image_size"] // vision["patch_size"]
+    for height, width in case.image_sizes[:2]:
+        mask = torch.ones(1, height // vision["patch_size"], width // vision["patch_size"], dtype=torch.bool)
+        assert not torch.equal(embeddings.get_position_ids(mask), bucket_position_ids(mask, grid))
