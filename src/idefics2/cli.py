@@ -94,7 +94,11 @@ def answer(model: Any, processor: Any, messages: list[dict[str, Any]], images: l
     from idefics2.serving.turn import AssistantTurn
 
     start = time.perf_counter()
-    turn = AssistantTurn(model, processor, messages, images, **sampling_options(model, args))
+    options = sampling_options(model, args)
+    constraint = constraint_option(args)
+    if constraint is not None:
+        options.update(constraint=constraint, tokenizer=processor.tokenizer)
+    turn = AssistantTurn(model, processor, messages, images, **options)
     for piece in turn:
         if stream:
             sys.stdout.write(piece)
@@ -119,6 +123,33 @@ def sampling_options(model: Any, args: argparse.Namespace) -> dict[str, Any]:
             "do_sample": temperature > 0, "temperature": temperature or 1.0,
             "top_k": args.top_k if args.top_k is not None else resolved["top_k"],
             "top_p": args.top_p if args.top_p is not None else resolved["top_p"], "seed": args.seed}
+
+
+def constraint_option(args: argparse.Namespace) -> Any:
+    """The `Constraint` of --json-schema FILE, --regex or --choice (at most one kind), or None; with
+    the chat answer's optional leading space (the template leaves it to the model)."""
+    from idefics2.generation.constraints import Constraint
+
+    given = [name for name, value in (("--json-schema", args.json_schema), ("--regex", args.regex),
+                                      ("--choice", args.choice)) if value]
+    if len(given) > 1:
+        raise UserError(f"use one of --json-schema, --regex and --choice, not {' and '.join(given)}")
+    if args.json_schema:
+        path = Path(args.json_schema)
+        try:
+            schema = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as err:
+            raise UserError(f"cannot read --json-schema {path}: {err.strerror or err}") from None
+        except ValueError as err:
+            raise UserError(f"--json-schema {path} is not JSON: {err}") from None
+        return Constraint("json_schema", schema, strict=not args.lenient_schema, leading_space=True)
+    if args.regex:
+        return Constraint("regex", args.regex, leading_space=True)
+    if args.choice:
+        return Constraint("choices", tuple(args.choice), leading_space=True)
+    if args.lenient_schema:
+        raise UserError("--lenient-schema needs --json-schema")
+    return None
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -253,6 +284,12 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None, help="default: generation_config.json's, else off")
     parser.add_argument("--top-p", type=float, default=None, help="default: generation_config.json's, else 1")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--json-schema", metavar="FILE", help="answer with JSON that follows the schema in FILE")
+    parser.add_argument("--lenient-schema", action="store_true",
+                        help="with --json-schema: ignore keywords that cannot be enforced (default: refuse)")
+    parser.add_argument("--regex", help="answer with text matching this regular expression")
+    parser.add_argument("--choice", action="append", metavar="TEXT",
+                        help="answer with exactly one of the choices (repeat: --choice A --choice B)")
 
 
 # Commands whose flags come from their module: name -> (one-line help, "module:function adding its parser").

@@ -215,3 +215,26 @@ def test_misused_constraints_are_value_errors(model: Any, tokenizer: Any, kwargs
 def test_malformed_constraints_are_refused_when_built(build: Any, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         build()
+
+
+def test_the_cli_answers_with_a_choice_or_a_schema_and_names_bad_flags(tmp_path: Any,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import EXAMPLES
+    from idefics2.cli import main
+
+    ask = ["generate", "What color is the circle?", "--image", str(EXAMPLES / "shapes.png"), "--json"]
+    assert main([*ask, "--choice", "green", "--choice", "blue"]) == 0
+    assert json.loads(capsys.readouterr().out)["answer"] in ("green", "blue")
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
+                                                                         "maximum": 9}}, "required": ["n"],
+                                  "additionalProperties": False}))
+    assert main([*ask, "--json-schema", str(schema), "--temperature", "0"]) == 0
+    assert set(json.loads(json.loads(capsys.readouterr().out)["answer"])) == {"n"}
+    schema.write_text('{"type": "array", "uniqueItems": true}')
+    assert main([*ask, "--json-schema", str(schema)]) == 1
+    assert "uniqueItems" in capsys.readouterr().err
+    assert main([*ask, "--json-schema", str(schema), "--lenient-schema", "--max-new-tokens", "30"]) == 0
+    capsys.readouterr()
+    assert main([*ask, "--regex", "a+", "--choice", "b"]) == 1
+    assert "use one of --json-schema, --regex and --choice" in capsys.readouterr().err
