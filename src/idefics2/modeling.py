@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from idefics2 import checkpoint
+from idefics2 import checkpoint, lora
 from idefics2.config import Idefics2Config
 from idefics2.generation import GenerationConfig, Generator, load_generation_config
 from idefics2.model import idefics2 as networks
@@ -98,6 +98,17 @@ class Idefics2ForConditionalGeneration(PretrainedMixin, networks.Idefics2ForCond
         if self.generator is None:
             self.generator = Generator(self)
         return self.generator.generate(*args, **kwargs)
+
+    def load_adapter(self, folder: str | os.PathLike[str]) -> lora.LoRAConfig:
+        """Attach the LoRA adapter in `folder` (adapter_config.json + adapter_model.safetensors, saved by
+        PEFT or by `idefics2 finetune`) unmerged, as transformers' method of the name does: the adapter
+        trainable, every other weight frozen, the model's train/eval mode kept. Returns its config."""
+        return lora.load_adapter(self, folder)
+
+    def merge_adapter(self) -> None:
+        """Fold the attached adapters into the weights (DoRA's magnitudes and lora_bias included) and
+        restore plain linear layers, so the model saves, quantizes and generates as an ordinary one."""
+        lora.merge_lora(self)
 
 
 def generation_config_from_model_config(config: Idefics2Config) -> GenerationConfig:

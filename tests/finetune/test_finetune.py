@@ -161,7 +161,7 @@ def test_adapters_load_both_ways_with_peft_on_the_reference_model(checkpoint: Pa
     their.save_pretrained(tmp_path / "theirs")
     mine = Idefics2ForConditionalGeneration.from_pretrained(checkpoint).eval()
     config = load_adapter(mine, tmp_path / "theirs")
-    assert (config.r, config.scaling) == (2, 3.0)
+    assert (config.r, config.scaling_of("model.text_model.layers.0.self_attn.q_proj")) == (2, 3.0)
     assert any("vision_model" in n for n, m in mine.named_modules() if isinstance(m, LoRALinear))
     with torch.no_grad():
         torch.testing.assert_close(mine(**inputs).logits[real], their(**inputs).logits[real], atol=1e-4, rtol=1e-4)
@@ -182,17 +182,17 @@ def test_adapter_for_another_model_or_a_bad_config_is_refused(checkpoint: Path, 
     config_file.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="does not fit this model: 0 missing, 0 unexpected and"):
         load_adapter(Idefics2ForConditionalGeneration.from_pretrained(checkpoint), tmp_path / "a")
-    config.update(r=4, use_dora=True)
+    config.update(r=4, fan_in_fan_out=True)  # an option we do not implement is named
     config_file.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="use_dora"):
+    with pytest.raises(ValueError, match="fan_in_fan_out"):
         load_adapter(Idefics2ForConditionalGeneration.from_pretrained(checkpoint), tmp_path / "a")
     fresh = Idefics2ForConditionalGeneration.from_pretrained(checkpoint)
     for broken in ({"r": None}, {"target_modules": None}, {"r": 4, "target_modules": ["k_proj"]}):
-        config_file.write_text(json.dumps({**config, "use_dora": False, **broken}))
+        config_file.write_text(json.dumps({**config, "fan_in_fan_out": False, **broken}))
         with pytest.raises(ValueError, match="lacks|does not fit"):
             load_adapter(fresh, tmp_path / "a")
         assert not any(isinstance(m, LoRALinear) for m in fresh.modules())  # a refused adapter changes nothing
-    config_file.write_text(json.dumps({**config, "use_dora": False}))
+    config_file.write_text(json.dumps({**config, "fan_in_fan_out": False}))
     (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="cannot read the adapter"):
         load_adapter(fresh, tmp_path / "a")

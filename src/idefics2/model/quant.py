@@ -10,6 +10,10 @@ Layouts (y = x W^T, W (N, K)):
 - int8: q (N, K) int8 and scales (N,), W = q * scale; symmetric, per output channel.
 - int4: per group of `group_size` inputs, asymmetric: q in 0..15, W = (q - 8) * scale + zero, the
   zero point in the float domain as torch's kernels take it; scales and zeros (K / group, N, 2).
+
+The kernels have no backward; `FrozenWeightMatmul` gives the layers one that passes the gradient to
+their input through the weight dequantized on the fly and gives the frozen weight none, so LoRA
+adapters train on a quantized base (QLoRA), as do the layers before it.
 """
 
 from __future__ import annotations
@@ -22,9 +26,46 @@ from torch import Tensor, nn
 
 METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
+TRANSPOSE_BLOCK = 1024  # inputs the int4 backward reads back from the kernel at a time
 
 
-class Int8Linear(nn.Module):
+class FrozenWeightMatmul(torch.autograd.Function):
+    """flat (M, K) -> flat W^T (M, N) through a quantized layer's kernel; the backward gives the
+    input grad W (M, K) from the layer's own `matmul_transposed` and the weight nothing."""
+
+    @staticmethod
+    def forward(ctx: Any, flat: Tensor, layer: QuantizedLinear) -> Tensor:
+        ctx.layer = layer
+        return layer.matmul(flat)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return ctx.layer.matmul_transposed(grad), None
+
+
+class QuantizedLinear(nn.Module):
+    """y = x W^T + b through a quantized kernel (`matmul`), differentiable in x (`FrozenWeightMatmul`)."""
+
+    in_features: int
+    out_features: int
+    bias: nn.Parameter | None
+
+    def matmul(self, flat: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def matmul_transposed(self, grad: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, self.in_features)  # (M, K)
+        y = (FrozenWeightMatmul.apply(flat, self) if torch.is_grad_enabled() and flat.requires_grad
+             else self.matmul(flat))  # (M, N)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class Int8Linear(QuantizedLinear):
     def __init__(self, qweight: Tensor, scales: Tensor, bias: Tensor | None) -> None:
         super().__init__()
         self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
@@ -43,15 +84,15 @@ class Int8Linear(nn.Module):
         """W (N, K) in float32."""
         return self.qweight.float() * self.scales[:, None]
 
-    def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, self.in_features)  # (M, K)
-        y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scales.to(x.dtype))  # (M, N)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+    def matmul(self, flat: Tensor) -> Tensor:
+        return torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scales.to(flat.dtype))
+
+    def matmul_transposed(self, grad: Tensor) -> Tensor:
+        """grad (M, N) @ W: the kernel's (x q^T) * scale, transposed."""
+        return (grad * self.scales.to(grad.dtype)) @ self.qweight.to(grad.dtype)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(QuantizedLinear):
     def __init__(self, packed: Tensor, scales_and_zeros: Tensor, bias: Tensor | None, in_features: int,
                  out_features: int, group_size: int) -> None:
         super().__init__()
@@ -81,20 +122,29 @@ class Int4Linear(nn.Module):
 
     def dequantize(self) -> Tensor:
         """W (N, K) in float32, from the kernel applied to the identity."""
-        eye = torch.eye(self.in_features, device=self.packed.device)
-        return self._matmul(eye).t().contiguous()
+        return self._weight_rows(0, self.in_features, torch.float32).t().contiguous()
 
-    def _matmul(self, flat: Tensor) -> Tensor:
+    def _weight_rows(self, start: int, stop: int, dtype: torch.dtype) -> Tensor:
+        """W^T[start:stop] (stop - start, N): the kernel applied to those rows of the identity, in `dtype`
+        (the layout is the kernel's own, so this is the one way to read the weights back)."""
+        rows = torch.zeros(stop - start, self.in_features, dtype=dtype, device=self.packed.device)
+        index = torch.arange(stop - start, device=rows.device)
+        rows[index, start + index] = 1
+        return self.matmul(rows)
+
+    def matmul(self, flat: Tensor) -> Tensor:
         sz = self.scales_and_zeros.to(flat.dtype)
         if flat.is_cuda:
             return torch.ops.aten._weight_int4pack_mm(flat, self.packed, self.group_size, sz)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, sz)
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = self._matmul(x.reshape(-1, self.in_features))  # (M, N)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+    def matmul_transposed(self, grad: Tensor) -> Tensor:
+        """grad (M, N) @ W (N, K), W read back a block of inputs at a time (memory: a block, not all of W)."""
+        out = torch.empty(grad.shape[0], self.in_features, dtype=grad.dtype, device=grad.device)  # (M, K)
+        for start in range(0, self.in_features, TRANSPOSE_BLOCK):
+            stop = min(start + TRANSPOSE_BLOCK, self.in_features)
+            out[:, start:stop] = grad @ self._weight_rows(start, stop, grad.dtype).t()
+        return out
 
 
 def _pack_int4(q: Tensor) -> Tensor:
