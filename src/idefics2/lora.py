@@ -54,14 +54,15 @@ ADAPTABLE = (nn.Linear, Int8Linear, Int4Linear)
 # adapter_config.json options we do not implement, with the value that leaves them off. A file that
 # sets one is refused by name rather than loaded as a different adapter.
 OFF_OPTIONS: dict[str, tuple[object, ...]] = {
-    "fan_in_fan_out": (False,), "bias": ("none",), "modules_to_save": (None, []), "layers_to_transform": (None,),
-    "layers_pattern": (None, [], ""), "layer_replication": (None,), "trainable_token_indices": (None,),
-    "target_parameters": (None, []), "megatron_config": (None,), "use_qalora": (False,), "use_bdlora": (None,),
-    "arrow_config": (None,), "kasa_config": (None,), "velora_config": (None,), "monteclora_config": (None,),
+    "fan_in_fan_out": (False,), "bias": ("none",), "modules_to_save": (None, []),
+    "layers_to_transform": (None,), "layers_pattern": (None, [], ""), "layer_replication": (None,),
+    "trainable_token_indices": (None,), "target_parameters": (None, []), "megatron_config": (None,),
+    "use_qalora": (False,), "use_bdlora": (None,), "arrow_config": (None,), "kasa_config": (None,),
+    "velora_config": (None,), "monteclora_config": (None,),
     "alora_invocation_tokens": (None,),
     # initialisations that rewrite the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) or add a variant
     # (MiCA): their adapters are meant for another base than the checkpoint's
-    "init_lora_weights": (True, False, "gaussian", "eva"),
+    "init_lora_weights": (True, False, "gaussian", "eva", "orthogonal"),
 }
 
 
@@ -101,7 +102,8 @@ class LoRAConfig:
         for key, valid, expected in (("rank_pattern", _is_rank, "positive integers"),
                                      ("alpha_pattern", _is_finite_number, "finite numbers")):
             pattern = getattr(self, key)
-            if not isinstance(pattern, dict) or not all(isinstance(k, str) and valid(v) for k, v in pattern.items()):
+            if not isinstance(pattern, dict) or not all(isinstance(k, str) and valid(v)
+                                                        for k, v in pattern.items()):
                 raise ValueError(f"{key} must map module-name patterns to {expected}, got {pattern!r}")
             for k in pattern:
                 check_regex(k, f"{key} key")
@@ -148,7 +150,8 @@ class LoRAConfig:
                    lora_dropout=data.get("lora_dropout") or 0.0,  # type: ignore[arg-type]
                    target_modules=data["target_modules"],  # type: ignore[arg-type]
                    exclude_modules=data.get("exclude_modules"),  # type: ignore[arg-type]
-                   use_dora=data.get("use_dora", False), use_rslora=data.get("use_rslora", False),  # type: ignore[arg-type]
+                   use_dora=data.get("use_dora", False),  # type: ignore[arg-type]
+                   use_rslora=data.get("use_rslora", False),  # type: ignore[arg-type]
                    lora_bias=data.get("lora_bias", False),  # type: ignore[arg-type]
                    rank_pattern=data.get("rank_pattern") or {},  # type: ignore[arg-type]
                    alpha_pattern=data.get("alpha_pattern") or {},  # type: ignore[arg-type]
@@ -227,8 +230,8 @@ class LoRALinear(nn.Module):
     in training with dropout both x on the right are the dropped-out input and the base's W x is not.
     """
 
-    def __init__(self, base_layer: nn.Module, r: int, scaling: float, dropout: float, *, use_dora: bool = False,
-                 lora_bias: bool = False) -> None:
+    def __init__(self, base_layer: nn.Module, r: int, scaling: float, dropout: float, *,
+                 use_dora: bool = False, lora_bias: bool = False) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.base_layer.requires_grad_(False)
@@ -271,8 +274,9 @@ class LoRALinear(nn.Module):
 
     def check_mergeable(self, name: str) -> None:
         if not isinstance(self.base_layer, nn.Linear):
-            raise ValueError(f"{name} is quantized: an adapter merges into the float checkpoint the base was "
-                             "quantized from (load that, then load_adapter and merge), not into int8/int4 weights")
+            raise ValueError(f"{name} is quantized: an adapter merges into the float checkpoint the "
+                             "base was quantized from (load that, then load_adapter and merge), not into "
+                             "int8/int4 weights")
         if self.lora_B.bias is not None and self.base_layer.bias is None:
             raise ValueError(f"{name} has no bias for the adapter's lora_bias to merge into")
 

@@ -5,28 +5,34 @@ quantized base (QLoRA) against the same model holding the dequantized weights.""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+import test_finetune
 import torch
 
 from conftest import make_batch, oracle_model, tiny_config_dict
 from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration
+from idefics2.finetune.command import FinetuneConfig, main
 from idefics2.lora import LoRAConfig, LoRALinear, add_lora, lora_state_dict, merge_lora, save_adapter
 from idefics2.model.quant import Int4Linear, Int8Linear, quantize_linears
+
+checkpoint, data = test_finetune.checkpoint, test_finetune.data  # the tiny Hub-layout model, conversations
 
 CONFIG = tiny_config_dict(text_hidden=64, vision_hidden=32)  # 64: int4's kernel takes the decoder's shapes
 # the vision tower's projections have biases (lora_bias merges there), the decoder's do not
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj", "fc1"]
 VARIANTS = {
     "dora": {"use_dora": True},
-    "rslora-patterns": {"use_rslora": True, "rank_pattern": {"q_proj": 3, "model.text_model.layers.0.mlp.down_proj": 5},
+    "rslora-patterns": {"use_rslora": True,
+                        "rank_pattern": {"q_proj": 3, "model.text_model.layers.0.mlp.down_proj": 5},
                         "alpha_pattern": {r"layers\.1\.self_attn\.o_proj": 2, "v_proj": 7}},
     "dora-rslora-patterns": {"use_dora": True, "use_rslora": True, "rank_pattern": {"v_proj": 1},
                              "alpha_pattern": {"fc1": 3}},
     "lora-bias": {"lora_bias": True},
-    "lora-bias-vision": {"lora_bias": True, "target_modules": ["fc1", "fc2", "out_proj"]},  # biases to merge into
+    "lora-bias-vision": {"lora_bias": True, "target_modules": ["fc1", "fc2", "out_proj"]},  # with base biases
 }
 
 
@@ -49,7 +55,8 @@ def _peft_model(variant: str, dropout: float = 0.0, seed: int = 5) -> Any:
     """transformers' model with a PEFT adapter of `variant` whose every tensor is random (DoRA's
     magnitudes moved off ||W||, lora_B off zero), so each part of the update shows in the logits."""
     peft = pytest.importorskip("peft")
-    config = peft.LoraConfig(r=2, lora_alpha=6, lora_dropout=dropout, **{"target_modules": TARGETS, **VARIANTS[variant]})
+    config = peft.LoraConfig(r=2, lora_alpha=6, lora_dropout=dropout,
+                             **{"target_modules": TARGETS, **VARIANTS[variant]})
     model = peft.get_peft_model(oracle_model(CONFIG), config)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -112,7 +119,8 @@ def test_a_peft_adapter_gives_peft_logits_and_gradients(variant: str, tmp_path: 
 
 
 @pytest.mark.oracle
-@pytest.mark.parametrize("options", [{"use_dora": True}, {"lora_bias": True}, {}], ids=["dora", "lora-bias", "lora"])
+@pytest.mark.parametrize("options", [{"use_dora": True}, {"lora_bias": True}, {}],
+                         ids=["dora", "lora-bias", "lora"])
 @pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
 def test_a_layer_in_training_with_dropout_matches_peft_mask_for_mask(options: dict, quantized: bool) -> None:
     """One layer, so the same seed draws the same dropout mask on both sides: DoRA's dropout path (the
@@ -144,7 +152,7 @@ def test_a_layer_in_training_with_dropout_matches_peft_mask_for_mask(options: di
         torch.manual_seed(3)
         y = model(xi)
         (y * torch.linspace(-1, 1, 40)).sum().backward()
-        out.append((y, xi.grad, {_our_name(n): p.grad for n, p in model.named_parameters() if p.requires_grad}))
+        out.append((y, xi.grad, _grads(model)))
     (y, x_grad, grads), (their_y, their_x_grad, their_grads) = out
     torch.testing.assert_close(y, their_y, rtol=0, atol=1e-5)
     torch.testing.assert_close(x_grad, their_x_grad, rtol=0, atol=1e-5)
@@ -204,6 +212,29 @@ def test_load_adapter_keeps_the_models_mode(training: bool, tmp_path: Path) -> N
     with torch.no_grad():
         same = torch.equal(fresh(**batch).logits, fresh(**batch).logits)
     assert same != training  # eval: deterministic; train: the adapter's dropout fires
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_a_quantized_layers_backward_multiplies_by_its_dequantized_weight(method: str) -> None:
+    """grad x = grad y W, W as the kernel computes with it (int4 reads W back in blocks of 1024 inputs:
+    2080 inputs take three), and no gradient for the frozen weight; in bfloat16 the adapters above it
+    still get float32 gradients."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(48, 2080), torch.randn(48)
+    layer = Int8Linear.from_weight(weight, bias) if method == "int8" else Int4Linear.from_weight(weight, bias, 32)
+    x = torch.randn(3, 5, 2080, requires_grad=True)
+    g = torch.randn(3, 5, 48)
+    (layer(x) * g).sum().backward()
+    torch.testing.assert_close(x.grad, g @ layer.dequantize(), rtol=0, atol=1e-4)
+    assert not any(t.requires_grad for t in [*layer.parameters(), *layer.buffers()])
+    adapted = LoRALinear(layer, 4, 2.0, 0.0, use_dora=True)
+    torch.nn.init.normal_(adapted.lora_B.weight)
+    xb = torch.randn(2, 2080, dtype=torch.bfloat16, requires_grad=True)
+    y = adapted(xb)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and xb.grad is not None and xb.grad.dtype == torch.bfloat16
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and bool(p.grad.isfinite().all())
+               for p in adapted.parameters() if p.requires_grad)
 
 
 def _quantized_pair(method: str) -> tuple[Idefics2ForConditionalGeneration, Idefics2ForConditionalGeneration]:
@@ -287,7 +318,29 @@ def test_options_we_do_not_implement_are_refused_by_name(options: dict, message:
 def test_patterns_follow_peft_first_match_at_a_name_boundary() -> None:
     config = LoRAConfig(r=4, lora_alpha=8, use_rslora=True, rank_pattern={"q_proj": 9, "layers.0.q_proj": 2},
                         alpha_pattern={"proj": 1})
-    assert config.rank_of("model.text_model.layers.0.self_attn.q_proj") == 9  # the first key that matches wins
-    assert config.rank_of("model.text_model.layers.0.self_attn.xq_proj") == 4  # "q_proj" ends a name part only
+    assert config.rank_of("model.text_model.layers.0.self_attn.q_proj") == 9  # the first matching key wins
+    assert config.rank_of("model.text_model.layers.0.self_attn.xq_proj") == 4  # a whole name part only
     assert config.scaling_of("a.q_proj") == 8 / 3  # "proj" is not a whole part of "q_proj": alpha stays 8
     assert config.scaling_of("a.proj") == pytest.approx(1 / 2)  # alpha 1 / sqrt(4)
+
+
+def test_finetune_trains_dora_and_rslora_on_an_int8_base_for_the_float_model(checkpoint: Path, data: Path,
+                                                                            tmp_path: Path) -> None:
+    main(["--model", str(checkpoint), "--data", str(data), "--out-dir", str(tmp_path), "--lora-r", "4",
+          "--use-dora", "--use-rslora", "--quantization", "int8", "--lr", "1e-2", "--warmup-steps", "0",
+          "--max-steps", "6", "--batch-size", "3", "--threads", "1"])
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2])
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (saved["use_dora"], saved["use_rslora"]) == (True, True)
+    model = Idefics2ForConditionalGeneration.from_pretrained(checkpoint).eval()  # the float base
+    model.load_adapter(tmp_path / "adapter")
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert layers and all(isinstance(m.base_layer, torch.nn.Linear) for m in layers)
+    assert layers[0].scaling == 8 / 2  # alpha / sqrt(r)
+    moved = [float((m.lora_magnitude_vector - m.weight_norm()).abs().max()) for m in layers]
+    assert min(moved) > 1e-4  # every magnitude trained away from its starting norm
+    with pytest.raises(ValueError, match="--merge with --quantization: --merge would fold the adapter"):
+        FinetuneConfig(model=str(checkpoint), data=str(data), quantization="int8", merge=True)
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        FinetuneConfig(model=str(checkpoint), data=str(data), quantization="int3")

@@ -84,6 +84,7 @@ from idefics2.finetune.run_folder import (
     trained_state,
 )
 from idefics2.lora import LoRAConfig, add_lora, merge_lora, save_adapter
+from idefics2.model.quant import check_quantization
 from idefics2.modeling import Idefics2ForConditionalGeneration
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,10 @@ class FinetuneConfig:
     lora_alpha: float = 8.0
     lora_dropout: float = 0.0
     target_modules: str | None = None
+    use_dora: bool = False
+    use_rslora: bool = False
+    quantization: str | None = None
+    group_size: int = 128
     merge: bool = False
     gradient_checkpointing: bool = False
     fsdp: bool = False
@@ -150,6 +155,16 @@ class FinetuneConfig:
             raise ValueError("--fsdp-mixed-precision is the precision of --fsdp; pass both")
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --out-dir, --overwrite replaces it: pass one")
+        if self.quantization is not None:
+            check_quantization(self.quantization, self.group_size)
+            refused = {"full": "trains the weights themselves, which a quantized base holds in int8/int4",
+                       "merge": "would fold the adapter into int8/int4 weights; merge it into the float "
+                                "checkpoint instead (idefics2 chat --adapter, or load_adapter + "
+                                "merge_adapter)",
+                       "fsdp": "shards float weights; a quantized base is not sharded"}
+            for flag, why in refused.items():
+                if getattr(self, flag):
+                    raise ValueError(f"--{flag} with --quantization: --{flag} {why}")
 
 
 # The settings a resumed run may change: where files are, how often it evaluates and checkpoints, how
@@ -182,6 +197,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     lora = None if cfg.full else LoRAConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, base_model_name_or_path=cfg.model,
+        use_dora=cfg.use_dora, use_rslora=cfg.use_rslora,
         **({"target_modules": cfg.target_modules} if cfg.target_modules else {}))
     conversations = load_conversations(cfg.data)
     held_out = load_conversations(cfg.eval_data) if cfg.eval_data else []
@@ -190,7 +206,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         check_same_run(out, run)
     processor = load_processor(cfg.model, cfg.image_splitting, cfg.longest_edge)
     prefix_ids = assistant_prefix_ids(processor.tokenizer)
-    model = Idefics2ForConditionalGeneration.from_pretrained(cfg.model, dtype=cfg.dtype, device=device)
+    model = Idefics2ForConditionalGeneration.from_pretrained(cfg.model, dtype=cfg.dtype, device=device,
+                                                             quantization=cfg.quantization,
+                                                             group_size=cfg.group_size)
     for path, items in ((cfg.data, conversations), (cfg.eval_data, held_out)):
         check_tokenized(items, processor, prefix_ids, model.config.text_config.max_position_embeddings, str(path))
     if lora is None:
@@ -316,6 +334,12 @@ HELP = {
     "lora_r": "adapter rank", "lora_alpha": "adapter scale numerator (scale = alpha / r)",
     "target_modules": "regular expression of the module names to adapt (default: decoder, modality "
                       "projection and perceiver projections)",
+    "use_dora": "DoRA: a trained magnitude per output row over the normalised W + scale B A (PEFT's "
+                "use_dora)",
+    "use_rslora": "rank-stabilised scale alpha / sqrt(r) instead of alpha / r (PEFT's use_rslora)",
+    "quantization": "int8 or int4: train the adapters on a frozen quantized decoder and connector "
+                    "(QLoRA); the adapter then applies to the float checkpoint",
+    "group_size": "inputs per int4 scale (32, 64, 128 or 256)",
     "merge": "also write <out-dir>/model with the adapters folded into the weights",
     "gradient_checkpointing": "recompute each decoder and vision layer in the backward pass instead of "
                               "keeping its activations (less memory, ~30%% more compute, same gradients)",

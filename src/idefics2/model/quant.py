@@ -126,11 +126,13 @@ class Int4Linear(QuantizedLinear):
 
     def _weight_rows(self, start: int, stop: int, dtype: torch.dtype) -> Tensor:
         """W^T[start:stop] (stop - start, N): the kernel applied to those rows of the identity, in `dtype`
-        (the layout is the kernel's own, so this is the one way to read the weights back)."""
-        rows = torch.zeros(stop - start, self.in_features, dtype=dtype, device=self.packed.device)
+        (the layout is the kernel's own, so this is the one way to read the weights back). CUDA's kernel
+        takes bfloat16 inputs only, and computes in it whatever the caller's dtype."""
+        kernel_dtype = torch.bfloat16 if self.packed.is_cuda else dtype
+        rows = torch.zeros(stop - start, self.in_features, dtype=kernel_dtype, device=self.packed.device)
         index = torch.arange(stop - start, device=rows.device)
         rows[index, start + index] = 1
-        return self.matmul(rows)
+        return self.matmul(rows).to(dtype)
 
     def matmul(self, flat: Tensor) -> Tensor:
         sz = self.scales_and_zeros.to(flat.dtype)
