@@ -124,6 +124,15 @@ def test_the_grammars_end_forces_eos_even_before_min_new_tokens(model: Any, toke
     assert set(answers(out, tokenizer)) <= {"yes", "no"}
 
 
+def test_rows_kept_after_a_stop_string_in_a_dict_output_are_left_alone(model: Any, tokenizer: Any) -> None:
+    """return_dict_in_generate keeps finished rows in the batch, fed padding: not the grammar's business."""
+    out = model.generate(prompts(12), max_new_tokens=12, do_sample=True, seed=5, stop_strings=["ab"],
+                         constraint=Constraint.choices(["ab cd", "ef gh"]), tokenizer=tokenizer,
+                         return_dict_in_generate=True)
+    texts = [tokenizer.decode(row, skip_special_tokens=True) for row in out.sequences[:, 5:].tolist()]
+    assert {t if t == "ef gh" else t[:2] for t in texts} == {"ab", "ef gh"}
+
+
 def test_num_return_sequences_and_a_chat_leading_space(model: Any, tokenizer: Any) -> None:
     constraint = Constraint("choices", ("red", "green"), leading_space=True)
     out = model.generate(prompts(2), max_new_tokens=8, do_sample=True, seed=4, num_return_sequences=3,

@@ -298,6 +298,12 @@ class ConstraintProcessor:
             elif not row.matcher.consume_token(token) or row.matcher.is_error():
                 raise ValueError(f"token {token} does not follow the constraint: {_clean(row.matcher.get_error())}")
 
+    def end(self, rows: Tensor) -> None:
+        """Rows (B,) bool that ended otherwise (a stop string): left alone from now on."""
+        for row, ended in zip(self.rows, rows.tolist(), strict=True):
+            if row is not None and ended:
+                row.ended = True
+
     def select(self, rows: Tensor) -> None:
         """Keep `rows` (1-D index, in that order); a repeated row gets a copy of its matcher."""
         kept: list[_Row | None] = []

@@ -413,6 +413,8 @@ def _decode(model: nn.Module, input_ids: Tensor, mask: Tensor, next_positions: T
                 if not done[i] and _hits_stop_string(plan.tokenizer, new_ids, plan.stops):
                     done[i] = True
         rules.record(tokens)
+        if keep_all and constraint is not None:
+            constraint.end(done)  # rows kept in the batch after a stop string are fed padding
         if step == N - 1 and constraint is not None:
             _warn_incomplete([int(rows[i]) for i in constraint.incomplete() if not done[i]], N)
         if step == N - 1 or bool(done.all()):
