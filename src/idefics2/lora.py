@@ -4,7 +4,7 @@ We do not use the `peft` library: it imports transformers, which this package ne
 files are PEFT's, though (`adapter_config.json` + `adapter_model.safetensors`, keys
 `base_model.model.<module>.lora_A.weight`), so an adapter trained here loads with
 `PeftModel.from_pretrained` on transformers' Idefics2, and one trained there loads here
-(tests/finetune/test_finetune.py checks both against PEFT).
+(tests/finetune/test_finetune.py and test_lora_variants.py check both against PEFT).
 
 While adapters are attached, each targeted `Linear` is wrapped in a `LoRALinear`, which renames
 its weight to `<module>.base_layer.weight` as PEFT does. `merge_lora` folds the updates into the
@@ -226,8 +226,8 @@ class LoRALinear(nn.Module):
 
     With DoRA the layer computes m * (W + s B A) x / ||W + s B A|| + b, the norm per output row and
     held constant in the backward pass (the DoRA paper's section 4.3, and PEFT); `lora_magnitude_vector`
-    m starts at ||W||. Written as PEFT writes it, base + (m / norm - 1) W x + (m / norm) s B A x, where
-    in training with dropout both x on the right are the dropped-out input and the base's W x is not.
+    m starts at ||W||. Computed as PEFT does: base(x) + (m / norm - 1) W x' + (m / norm) s B A x', where
+    x' is the dropped-out input in training (x otherwise) and base(x) always sees the whole input.
     """
 
     def __init__(self, base_layer: nn.Module, r: int, scaling: float, dropout: float, *,
@@ -266,11 +266,11 @@ class LoRALinear(nn.Module):
             return (result + update).to(result.dtype)
         scale = self.lora_magnitude_vector / self.weight_norm()  # (out,)
         if self.training and isinstance(self.dropout, nn.Dropout):
-            base = F.linear(dropped, self.base_weight().float())
+            wx = F.linear(dropped, self.base_weight().float())  # W x'
         else:
             bias = self.base_layer.bias
-            base = result if bias is None else result - bias
-        return (result + (scale - 1) * base + scale * update).to(result.dtype)
+            wx = result if bias is None else result - bias  # W x, from the base's own output
+        return (result + (scale - 1) * wx + scale * update).to(result.dtype)
 
     def check_mergeable(self, name: str) -> None:
         if not isinstance(self.base_layer, nn.Linear):
@@ -289,9 +289,8 @@ class LoRALinear(nn.Module):
             if self.lora_magnitude_vector is None:
                 base.weight.add_(delta.to(base.weight.dtype))
             else:
-                norm = self.weight_norm()
                 updated = base.weight.float() + delta
-                base.weight.copy_((self.lora_magnitude_vector / norm)[:, None] * updated)
+                base.weight.copy_((self.lora_magnitude_vector / self.weight_norm())[:, None] * updated)
             if self.lora_B.bias is not None:
                 base.bias.add_((self.lora_B.bias * self.scaling).to(base.bias.dtype))
         return base
