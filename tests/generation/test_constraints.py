@@ -247,3 +247,52 @@ def test_the_cli_answers_with_a_choice_or_a_schema_and_names_bad_flags(tmp_path:
     capsys.readouterr()
     assert main([*ask, "--regex", "a+", "--choice", "b"]) == 1
     assert "use one of --json-schema, --regex and --choice" in capsys.readouterr().err
+
+
+def test_the_engine_constrains_each_sequence_and_greedy_equals_generate(model: Any, tokenizer: Any) -> None:
+    """Sequences with different constraints (and none) share the engine's steps; each greedy one
+    equals `generate` alone, and sampled siblings (n) each follow the schema."""
+    import threading
+
+    from idefics2.generation.engine import Engine, EngineRequest, SamplingParams
+
+    schema = SCHEMAS["nested object with bounded strings"]
+    compiler = compiler_for(tokenizer, 495)
+    cases = [Constraint.json_schema(schema), Constraint.regex(REGEX), None, Constraint.choices(CHOICES)]
+    engine = Engine(model, max_batch_size=8, tokenizer=tokenizer)
+    try:
+        results: list[dict[int, list[int]]] = []
+        done: list[threading.Event] = []
+        ends: list[list[str]] = []
+        for i, constraint in enumerate([*cases, cases[0]]):
+            tokens: dict[int, list[int]] = {}
+            finished = threading.Event()
+            n = 3 if i == 4 else 1
+            reasons: list[str] = []
+
+            def collect(event: Any, tokens: dict[int, list[int]] = tokens, finished: Any = finished, n: int = n,
+                        reasons: list[str] = reasons) -> None:
+                tokens.setdefault(event.index, []).append(event.token)
+                if event.finish_reason is not None:
+                    reasons.append(event.finish_reason)
+                    if len(reasons) == n:
+                        finished.set()
+
+            params = SamplingParams(150, [EOS], temperature=1.0 if i == 4 else 0.0, seed=i, n=n,
+                                    constraint=None if constraint is None else compiler.compile(constraint))
+            engine.submit(EngineRequest(prompts(5, seed=9)[i:i + 1], params, collect))
+            results.append(tokens)
+            done.append(finished)
+            ends.append(reasons)
+        assert all(f.wait(120) for f in done)
+        assert ends[:2] + ends[3:] == [["stop"], ["stop"], ["stop"], ["stop"] * 3]  # the free one may end by length
+    finally:
+        engine.close()
+    for i, constraint in enumerate(cases):
+        alone = model.generate(prompts(5, seed=9)[i:i + 1], max_new_tokens=150, constraint=constraint,
+                               tokenizer=tokenizer)
+        assert results[i][0] == alone[0, 5:].tolist()
+    assert len(results[4]) == 3
+    for sample in results[4].values():
+        assert sample[-1] == EOS
+        jsonschema.validate(json.loads(tokenizer.decode(sample[:-1], skip_special_tokens=False)), schema)
