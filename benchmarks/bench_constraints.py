@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import sys
 from pathlib import Path
@@ -27,27 +28,47 @@ from bench_generate import PRESETS, Stamps, build, make_inputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "tests" / "fixtures" / "hub-like-tokenizer"
-SCHEMA = {"type": "array", "minItems": 40, "items": {
-    "type": "object", "required": ["name", "count"], "additionalProperties": False,
-    "properties": {"name": {"type": "string", "maxLength": 12}, "count": {"type": "integer", "minimum": 0,
-                                                                          "maximum": 1000}}}}
+SCHEMA = {
+    "type": "array",
+    "minItems": 40,
+    "items": {
+        "type": "object",
+        "required": ["name", "count"],
+        "additionalProperties": False,
+        "properties": {
+            "name": {"type": "string", "maxLength": 12},
+            "count": {"type": "integer", "minimum": 0, "maximum": 1000},
+        },
+    },
+}
 
 
-def step_ms(model: Any, inputs: dict[str, torch.Tensor], n: int, sync: Any, **extra: Any) -> tuple[float, Any]:
+def step_ms(
+    model: Any, inputs: dict[str, torch.Tensor], n: int, sync: Any, **extra: Any
+) -> tuple[float, Any]:
     """Mean ms per decode step (after the first token) of one greedy call of n new tokens (EOS banned
     until then, as in bench_generate, so every row decodes every step), and its tokens."""
     stamps = Stamps()
     sync()
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=stamps,
-                             vision_cache=True, **extra)
+        out = model.generate(
+            **inputs,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            streamer=stamps,
+            vision_cache=True,
+            **extra,
+        )
     sync()
     steps = len(stamps.times) - 2  # the prompt's put, then one per token
-    return 1e3 * (stamps.times[-1] - stamps.times[1]) / max(steps, 1), out[:, inputs["input_ids"].shape[1]:]
+    return 1e3 * (stamps.times[-1] - stamps.times[1]) / max(steps, 1), out[:, inputs["input_ids"].shape[1] :]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
@@ -62,6 +83,7 @@ def main() -> None:
     from idefics2.processing.tokenizer import Tokenizer
 
     torch.set_num_threads(args.threads)
+    logging.getLogger("idefics2.generation.generate").setLevel(logging.ERROR)  # cut by length on purpose
     dtype = getattr(torch, args.dtype)
     preset = PRESETS["small"]
     model = build("ours", preset, args.device, dtype)
@@ -70,12 +92,17 @@ def main() -> None:
     on_gpu = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     device_name = torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu"
-    print(f"python {platform.python_version()}, torch {torch.__version__}, llguidance {llguidance.__version__}, "
-          f"device {args.device} ({device_name}), dtype {args.dtype}, threads {args.threads}, "
-          f"{args.new_tokens} new tokens, best of {args.rounds}")
+    print(
+        f"python {platform.python_version()}, torch {torch.__version__}, "
+        f"llguidance {llguidance.__version__}, "
+        f"device {args.device} ({device_name}), dtype {args.dtype}, threads {args.threads}, "
+        f"{args.new_tokens} new tokens, best of {args.rounds}"
+    )
     summary: dict[str, Any] = {"device": device_name, "dtype": args.dtype, "threads": args.threads}
-    print(f"{'batch':>5} {'plain tok/s':>12} {'JSON tok/s':>12} {'plain ms/step':>14} {'JSON ms/step':>13} "
-          f"{'overhead':>9}")
+    print(
+        f"{'batch':>5} {'plain tok/s':>12} {'JSON tok/s':>12} {'plain ms/step':>14} {'JSON ms/step':>13} "
+        f"{'overhead':>9}"
+    )
     for batch in args.batch_sizes:
         inputs = {k: v.to(args.device) for k, v in make_inputs(batch, preset["image_token_id"], 64).items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
@@ -87,14 +114,22 @@ def main() -> None:
             for name, extra in sides.items():
                 ms, tokens = step_ms(model, inputs, args.new_tokens + 1, sync, **extra)
                 if name == "json":
-                    assert tokens.shape[1] == args.new_tokens + 1, "a constrained row ended inside the timed steps"
+                    assert tokens.shape[1] == args.new_tokens + 1, (
+                        "a constrained row ended inside the timed steps"
+                    )
                 best[name] = min(best[name], ms)
         overhead = best["json"] / best["plain"] - 1
-        print(f"{batch:>5} {1e3 * batch / best['plain']:12.2f} {1e3 * batch / best['json']:12.2f} "
-              f"{best['plain']:14.2f} {best['json']:13.2f} {100 * overhead:8.1f}%")
-        summary[f"b{batch}"] = {"plain_step_ms": best["plain"], "json_step_ms": best["json"],
-                                "plain_tokens_per_s": 1e3 * batch / best["plain"],
-                                "json_tokens_per_s": 1e3 * batch / best["json"], "overhead": overhead}
+        print(
+            f"{batch:>5} {1e3 * batch / best['plain']:12.2f} {1e3 * batch / best['json']:12.2f} "
+            f"{best['plain']:14.2f} {best['json']:13.2f} {100 * overhead:8.1f}%"
+        )
+        summary[f"b{batch}"] = {
+            "plain_step_ms": best["plain"],
+            "json_step_ms": best["json"],
+            "plain_tokens_per_s": 1e3 * batch / best["plain"],
+            "json_tokens_per_s": 1e3 * batch / best["json"],
+            "overhead": overhead,
+        }
     print(json.dumps(summary))
 
 

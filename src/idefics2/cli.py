@@ -284,7 +284,8 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None, help="default: generation_config.json's, else off")
     parser.add_argument("--top-p", type=float, default=None, help="default: generation_config.json's, else 1")
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--json-schema", metavar="FILE", help="answer with JSON that follows the schema in FILE")
+    parser.add_argument("--json-schema", metavar="FILE",
+                        help="answer with JSON that follows the schema in FILE")
     parser.add_argument("--lenient-schema", action="store_true",
                         help="with --json-schema: ignore keywords that cannot be enforced (default: refuse)")
     parser.add_argument("--regex", help="answer with text matching this regular expression")

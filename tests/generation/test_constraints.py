@@ -24,15 +24,32 @@ CONFIG = tiny_config_dict(vocab=495, image_token_id=4)
 
 SCHEMAS: dict[str, dict[str, Any]] = {
     "object with a required enum": {
-        "type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}, "size": {"type": "integer"}},
-        "required": ["color"], "additionalProperties": False},
+        "type": "object",
+        "properties": {"color": {"enum": ["red", "green", "blue"]}, "size": {"type": "integer"}},
+        "required": ["color"],
+        "additionalProperties": False,
+    },
     "integer with bounds": {"type": "integer", "minimum": -7, "maximum": 42},
-    "array with min and max items": {"type": "array", "items": {"type": "boolean"}, "minItems": 2, "maxItems": 4},
+    "array with min and max items": {
+        "type": "array",
+        "items": {"type": "boolean"},
+        "minItems": 2,
+        "maxItems": 4,
+    },
     "nested object with bounded strings": {
-        "type": "object", "required": ["name", "box"], "additionalProperties": False,
-        "properties": {"name": {"type": "string", "maxLength": 6},
-                       "box": {"type": "object", "required": ["label"], "additionalProperties": False,
-                               "properties": {"label": {"type": "string", "minLength": 1, "maxLength": 4}}}}},
+        "type": "object",
+        "required": ["name", "box"],
+        "additionalProperties": False,
+        "properties": {
+            "name": {"type": "string", "maxLength": 6},
+            "box": {
+                "type": "object",
+                "required": ["label"],
+                "additionalProperties": False,
+                "properties": {"label": {"type": "string", "minLength": 1, "maxLength": 4}},
+            },
+        },
+    },
 }
 REGEX = r"[A-Z]{2}-[0-9]{2,3}( ok)?"
 CHOICES = ["red", "green", "dark blue", 'say "hi"']
@@ -65,7 +82,7 @@ def answers(out: torch.Tensor, tokenizer: Any, prompt_length: int = 5) -> list[s
         if EOS not in row:
             texts.append(None)
             continue
-        new = row[:row.index(EOS)]
+        new = row[: row.index(EOS)]
         assert not set(new) & set(SPECIAL), "a special token inside the answer"
         texts.append(tokenizer.decode(new, skip_special_tokens=False))
     return texts
@@ -75,8 +92,16 @@ def sample(model: Any, tokenizer: Any, constraint: Constraint, max_new_tokens: i
     """200 sampled answers: 100 rows, twice, at temperature 1 with no top-k."""
     texts: list[str | None] = []
     for seed in (1, 2):
-        out = model.generate(prompts(100, seed), max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0,
-                             top_k=0, constraint=constraint, tokenizer=tokenizer, seed=seed)
+        out = model.generate(
+            prompts(100, seed),
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            constraint=constraint,
+            tokenizer=tokenizer,
+            seed=seed,
+        )
         texts += answers(out, tokenizer)
     return texts
 
@@ -109,8 +134,9 @@ def test_rows_follow_their_own_constraint_and_free_rows_are_untouched(model: Any
     ids[1, :2], mask[1, :2] = 0, 0  # a left-padded row
     kwargs: dict[str, Any] = {"attention_mask": mask, "max_new_tokens": 30, "tokenizer": tokenizer}
     free = model.generate(ids, **kwargs)
-    mixed = model.generate(ids, constraint=[Constraint.choices(["yes", "no"]), None, Constraint.regex("[0-9]{4}")],
-                           **kwargs)
+    mixed = model.generate(
+        ids, constraint=[Constraint.choices(["yes", "no"]), None, Constraint.regex("[0-9]{4}")], **kwargs
+    )
     texts = answers(mixed, tokenizer)
     assert texts[0] in ("yes", "no") and re.fullmatch("[0-9]{4}", texts[2])  # type: ignore[arg-type]
     n = min(free.shape[1], mixed.shape[1])
@@ -119,35 +145,58 @@ def test_rows_follow_their_own_constraint_and_free_rows_are_untouched(model: Any
 
 
 def test_the_grammars_end_forces_eos_even_before_min_new_tokens(model: Any, tokenizer: Any) -> None:
-    out = model.generate(prompts(8), max_new_tokens=12, min_new_tokens=10, do_sample=True, seed=3,
-                         constraint=Constraint.choices(["yes", "no"]), tokenizer=tokenizer)
+    out = model.generate(
+        prompts(8),
+        max_new_tokens=12,
+        min_new_tokens=10,
+        do_sample=True,
+        seed=3,
+        constraint=Constraint.choices(["yes", "no"]),
+        tokenizer=tokenizer,
+    )
     assert set(answers(out, tokenizer)) <= {"yes", "no"}
 
 
 def test_rows_kept_after_a_stop_string_in_a_dict_output_are_left_alone(model: Any, tokenizer: Any) -> None:
     """return_dict_in_generate keeps finished rows in the batch, fed padding: not the grammar's business."""
-    out = model.generate(prompts(12), max_new_tokens=12, do_sample=True, seed=5, stop_strings=["ab"],
-                         constraint=Constraint.choices(["ab cd", "ef gh"]), tokenizer=tokenizer,
-                         return_dict_in_generate=True)
+    out = model.generate(
+        prompts(12),
+        max_new_tokens=12,
+        do_sample=True,
+        seed=5,
+        stop_strings=["ab"],
+        constraint=Constraint.choices(["ab cd", "ef gh"]),
+        tokenizer=tokenizer,
+        return_dict_in_generate=True,
+    )
     texts = [tokenizer.decode(row, skip_special_tokens=True) for row in out.sequences[:, 5:].tolist()]
     assert {t if t == "ef gh" else t[:2] for t in texts} == {"ab", "ef gh"}
 
 
 def test_num_return_sequences_and_a_chat_leading_space(model: Any, tokenizer: Any) -> None:
     constraint = Constraint("choices", ("red", "green"), leading_space=True)
-    out = model.generate(prompts(2), max_new_tokens=8, do_sample=True, seed=4, num_return_sequences=3,
-                         constraint=constraint, tokenizer=tokenizer)
+    out = model.generate(
+        prompts(2),
+        max_new_tokens=8,
+        do_sample=True,
+        seed=4,
+        num_return_sequences=3,
+        constraint=constraint,
+        tokenizer=tokenizer,
+    )
     texts = answers(out, tokenizer)
     assert len(texts) == 6 and {t.lstrip(" ") for t in texts} <= {"red", "green"}  # type: ignore[union-attr]
     assert all(t in ("red", "green", " red", " green") for t in texts)
 
 
-def test_an_answer_cut_by_max_new_tokens_ends_by_length_with_a_warning(model: Any, tokenizer: Any,
-                                                                       caplog: pytest.LogCaptureFixture) -> None:
+def test_an_answer_cut_by_max_new_tokens_ends_by_length_with_a_warning(
+    model: Any, tokenizer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     schema = SCHEMAS["nested object with bounded strings"]
     with caplog.at_level(logging.WARNING, logger="idefics2.generation.generate"):
-        out = model.generate(prompts(2), max_new_tokens=4, constraint=Constraint.json_schema(schema),
-                             tokenizer=tokenizer)
+        out = model.generate(
+            prompts(2), max_new_tokens=4, constraint=Constraint.json_schema(schema), tokenizer=tokenizer
+        )
     assert out.shape[1] == 5 + 4 and EOS not in out[:, 5:].tolist()[0]
     assert "rows [0, 1] reached max_new_tokens=4" in caplog.text and "finish reason 'length'" in caplog.text
 
@@ -158,76 +207,123 @@ def test_the_processor_works_in_transformers_generate(tokenizer: Any) -> None:
     from transformers import LogitsProcessorList
 
     oracle = oracle_model(CONFIG)
-    schema = {"type": "object", "properties": {"color": {"enum": ["red", "green"]}, "ok": {"type": "boolean"}},
-              "required": ["color", "ok"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"color": {"enum": ["red", "green"]}, "ok": {"type": "boolean"}},
+        "required": ["color", "ok"],
+        "additionalProperties": False,
+    }
     compiled = compiler_for(tokenizer, 495).compile(Constraint.json_schema(schema))
     processor = ConstraintProcessor.for_rows([compiled] * 6, [EOS], 495)
     torch.manual_seed(0)
-    out = oracle.generate(input_ids=prompts(6), attention_mask=torch.ones(6, 5, dtype=torch.long), do_sample=True,
-                          top_k=0, max_new_tokens=40, eos_token_id=EOS, pad_token_id=0,
-                          logits_processor=LogitsProcessorList([processor]))
+    out = oracle.generate(
+        input_ids=prompts(6),
+        attention_mask=torch.ones(6, 5, dtype=torch.long),
+        do_sample=True,
+        top_k=0,
+        max_new_tokens=40,
+        eos_token_id=EOS,
+        pad_token_id=0,
+        logits_processor=LogitsProcessorList([processor]),
+    )
     for text in answers(out, tokenizer):
         jsonschema.validate(json.loads(text), schema)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("constraint", "message"), [
-    (Constraint.json_schema({"type": "strin"}), "cannot enforce the JSON schema: Invalid type: strin"),
-    (Constraint.json_schema({"type": "array", "uniqueItems": True}), 'Unimplemented keys: ["uniqueItems"]'),
-    (Constraint.json_schema({"type": "string", "format": "colour"}), "Unknown format: colour"),
-    (Constraint.json_schema({"type": "integer", "minimum": 5, "maximum": 1}), "minimum (5) is greater than maximum"),
-    (Constraint.json_schema({"$ref": "#/$defs/missing"}), "does not exist"),
-    (Constraint.regex("[0-9"), "cannot enforce the regular expression"),
-    (Constraint.grammar("start: item\n"), 'unknown name: "item"'),
-])
-def test_constraints_that_cannot_be_enforced_are_refused_by_name(model: Any, tokenizer: Any, constraint: Constraint,
-                                                                message: str) -> None:
+@pytest.mark.parametrize(
+    ("constraint", "message"),
+    [
+        (Constraint.json_schema({"type": "strin"}), "cannot enforce the JSON schema: Invalid type: strin"),
+        (
+            Constraint.json_schema({"type": "array", "uniqueItems": True}),
+            'Unimplemented keys: ["uniqueItems"]',
+        ),
+        (Constraint.json_schema({"type": "string", "format": "colour"}), "Unknown format: colour"),
+        (
+            Constraint.json_schema({"type": "integer", "minimum": 5, "maximum": 1}),
+            "minimum (5) is greater than maximum",
+        ),
+        (Constraint.json_schema({"$ref": "#/$defs/missing"}), "does not exist"),
+        (Constraint.regex("[0-9"), "cannot enforce the regular expression"),
+        (Constraint.grammar("start: item\n"), 'unknown name: "item"'),
+    ],
+)
+def test_constraints_that_cannot_be_enforced_are_refused_by_name(
+    model: Any, tokenizer: Any, constraint: Constraint, message: str
+) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         model.generate(prompts(1), constraint=constraint, tokenizer=tokenizer)
 
 
-def test_a_lenient_schema_ignores_what_it_cannot_enforce_and_says_so(model: Any, tokenizer: Any,
-                                                                     caplog: pytest.LogCaptureFixture) -> None:
-    schema = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 3}, "maxItems": 3,
-              "uniqueItems": True}
+def test_a_lenient_schema_ignores_what_it_cannot_enforce_and_says_so(
+    model: Any, tokenizer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    schema = {
+        "type": "array",
+        "items": {"type": "integer", "minimum": 0, "maximum": 3},
+        "maxItems": 3,
+        "uniqueItems": True,
+    }
     with caplog.at_level(logging.WARNING):
-        out = model.generate(prompts(20), max_new_tokens=20, do_sample=True, seed=0, tokenizer=tokenizer,
-                             constraint=Constraint.json_schema(schema, strict=False))
+        out = model.generate(
+            prompts(20),
+            max_new_tokens=20,
+            do_sample=True,
+            seed=0,
+            tokenizer=tokenizer,
+            constraint=Constraint.json_schema(schema, strict=False),
+        )
     assert "uniqueItems" in caplog.text
     for text in answers(out, tokenizer):
         jsonschema.validate(json.loads(text), {k: v for k, v in schema.items() if k != "uniqueItems"})  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"constraint": Constraint.regex("a+")}, "pass tokenizer="),
-    ({"constraint": Constraint.regex("a+"), "tokenizer": "tok", "num_beams": 2}, "beam search"),
-    ({"constraint": [Constraint.regex("a+")] * 2, "tokenizer": "tok"}, "a list of 2, but there are 1 prompts"),
-    ({"constraint": {"type": "object"}, "tokenizer": "tok"}, "constraint must be a Constraint"),
-    ({"constraint": Constraint.regex("a+"), "tokenizer": "tok", "eos_token_id": []}, "needs an EOS token id"),
-])
-def test_misused_constraints_are_value_errors(model: Any, tokenizer: Any, kwargs: dict[str, Any], message: str) -> None:
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"constraint": Constraint.regex("a+")}, "pass tokenizer="),
+        ({"constraint": Constraint.regex("a+"), "tokenizer": "tok", "num_beams": 2}, "beam search"),
+        (
+            {"constraint": [Constraint.regex("a+")] * 2, "tokenizer": "tok"},
+            "a list of 2, but there are 1 prompts",
+        ),
+        ({"constraint": {"type": "object"}, "tokenizer": "tok"}, "constraint must be a Constraint"),
+        (
+            {"constraint": Constraint.regex("a+"), "tokenizer": "tok", "eos_token_id": []},
+            "needs an EOS token id",
+        ),
+    ],
+)
+def test_misused_constraints_are_value_errors(
+    model: Any, tokenizer: Any, kwargs: dict[str, Any], message: str
+) -> None:
     if kwargs.get("tokenizer") == "tok":
         kwargs = {**kwargs, "tokenizer": tokenizer}
     with pytest.raises(ValueError, match=re.escape(message)):
         model.generate(prompts(1), max_new_tokens=3, **kwargs)
 
 
-@pytest.mark.parametrize(("build", "message"), [
-    (lambda: Constraint.json_schema(False), "matches no value"),
-    (lambda: Constraint.json_schema([1]), "must be an object"),
-    (lambda: Constraint.json_schema({"minimum": float("nan")}), "not JSON"),
-    (lambda: Constraint.choices([]), "non-empty list of strings"),
-    (lambda: Constraint.choices("red"), "non-empty list of strings"),
-    (lambda: Constraint.choices(["a", ""]), "non-empty strings"),
-    (lambda: Constraint.regex(""), "non-empty string"),
-    (lambda: Constraint("xml", "<a/>"), "kind must be one of"),
-])
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: Constraint.json_schema(False), "matches no value"),
+        (lambda: Constraint.json_schema([1]), "must be an object"),
+        (lambda: Constraint.json_schema({"minimum": float("nan")}), "not JSON"),
+        (lambda: Constraint.choices([]), "non-empty list of strings"),
+        (lambda: Constraint.choices("red"), "non-empty list of strings"),
+        (lambda: Constraint.choices(["a", ""]), "non-empty strings"),
+        (lambda: Constraint.regex(""), "non-empty string"),
+        (lambda: Constraint("xml", "<a/>"), "kind must be one of"),
+    ],
+)
 def test_malformed_constraints_are_refused_when_built(build: Any, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         build()
 
 
-def test_the_cli_answers_with_a_choice_or_a_schema_and_names_bad_flags(tmp_path: Any,
-                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_cli_answers_with_a_choice_or_a_schema_and_names_bad_flags(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     from conftest import EXAMPLES
     from idefics2.cli import main
 
@@ -235,9 +331,16 @@ def test_the_cli_answers_with_a_choice_or_a_schema_and_names_bad_flags(tmp_path:
     assert main([*ask, "--choice", "green", "--choice", "blue"]) == 0
     assert json.loads(capsys.readouterr().out)["answer"] in ("green", "blue")
     schema = tmp_path / "schema.json"
-    schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
-                                                                         "maximum": 9}}, "required": ["n"],
-                                  "additionalProperties": False}))
+    schema.write_text(
+        json.dumps(
+            {
+                "type": "object",
+                "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+                "required": ["n"],
+                "additionalProperties": False,
+            }
+        )
+    )
     assert main([*ask, "--json-schema", str(schema), "--temperature", "0"]) == 0
     assert set(json.loads(json.loads(capsys.readouterr().out)["answer"])) == {"n"}
     schema.write_text('{"type": "array", "uniqueItems": true}')
@@ -270,27 +373,44 @@ def test_the_engine_constrains_each_sequence_and_greedy_equals_generate(model: A
             n = 3 if i == 4 else 1
             reasons: list[str] = []
 
-            def collect(event: Any, tokens: dict[int, list[int]] = tokens, finished: Any = finished, n: int = n,
-                        reasons: list[str] = reasons) -> None:
+            def collect(
+                event: Any,
+                tokens: dict[int, list[int]] = tokens,
+                finished: Any = finished,
+                n: int = n,
+                reasons: list[str] = reasons,
+            ) -> None:
                 tokens.setdefault(event.index, []).append(event.token)
                 if event.finish_reason is not None:
                     reasons.append(event.finish_reason)
                     if len(reasons) == n:
                         finished.set()
 
-            params = SamplingParams(150, [EOS], temperature=1.0 if i == 4 else 0.0, seed=i, n=n,
-                                    constraint=None if constraint is None else compiler.compile(constraint))
-            engine.submit(EngineRequest(prompts(5, seed=9)[i:i + 1], params, collect))
+            params = SamplingParams(
+                150,
+                [EOS],
+                temperature=1.0 if i == 4 else 0.0,
+                seed=i,
+                n=n,
+                constraint=None if constraint is None else compiler.compile(constraint),
+            )
+            engine.submit(EngineRequest(prompts(5, seed=9)[i : i + 1], params, collect))
             results.append(tokens)
             done.append(finished)
             ends.append(reasons)
         assert all(f.wait(120) for f in done)
-        assert ends[:2] + ends[3:] == [["stop"], ["stop"], ["stop"], ["stop"] * 3]  # the free one may end by length
+        assert ends[:2] + ends[3:] == [
+            ["stop"],
+            ["stop"],
+            ["stop"],
+            ["stop"] * 3,
+        ]  # the free one may end by length
     finally:
         engine.close()
     for i, constraint in enumerate(cases):
-        alone = model.generate(prompts(5, seed=9)[i:i + 1], max_new_tokens=150, constraint=constraint,
-                               tokenizer=tokenizer)
+        alone = model.generate(
+            prompts(5, seed=9)[i : i + 1], max_new_tokens=150, constraint=constraint, tokenizer=tokenizer
+        )
         assert results[i][0] == alone[0, 5:].tolist()
     assert len(results[4]) == 3
     for sample in results[4].values():

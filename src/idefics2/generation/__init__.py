@@ -16,5 +16,6 @@ from idefics2.generation.streaming import TextIteratorStreamer
 from idefics2.generation.threads import ThreadTuner
 from idefics2.generation.vision_cache import VisionFeatureCache
 
-__all__ = ["BUILTIN_DEFAULTS", "Constraint", "ConstraintProcessor", "GenerateOutput", "GenerationConfig", "Generator",
-           "TextIteratorStreamer", "ThreadTuner", "VisionFeatureCache", "decode_step", "load_generation_config"]
+__all__ = ["BUILTIN_DEFAULTS", "Constraint", "ConstraintProcessor", "GenerateOutput", "GenerationConfig",
+           "Generator", "TextIteratorStreamer", "ThreadTuner", "VisionFeatureCache", "decode_step",
+           "load_generation_config"]

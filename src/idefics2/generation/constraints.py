@@ -42,7 +42,9 @@ def _llguidance() -> Any:
     try:
         import llguidance
     except ImportError as err:  # a core dependency; only a broken install gets here
-        raise ImportError("constrained decoding needs the llguidance package (pip install llguidance)") from err
+        raise ImportError(
+            "constrained decoding needs the llguidance package (pip install llguidance)"
+        ) from err
     return llguidance
 
 
@@ -72,7 +74,9 @@ class Constraint:
             if spec is False:
                 raise ValueError("the JSON schema `false` matches no value: nothing can be generated")
             if not (spec is True or isinstance(spec, dict)):
-                raise ValueError(f"a JSON schema must be an object (a dict) or true, got {type(spec).__name__}")
+                raise ValueError(
+                    f"a JSON schema must be an object (a dict) or true, got {type(spec).__name__}"
+                )
             try:
                 json.dumps(spec, allow_nan=False)
             except (TypeError, ValueError) as err:
@@ -106,8 +110,12 @@ class Constraint:
         return cls("grammar", lark)
 
     def describe(self) -> str:
-        return {"json_schema": "JSON schema", "regex": "regular expression", "choices": "choice list",
-                "grammar": "grammar"}[self.kind]
+        return {
+            "json_schema": "JSON schema",
+            "regex": "regular expression",
+            "choices": "choice list",
+            "grammar": "grammar",
+        }[self.kind]
 
     def grammar_text(self) -> str:
         """The llguidance grammar (its JSON form): the constraint, behind an optional space if asked."""
@@ -140,12 +148,18 @@ def lark_grammar(text: str) -> str:
 
 
 def tokenizer_json(tokenizer: Any) -> str:
-    """The tokenizer.json text of our `Tokenizer`, a transformers fast tokenizer or a `tokenizers.Tokenizer`."""
-    for backend in (getattr(tokenizer, "backend", None), getattr(tokenizer, "backend_tokenizer", None), tokenizer):
+    """The tokenizer.json text of our `Tokenizer`, a transformers fast one or a `tokenizers.Tokenizer`."""
+    for backend in (
+        getattr(tokenizer, "backend", None),
+        getattr(tokenizer, "backend_tokenizer", None),
+        tokenizer,
+    ):
         if callable(getattr(backend, "to_str", None)):
             return backend.to_str()
-    raise ValueError(f"a constraint needs a tokenizer with a tokenizers backend (tokenizer.json), got "
-                     f"{type(tokenizer).__name__}: pass tokenizer=processor.tokenizer")
+    raise ValueError(
+        f"a constraint needs a tokenizer with a tokenizers backend (tokenizer.json), got "
+        f"{type(tokenizer).__name__}: pass tokenizer=processor.tokenizer"
+    )
 
 
 class ConstraintCompiler:
@@ -159,8 +173,10 @@ class ConstraintCompiler:
         ll = _llguidance()
         size = len(tokenizer)
         if size > vocab_size:
-            raise ValueError(f"the tokenizer has {size} tokens but the model only {vocab_size} logits: "
-                             "they do not belong together")
+            raise ValueError(
+                f"the tokenizer has {size} tokens but the model only {vocab_size} logits: "
+                "they do not belong together"
+            )
         self.vocab_size = vocab_size
         self.ll_tokenizer = ll.LLTokenizer(tokenizer_json(tokenizer), n_vocab=vocab_size)
         self._limits = ll.LLParserLimits(verbose_errors=False)
@@ -170,8 +186,10 @@ class ConstraintCompiler:
         cannot be enforced. Keywords a lenient schema ignores are logged as a warning."""
         ll = _llguidance()
         if not isinstance(constraint, Constraint):
-            raise ValueError(f"a constraint must be a Constraint (Constraint.json_schema(...), .regex(...), "
-                             f".choices(...), .grammar(...)), got {type(constraint).__name__}")
+            raise ValueError(
+                f"a constraint must be a Constraint (Constraint.json_schema(...), .regex(...), "
+                f".choices(...), .grammar(...)), got {type(constraint).__name__}"
+            )
         matcher = ll.LLMatcher(self.ll_tokenizer, constraint.grammar_text(), log_level=0, limits=self._limits)
         if matcher.is_error():
             raise ValueError(f"cannot enforce the {constraint.describe()}: {_clean(matcher.get_error())}")
@@ -194,12 +212,14 @@ class CompiledConstraint:
 
 
 def _clean(message: str) -> str:
-    """llguidance's message on one line (its regex errors draw carets over several), at most 1000 characters."""
+    """llguidance's message on one line (its regex errors draw carets over several), at most 1000 chars."""
     text = " ".join(message.split())
     return text[:1000]
 
 
-_COMPILERS: weakref.WeakKeyDictionary[Any, dict[int, tuple[int, ConstraintCompiler]]] = weakref.WeakKeyDictionary()
+_COMPILERS: weakref.WeakKeyDictionary[Any, dict[int, tuple[int, ConstraintCompiler]]] = (
+    weakref.WeakKeyDictionary()
+)
 _COMPILERS_LOCK = threading.Lock()  # the server compiles in several worker threads
 
 
@@ -249,13 +269,14 @@ class ConstraintProcessor:
         self._seen: int | None = None  # LogitsProcessor use: tokens of each row consumed so far
 
     @classmethod
-    def for_rows(cls, constraints: Sequence[CompiledConstraint | None], eos_ids: Sequence[int],
-                 vocab_size: int) -> ConstraintProcessor:
+    def for_rows(
+        cls, constraints: Sequence[CompiledConstraint | None], eos_ids: Sequence[int], vocab_size: int
+    ) -> ConstraintProcessor:
         return cls([None if c is None else c.new_matcher() for c in constraints], eos_ids, vocab_size)
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         if self._seen is not None:
-            for column in input_ids[:, self._seen:].T:
+            for column in input_ids[:, self._seen :].T:
                 self.record(column)
         self._seen = input_ids.shape[1]
         return self.mask(scores)
@@ -272,19 +293,27 @@ class ConstraintProcessor:
         for b, row in live:
             row.matcher.unsafe_compute_mask_ptr(bits[b].ctypes.data, words * 4)
             accepting[b] = row.matcher.is_accepting()
-        allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :V].view(np.bool_)  # (B, V)
+        allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :V].view(
+            np.bool_
+        )  # (B, V)
         allowed[:, self.eos] = accepting[:, None]
-        allowed_t = torch.from_numpy(allowed).to(scores.device)
-        masked = scores.masked_fill(~allowed_t, float("-inf"))
-        stuck = masked.amax(dim=-1) == float("-inf")  # (B,)
-        if bool(stuck.any()):
-            rows = stuck.nonzero()[:, 0].tolist()
-            blocked = [b for b in rows if not accepting[b]]
+        if scores.device.type == "cpu" and scores.dtype == torch.float32:
+            # NumPy, one thread: torch's threaded kernels cost more than this work on small (B, V)
+            values = np.where(allowed, scores.detach().numpy(), np.float32(-np.inf))
+            stuck = (values.max(axis=1) == -np.inf).nonzero()[0].tolist()
+            masked = torch.from_numpy(values)
+        else:
+            masked = scores.masked_fill(~torch.from_numpy(allowed).to(scores.device), float("-inf"))
+            stuck = (masked.amax(dim=-1) == float("-inf")).nonzero()[:, 0].tolist()
+        if stuck:
+            blocked = [b for b in stuck if not accepting[b]]
             if blocked:
-                raise ValueError(f"row {blocked[0]}: every token the constraint allows next is banned by another "
-                                 "rule (bad_words_ids, no_repeat_ngram_size, a logits_processor)")
-            eos = self._eos_index.to(scores.device)
-            forced = stuck.nonzero()[:, 0]
+                raise ValueError(
+                    f"row {blocked[0]}: every token the constraint allows next is banned by another "
+                    "rule (bad_words_ids, no_repeat_ngram_size, a logits_processor)"
+                )
+            eos = self._eos_index.to(masked.device)
+            forced = torch.tensor(stuck, device=masked.device)
             masked[forced[:, None], eos[None]] = 0.0  # the grammar is complete: end here
         return masked
 
@@ -296,7 +325,9 @@ class ConstraintProcessor:
             if token in self.eos:
                 row.ended = True
             elif not row.matcher.consume_token(token) or row.matcher.is_error():
-                raise ValueError(f"token {token} does not follow the constraint: {_clean(row.matcher.get_error())}")
+                raise ValueError(
+                    f"token {token} does not follow the constraint: {_clean(row.matcher.get_error())}"
+                )
 
     def end(self, rows: Tensor) -> None:
         """Rows (B,) bool that ended otherwise (a stop string): left alone from now on."""
@@ -320,8 +351,11 @@ class ConstraintProcessor:
 
     def incomplete(self) -> list[int]:
         """Rows (positions in the batch) whose answer is not yet a complete sentence of their grammar."""
-        return [b for b, r in enumerate(self.rows)
-                if r is not None and not r.ended and not r.matcher.is_accepting()]
+        return [
+            b
+            for b, r in enumerate(self.rows)
+            if r is not None and not r.ended and not r.matcher.is_accepting()
+        ]
 
 
 def per_row(constraint: Any, batch: int) -> list[Constraint | None]:
@@ -331,10 +365,14 @@ def per_row(constraint: Any, batch: int) -> list[Constraint | None]:
         return [constraint] * batch
     if isinstance(constraint, (list, tuple)):
         if len(constraint) != batch:
-            raise ValueError(f"constraint is a list of {len(constraint)}, but there are {batch} prompts: pass one "
-                             "Constraint (or None) per row, or one Constraint for all")
+            raise ValueError(
+                f"constraint is a list of {len(constraint)}, but there are {batch} prompts: pass one "
+                "Constraint (or None) per row, or one Constraint for all"
+            )
         if not all(c is None or isinstance(c, Constraint) for c in constraint):
             raise ValueError("constraint lists must hold Constraint objects or None")
         return list(constraint)
-    raise ValueError(f"constraint must be a Constraint (Constraint.json_schema(...), .regex(...), .choices(...), "
-                     f".grammar(...)) or a list of them per row, got {type(constraint).__name__}")
+    raise ValueError(
+        f"constraint must be a Constraint (Constraint.json_schema(...), .regex(...), .choices(...), "
+        f".grammar(...)) or a list of them per row, got {type(constraint).__name__}"
+    )

@@ -8,9 +8,9 @@ next step boundary and frees its slot. `n` samples of one request share its imag
 its prefill (the cache row is copied).
 
 Per-sequence work (the logits processors, a constraint's matcher, sampling, stop checks) runs row
-by row with the same functions as `generate`, so a sequence's tokens do not depend on which others share its steps;
-greedy output equals the request run alone. Events go to each request's `on_event` callback,
-from the scheduler thread: the caller hands them to its own thread or event loop.
+by row with the same functions as `generate`, so a sequence's tokens do not depend on which
+others share its steps; greedy output equals the request run alone. Events go to each request's
+`on_event` callback, from the scheduler thread: the caller hands them to its own thread or event loop.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from idefics2.generation.streaming import Decoder
 from idefics2.generation.vision_cache import VisionFeatureCache
 
 logger = logging.getLogger(__name__)
+
 
 class QueueFull(Exception):
     """`Engine.submit` when `max_queue` requests already wait (a server answers 429)."""
@@ -234,7 +235,8 @@ class Engine:
             extra = list(params.logits_processors()) if params.logits_processors else []
             constraint = None
             if params.constraint is not None:
-                constraint = ConstraintProcessor.for_rows([params.constraint], params.eos_token_ids, self.vocab_size)
+                constraint = ConstraintProcessor.for_rows([params.constraint], params.eos_token_ids,
+                                                          self.vocab_size)
             rules = TokenRules(input_ids, mask, self.vocab_size, repetition_penalty=params.repetition_penalty,
                                no_repeat_ngram_size=0, bad_words_ids=[], eos_ids=params.eos_token_ids,
                                min_new_tokens=params.min_new_tokens, extra=extra, constraint=constraint)
@@ -286,8 +288,8 @@ class Engine:
         elif seq.generated >= params.max_new_tokens:  # `submit` keeps this within max_model_len
             event.finish_reason = "length"
             if seq.rules.constraint is not None and seq.rules.constraint.incomplete():
-                logger.warning("a sequence reached max_new_tokens=%d before its constraint's grammar was complete: "
-                               "its answer is cut short (finish reason 'length')", params.max_new_tokens)
+                logger.warning("a sequence reached max_new_tokens=%d before its constraint's grammar was "
+                               "complete: its answer is cut short (finish reason 'length')", params.max_new_tokens)
         _send(request, event)
         return event.finish_reason is None
 

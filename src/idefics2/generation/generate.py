@@ -54,6 +54,7 @@ from idefics2.model.kv_cache import KVCache
 
 logger = logging.getLogger(__name__)
 
+
 class Streamer(Protocol):
     """What `generate` feeds: the prompt ids, then each step's new ids; `end()` once, even on errors."""
 
@@ -188,8 +189,8 @@ class Generator:
         if beams > 1:
             check_beam_options(cfg, streamer)
         if constraint is not None and beams > 1:
-            raise ValueError("a constraint cannot be combined with beam search (num_beams > 1): the beams' "
-                             "scores would rank answers the grammar cut short; use greedy or sampled decoding")
+            raise ValueError("constrained beam search (a constraint with num_beams > 1) is not implemented; "
+                             "use greedy or sampled decoding")
         constraints = _compiled_constraints(model, constraint, tokenizer, inputs[0].shape[0],
                                             int(cfg.num_return_sequences))  # type: ignore[arg-type]
         stops = list(cfg.stop_strings or [])
@@ -363,8 +364,9 @@ def _live_to_batch(values: Tensor, *, live: Tensor, rows: Tensor, batch: int, pa
 
 def _warn_incomplete(rows: list[int], max_new_tokens: int) -> None:
     if rows:
-        logger.warning("rows %s reached max_new_tokens=%d before their constraint's grammar was complete: their "
-                       "answers are cut short (finish reason 'length'); raise max_new_tokens", rows, max_new_tokens)
+        logger.warning("rows %s reached max_new_tokens=%d before their constraint's grammar was complete: "
+                       "their answers are cut short (finish reason 'length'); raise max_new_tokens",
+                       rows, max_new_tokens)
 
 
 def _decode(model: nn.Module, input_ids: Tensor, mask: Tensor, next_positions: Tensor,
@@ -391,8 +393,8 @@ def _decode(model: nn.Module, input_ids: Tensor, mask: Tensor, next_positions: T
     constraint = None
     if plan.constraints is not None:
         constraint = ConstraintProcessor.for_rows(plan.constraints, plan.eos_ids, logits.shape[-1])
-    rules = TokenRules.for_request(cfg, plan.eos_ids, input_ids, mask, logits.shape[-1], plan.logits_processor,
-                                   constraint)
+    rules = TokenRules.for_request(cfg, plan.eos_ids, input_ids, mask, logits.shape[-1],
+                                   plan.logits_processor, constraint)
     for step in range(N):
         scores = rules(sequences[rows, : T + step], logits, step)
         if plan.sampling:

@@ -41,7 +41,8 @@ REMOTE_DEADLINE_S = 10.0  # for all remote images of one request together
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 UNSUPPORTED = ("tools", "functions", "tool_choice", "logit_bias")  # rejected when set
-GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+          "guided_grammar": "grammar"}
 # vLLM's StructuredOutputsParams fields: the constraint (one of), and options
 STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
 STRUCTURED_OPTIONS = ("disable_fallback", "disable_any_whitespace", "disable_additional_properties",
@@ -188,7 +189,8 @@ def _only_keys(value: Any, allowed: tuple[str, ...], param: str) -> dict[str, An
         raise RequestError(f"{param} must be an object", param)
     unknown = sorted(set(value) - set(allowed))
     if unknown:
-        raise RequestError(f"{param} has unknown field(s) {unknown}; it takes {list(allowed)}", f"{param}.{unknown[0]}")
+        raise RequestError(f"{param} has unknown field(s) {unknown}; it takes {list(allowed)}",
+                           f"{param}.{unknown[0]}")
     return value
 
 
@@ -198,7 +200,8 @@ def _schema(value: Any, param: str) -> dict[str, Any] | bool:
         try:
             value = json.loads(value)
         except ValueError:
-            raise RequestError(f"{param} is a string that is not JSON (give the schema as an object)", param) from None
+            raise RequestError(f"{param} is a string that is not JSON (give the schema as an object)",
+                               param) from None
     if value is True or isinstance(value, dict):
         return value
     raise RequestError(f"{param} must be a JSON schema (an object)", param)
@@ -217,14 +220,15 @@ def _response_format(value: Any) -> tuple[Constraint, str] | None:
     if kind != "json_schema":
         raise RequestError("response_format.type must be text, json_object or json_schema", f"{param}.type")
     _only_keys(value, ("type", "json_schema"), param)
-    spec = _only_keys(value.get("json_schema"), ("name", "description", "schema", "strict"), f"{param}.json_schema")
+    spec = _only_keys(value.get("json_schema"), ("name", "description", "schema", "strict"),
+                      f"{param}.json_schema")
     name = spec.get("name")
     if not isinstance(name, str) or not SCHEMA_NAME.fullmatch(name):
         raise RequestError("response_format.json_schema.name must be 1 to 64 letters, digits, _ or -",
                            f"{param}.json_schema.name")
     if "schema" not in spec:
-        raise RequestError("response_format.json_schema.schema is missing: give the JSON schema the answer must "
-                           "follow", f"{param}.json_schema.schema")
+        raise RequestError("response_format.json_schema.schema is missing: give the JSON schema the answer "
+                           "must follow", f"{param}.json_schema.schema")
     strict = _flag(spec, "strict")
     where = f"{param}.json_schema.schema"
     return Constraint("json_schema", _schema(spec["schema"], where), strict=strict, leading_space=True), where
@@ -234,15 +238,16 @@ def _structured(fields: dict[str, Any], param: str) -> tuple[Constraint, str]:
     """vLLM's structured-output fields (structured_outputs' names); schemas there are strict."""
     given = [k for k in STRUCTURED_KINDS if fields.get(k) not in (None, False)]
     if len(given) != 1:
-        raise RequestError(f"{param} must set exactly one of {list(STRUCTURED_KINDS)}, got {given or 'none'}", param)
+        raise RequestError(f"{param} must set exactly one of {list(STRUCTURED_KINDS)}, got {given or 'none'}",
+                           param)
     for option in ("whitespace_pattern", "structural_tag"):
         if fields.get(option) is not None:
             raise RequestError(f"{param}.{option} is not supported by this server", f"{param}.{option}")
     for option in ("disable_fallback", "disable_any_whitespace", "disable_additional_properties"):
         _flag(fields, option)  # checked; answers never hold free whitespace, and there is no fallback backend
     if fields.get("disable_additional_properties"):
-        raise RequestError(f"{param}.disable_additional_properties is not supported: set additionalProperties: false "
-                           "in the schema", f"{param}.disable_additional_properties")
+        raise RequestError(f"{param}.disable_additional_properties is not supported: set "
+                           "additionalProperties: false in the schema", f"{param}.disable_additional_properties")
     kind = given[0]
     value, where = fields[kind], f"{param}.{kind}" if param == "structured_outputs" else param
     try:
@@ -271,13 +276,14 @@ def parse_constraint(body: dict[str, Any]) -> tuple[Constraint, str] | None:
     """The request's structured-output constraint and the field it came from; None without one."""
     sources = [k for k in ("response_format", "structured_outputs", *GUIDED) if body.get(k) is not None]
     if len(sources) > 1:
-        raise RequestError(f"set at most one of response_format, structured_outputs and guided_*, got {sources}",
-                           sources[1])
+        raise RequestError(f"set at most one of response_format, structured_outputs and guided_*, got "
+                           f"{sources}", sources[1])
     for name in ("guided_whitespace_pattern", "guided_decoding_backend"):
         if body.get(name) is not None and not sources:
             raise RequestError(f"{name} needs a guided_* constraint", name)
     if body.get("guided_whitespace_pattern") is not None:
-        raise RequestError("guided_whitespace_pattern is not supported by this server", "guided_whitespace_pattern")
+        raise RequestError("guided_whitespace_pattern is not supported by this server",
+                           "guided_whitespace_pattern")
     if not sources:
         return None
     source = sources[0]

@@ -1,8 +1,8 @@
 """OpenAI-compatible HTTP server on the continuous-batching `Engine`.
 
 Routes: `POST /v1/chat/completions` (plain or streamed; structured output through `response_format`
-or vLLM's `structured_outputs` / `guided_*` fields, see `protocol.parse_constraint`), `GET /v1/models`, `GET /health`,
-`GET /metrics` (Prometheus, vLLM's metric names). The event loop only moves bytes: the body is
+or vLLM's `structured_outputs` / `guided_*` fields, see `protocol.parse_constraint`), `GET /v1/models`,
+`GET /health`, `GET /metrics` (Prometheus, vLLM's metric names). The event loop only moves bytes: the body is
 read with a size limit, then parsing, image decoding, templating and image processing run in a
 small pool of worker threads (`parse_workers`), and the engine's scheduler thread runs the model.
 A client that goes away (streamed or not) cancels its request within one decode step. Every
@@ -166,8 +166,8 @@ def _prepare(body: dict[str, Any], *, processor: Any, engine: Engine, defaults: 
             constraint = compiler_for(processor.tokenizer, engine.vocab_size).compile(chat.constraint)
         except ValueError as err:
             raise RequestError(str(err), chat.constraint_param) from None
-    return chat, inputs, SamplingParams(max_tokens, eos, n=chat.n, logprobs=chat.logprobs, constraint=constraint,
-                                        **chat.sampling)
+    return chat, inputs, SamplingParams(max_tokens, eos, n=chat.n, logprobs=chat.logprobs,
+                                        constraint=constraint, **chat.sampling)
 
 
 async def _read_json(request: Request, limit: int) -> dict[str, Any]:
