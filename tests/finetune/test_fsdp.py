@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_finetune import SRC, _free_port, _history, checkpoint, data  # noqa: F401 - fixtures
+from test_finetune import SRC, _free_port, _history, _inputs, checkpoint, data  # noqa: F401 - fixtures
 
-from idefics2 import Idefics2ForConditionalGeneration
+from idefics2 import Idefics2ForConditionalGeneration, Idefics2Processor
 from idefics2.finetune.command import FinetuneConfig, finetune
+from idefics2.lora import load_adapter
 
 pytestmark = pytest.mark.slow  # each torchrun starts two Python processes that load torch
 
@@ -49,7 +50,7 @@ def test_fsdp_trains_the_adapters_of_ddp_and_of_one_process(checkpoint: Path, da
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
     finetune(FinetuneConfig(**settings, batch_size=4, threads=1, out_dir=str(tmp_path / "one"),  # type: ignore[arg-type]
                             eval_data=str(data)))
-    for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+    for name, extra in (("ddp", []), ("fsdp", ["--fsdp", "--merge"])):
         _torchrun(*flags, "--batch-size", "1", "--grad-accum", "2", "--eval-data", str(data),
                   "--out-dir", str(tmp_path / name), *extra)
     one = _adapter(tmp_path / "one")
@@ -59,6 +60,12 @@ def test_fsdp_trains_the_adapters_of_ddp_and_of_one_process(checkpoint: Path, da
     for key in ("loss", "grad_norm"):
         torch.testing.assert_close(torch.tensor(_history(tmp_path / "fsdp", key)),
                                    torch.tensor(_history(tmp_path / "one", key)), atol=1e-5, rtol=1e-5)
+    adapted = Idefics2ForConditionalGeneration.from_pretrained(checkpoint).eval()
+    load_adapter(adapted, tmp_path / "fsdp" / "adapter")
+    merged = Idefics2ForConditionalGeneration.from_pretrained(tmp_path / "fsdp" / "model").eval()
+    inputs = _inputs(Idefics2Processor.from_pretrained(checkpoint))
+    with torch.no_grad():  # --merge wrote the trained adapters folded into the weights
+        torch.testing.assert_close(merged(**inputs).logits, adapted(**inputs).logits, atol=2e-5, rtol=1e-5)
     eval_losses = [json.loads((tmp_path / name / "summary.json").read_text())["eval_loss"] for name in ("fsdp", "one")]
     assert eval_losses[0] == pytest.approx(eval_losses[1], abs=1e-5)  # 9 held-out conversations: 5 and 4
     _torchrun(*flags, "--batch-size", "1", "--grad-accum", "2", "--out-dir", str(tmp_path / "bf16"), "--fsdp",
