@@ -45,10 +45,11 @@ class ConversationBatches(Dataset[dict[str, Tensor]]):
 
     def __init__(self, processor: Idefics2Processor, seed: int, batch_size: int, start: int, stop: int,
                  max_turns: int, curriculum_steps: int = 0, types: Sequence[str] = SINGLE_IMAGE_TYPES,
-                 patch_grid: int = 0) -> None:
+                 patch_grid: int = 0, json_fraction: float = 0.0) -> None:
         self.processor, self.seed, self.batch_size = processor, seed, batch_size
         self.start, self.stop, self.max_turns = start, stop, max_turns
         self.curriculum_steps, self.types = curriculum_steps, tuple(types)
+        self.json_fraction = json_fraction  # of colour, shape and counting questions (`sample_conversation`)
         self.patch_grid = patch_grid  # > 0: add each image's `patch_classes` for the grounding losses
         self.prefix_ids = assistant_prefix_ids(processor.tokenizer)
 
@@ -66,7 +67,8 @@ class ConversationBatches(Dataset[dict[str, Tensor]]):
         rng = random.Random(self.seed * 1_000_000_007 + step)
         # One image count per batch: no all-zero padding images to ship between processes.
         two_images = rng.random() < TWO_IMAGE_FRACTION
-        samples = [sample_conversation(rng, self.max_turns, two_images, self.max_shapes(step), self.types)
+        samples = [sample_conversation(rng, self.max_turns, two_images, self.max_shapes(step), self.types,
+                                       self.json_fraction)
                    for _ in range(self.batch_size)]
         batch = labelled_batch(self.processor, [s.messages for s in samples], [s.images for s in samples],
                                self.prefix_ids)

@@ -2,9 +2,11 @@
 
 Answers are decoded greedily with `model.generate` (image-feature cache off, since the
 weights change between evaluations during training) and compared after lower-casing and dropping
-punctuation. Used by the training loop (periodic evaluation), the shipped-model test and as a script:
+punctuation; answers to the JSON forms of questions are parsed with `json.loads` and compared as
+values. Used by the training loop (periodic evaluation), the shipped-model test and as a script:
 `python -m recipes.shapes_vqa.evaluate MODEL_DIR --seed 12345 --n 500` (add `--colour-binding --seed 5 --n 120`
-for the colour-binding check).
+for the colour-binding check, `--json` for the JSON forms of the sample's colour, shape and counting
+questions).
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from idefics2.modeling import Idefics2ForConditionalGeneration
 from idefics2.processing.processor import Idefics2Processor
 from recipes.shapes_vqa.synthetic import (
     GROUPS,
+    JSON_TYPES,
     QUESTION_TYPES,
     EvalItem,
+    json_items,
     make_colour_binding_items,
     make_eval_items,
 )
@@ -67,11 +71,22 @@ def answer_items(model: Idefics2ForConditionalGeneration, processor: Idefics2Pro
     return [answers[i] for i in range(len(items))]
 
 
+def is_correct(item: EvalItem, answer: str) -> bool:
+    """Exact match after `normalise`; for a JSON form, the answer must parse to the expected value
+    ('{"count": 3}' is right, '{"count": "3"}' and '{"count": 3' are not)."""
+    if item.question_type not in JSON_TYPES:
+        return normalise(answer) == normalise(item.answer)
+    try:
+        return json.loads(answer) == json.loads(item.answer)
+    except json.JSONDecodeError:
+        return False
+
+
 def score(items: Sequence[EvalItem], answers: Sequence[str]) -> dict[str, float]:
     """Accuracy per question type, per group ("group:<name>") and overall ("all")."""
     hits: dict[str, list[bool]] = defaultdict(list)
     for item, answer in zip(items, answers, strict=True):
-        correct = normalise(answer) == normalise(item.answer)
+        correct = is_correct(item, answer)
         for key in (item.question_type, f"group:{GROUPS[item.question_type]}", "all"):
             hits[key].append(correct)
     return {key: sum(values) / len(values) for key, values in hits.items()}
@@ -84,7 +99,7 @@ def format_table(scores: dict[str, float], items: Sequence[EvalItem]) -> str:
         counts[item.question_type] += 1
         counts[f"group:{GROUPS[item.question_type]}"] += 1
         counts["all"] += 1
-    keys = [t for t in QUESTION_TYPES if t in scores]
+    keys = [t for t in (*QUESTION_TYPES, *JSON_TYPES) if t in scores]
     keys += sorted(k for k in scores if k.startswith("group:")) + ["all"]
     rows = ["| question type | n | exact match |", "| --- | ---: | ---: |"]
     rows += [f"| {key} | {counts[key]} | {scores[key] * 100:.1f}% |" for key in keys]
@@ -126,6 +141,9 @@ def main() -> None:
     parser.add_argument("--colour-binding", action="store_true",
                         help="only colour questions about 2-3 shapes of distinct kinds and colours "
                              "(the shipping check of docs/training.md: --seed 5 --n 120)")
+    parser.add_argument("--json", action="store_true",
+                        help="ask the colour, shape and counting questions of the sample in their JSON form "
+                             "instead (\"... Answer in JSON.\"), each answer parsed with json.loads")
     parser.add_argument("--quantization", choices=["int8", "int4"], help="quantize the decoder and connector")
     parser.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
     parser.add_argument("--agreement", action="store_true",
@@ -139,6 +157,8 @@ def main() -> None:
                                                              group_size=args.group_size).eval()
     processor = Idefics2Processor.from_pretrained(args.model_dir)
     items = (make_colour_binding_items if args.colour_binding else make_eval_items)(args.seed, args.n)
+    if args.json:
+        items = json_items(items)
     if args.agreement:
         if args.quantization is None:
             parser.error("--agreement compares a --quantization against float32")
@@ -149,7 +169,7 @@ def main() -> None:
     answers = answer_items(model, processor, items, batch_size=args.batch_size)
     print(format_table(score(items, answers), items))
     print(f"\n{len(items)} questions in {time.monotonic() - start:.1f} s (seed {args.seed})")
-    errors = [(i, a) for i, a in zip(items, answers, strict=True) if normalise(a) != normalise(i.answer)]
+    errors = [(i, a) for i, a in zip(items, answers, strict=True) if not is_correct(i, a)]
     for item, answer in errors[: args.show_errors]:
         print(f"[{item.question_type}] {item.question!r}: expected {item.answer!r}, got {answer!r}")
 

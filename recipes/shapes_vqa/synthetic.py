@@ -8,6 +8,7 @@ description rather than from the pixels. Conversations use the Idefics2 chat mes
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections.abc import Sequence
@@ -42,9 +43,13 @@ TWO_IMAGE_FRACTION = 0.2  # of conversations, or of batches in training (one ima
 SINGLE_IMAGE_TYPES = ("color", "shape", "count", "count_kind", "position", "text", "describe")
 TWO_IMAGE_TYPES = ("difference", "more")
 QUESTION_TYPES = SINGLE_IMAGE_TYPES + TWO_IMAGE_TYPES
+# JSON answer forms (`json_form`): the key each answerable type's value goes under.
+JSON_KEYS = {"color": "color", "shape": "shape", "count": "count", "count_kind": "count"}
+JSON_SUFFIX = " Answer in JSON."
+JSON_TYPES = tuple(f"{t}_json" for t in JSON_KEYS)  # held-out types of the JSON variants (`json_items`)
 GROUPS = {"color": "colour", "shape": "shape", "count": "counting", "count_kind": "counting",
           "position": "position", "text": "printed text", "describe": "describe",
-          "difference": "two-image", "more": "two-image"}
+          "difference": "two-image", "more": "two-image", **{t: "json" for t in JSON_TYPES}}
 
 
 @dataclass(frozen=True)
@@ -279,6 +284,21 @@ def single_image_question(rng: random.Random, scene: Scene, qtype: str) -> tuple
     raise ValueError(f"not a single-image question type: {qtype!r}")
 
 
+def json_form(qtype: str, question: str, answer: str) -> tuple[str, str]:
+    """("What color is the circle? Answer in JSON.", '{"color": "red"}') for a colour, shape or
+    counting question and its plain answer ("Red.", "Circle.", "3.").
+
+    The value is the plain answer's word in lower case (a count as a JSON number), written by
+    `json.dumps` with its default ", " and ": " separators: the text a JSON-schema constraint lets
+    through, so constrained decoding follows what the model was taught.
+    """
+    if qtype not in JSON_KEYS:
+        raise ValueError(f"question type {qtype!r} has no JSON form; types with one: {sorted(JSON_KEYS)}")
+    word = answer.removesuffix(".").lower()
+    value: str | int = int(word) if JSON_KEYS[qtype] == "count" else word
+    return question + JSON_SUFFIX, json.dumps({JSON_KEYS[qtype]: value})
+
+
 def _modified_scene(rng: random.Random, scene: Scene) -> tuple[Scene, str]:
     """The second image of a "difference" pair: one shape recoloured, added or removed."""
     shapes = list(scene.shapes)
@@ -352,13 +372,16 @@ def question_mix(weights: dict[str, int]) -> tuple[str, ...]:
 
 
 def sample_conversation(rng: random.Random, max_turns: int = 3, two_images: bool | None = None,
-                        max_shapes: int = MAX_SHAPES, types: Sequence[str] = SINGLE_IMAGE_TYPES) -> Sample:
+                        max_shapes: int = MAX_SHAPES, types: Sequence[str] = SINGLE_IMAGE_TYPES,
+                        json_fraction: float = 0.0) -> Sample:
     """A training conversation: 1-`max_turns` questions about one image, or 1-2 about an image pair
     (`two_images`; None draws it, `TWO_IMAGE_FRACTION` pairs).
 
     Several answers per image give more supervised tokens per (expensive) image encoding.
     `max_shapes` caps the shapes of a single image (the training curriculum); image pairs keep
     the full range. Single-image questions are drawn uniformly from `types` (`question_mix`).
+    A colour, shape or counting question is asked in its JSON form (`json_form`) with probability
+    `json_fraction`; at 0 no draw is made, so the stream of a seed is the one earlier stages saw.
     """
     if two_images if two_images is not None else rng.random() < TWO_IMAGE_FRACTION:
         types = rng.sample(TWO_IMAGE_TYPES, rng.randint(1, 2))
@@ -379,6 +402,8 @@ def sample_conversation(rng: random.Random, max_turns: int = 3, two_images: bool
     types: list[str] = []
     for turn, qtype in enumerate(wanted):
         question, answer, qtype = _answerable(rng, scene, qtype)
+        if json_fraction > 0 and qtype in JSON_KEYS and rng.random() < json_fraction:
+            question, answer = json_form(qtype, question, answer)
         messages += [_user(question, 1 if turn == 0 else 0), _assistant(answer)]
         types.append(qtype)
     return Sample([render(scene)], messages, types, [scene])
@@ -402,6 +427,18 @@ def make_eval_items(seed: int, n: int) -> list[EvalItem]:
             images = (render(scene),)
         items.append(EvalItem(images, (_user(question, len(images)),), question, answer, qtype))
     return items
+
+
+def json_items(items: Sequence[EvalItem]) -> list[EvalItem]:
+    """The JSON forms of the colour, shape and counting questions among `items` (types "color_json", ...);
+    `evaluate.score` parses their answers with `json.loads`."""
+    out: list[EvalItem] = []
+    for item in items:
+        if item.question_type in JSON_KEYS:
+            question, answer = json_form(item.question_type, item.question, item.answer)
+            out.append(replace(item, messages=(_user(question, len(item.images)),), question=question,
+                               answer=answer, question_type=f"{item.question_type}_json"))
+    return out
 
 
 def make_colour_binding_items(seed: int, n: int) -> list[EvalItem]:

@@ -49,7 +49,7 @@ from recipes.shapes_vqa.evaluate import answer_items, score
 from recipes.shapes_vqa.grounding import Grounding, pretrain_vision
 from recipes.shapes_vqa.model_init import init_weights, model_position_table, position_embedding
 from recipes.shapes_vqa.presets import PRESETS, build_processor, model_config_dict
-from recipes.shapes_vqa.synthetic import SINGLE_IMAGE_TYPES, make_eval_items, question_mix
+from recipes.shapes_vqa.synthetic import SINGLE_IMAGE_TYPES, json_items, make_eval_items, question_mix
 from recipes.shapes_vqa.tokenizer_training import train_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ class TrainConfig:
     perceiver_qk_std: float = 0.02
     position_table_scale: float = 0.0
     question_weights: str | None = None
+    json_fraction: float = 0.0
     init_from: str | None = None
     eval_every: int = 400
     eval_questions: int = 180
@@ -110,7 +111,9 @@ class TrainConfig:
                                           "threads", "max_minutes"),
                           non_negative=("warmup_steps", "weight_decay", "grad_clip", "curriculum_steps",
                                         "eval_questions", "num_workers", "vision_minutes", "route_weight",
-                                        "align_weight", "background_weight"))
+                                        "align_weight", "background_weight", "json_fraction"))
+        if self.json_fraction > 1:
+            raise ValueError(f"--json-fraction is a probability in [0, 1], got {self.json_fraction}")
 
 def _initial_model(cfg: TrainConfig, config: Idefics2Config) -> Idefics2ForConditionalGeneration:
     """A fresh model (`init_weights`), or the weights of `cfg.init_from` to fine-tune.
@@ -175,7 +178,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     step, elapsed, best = 0, 0.0, {"accuracy": -1.0, "step": 0}
     best_state: dict[str, Tensor] | None = None
     if cfg.resume:
-        state = read_checkpoint(out, device)
+        state = read_checkpoint(out)  # on the CPU: load_state_dict copies onto the device
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed, best, best_state = state["step"], state["elapsed"], state["best"], state["best_state"]
@@ -196,9 +199,12 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     logger.info("model: %s preset, %.2f M parameters", cfg.preset, n_params / 1e6)
 
     validation = make_eval_items(cfg.seed + VALIDATION_SEED_OFFSET, cfg.eval_questions)  # [] = no evaluation
+    if cfg.json_fraction > 0:  # the JSON forms of the same questions, so the best checkpoint answers both
+        validation += json_items(validation)
     data = ConversationBatches(processor, cfg.seed, cfg.batch_size, step, cfg.steps, cfg.max_turns,
                                cfg.curriculum_steps, question_mix(parse_weights(cfg.question_weights)),
-                               patch_grid=grounding.grid if grounding is not None else 0)
+                               patch_grid=grounding.grid if grounding is not None else 0,
+                               json_fraction=cfg.json_fraction)
     loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.num_workers else None)
     budget = cfg.max_minutes * 60 if cfg.max_minutes is not None else math.inf
@@ -294,6 +300,9 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
                                  "which speeds up learning colour binding; 0 = off",
              "question_weights": "TYPE=N,...: ask single-image question TYPE N times as often as an unnamed "
                                  f"type (types: {', '.join(SINGLE_IMAGE_TYPES)})",
+             "json_fraction": "P > 0: ask each colour, shape and counting question in its JSON form "
+                              "(\"... Answer in JSON.\" -> {\"color\": \"red\"}) with probability P, and "
+                              "validate on the JSON forms too; 0 = never",
              "init_from": "fine-tune this Hub-layout model folder (same preset) instead of starting from "
                           "scratch; its tokenizer too unless --tokenizer-dir",
              "perceiver_qk_std": "std of the perceiver's q/k projections at init; ~0.5 (with "

@@ -175,6 +175,93 @@ def test_scoring_normalises_case_and_punctuation() -> None:
     assert score(items, [items[0].answer.upper().rstrip("."), "wrong"])["all"] == 0.5
 
 
+def test_json_forms_are_json_dumps_of_the_plain_answer() -> None:
+    """The exact text a JSON-schema constraint produces (", " and ": " separators), lower-case words, counts
+    as numbers; the shipped tokenizer round-trips it (braces, quotes and colons are byte-level tokens)."""
+    assert synthetic.json_form("color", "What color is the circle?", "Red.") == (
+        "What color is the circle? Answer in JSON.", '{"color": "red"}')
+    assert synthetic.json_form("shape", "What shape is blue?", "Triangle.")[1] == '{"shape": "triangle"}'
+    assert synthetic.json_form("count", "How many shapes are there?", "4.")[1] == '{"count": 4}'
+    assert synthetic.json_form("count_kind", "How many squares are there?", "0.")[1] == '{"count": 0}'
+    with pytest.raises(ValueError, match="'describe' has no JSON form"):
+        synthetic.json_form("describe", "Describe the image.", "A red circle.")
+    tokenizer = Tokenizer.from_pretrained(SHIPPED)
+    for text in ('{"color": "orange"}', '{"shape": "square"}', '{"count": 5}', "How many? Answer in JSON."):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == text
+
+
+def test_json_fraction_asks_json_forms_that_match_the_scene() -> None:
+    """At 1 every colour, shape and counting question is in JSON form, its value read off the scene; at 0
+    the stream is the one earlier stages trained on; in between, about that fraction."""
+    rng, checked = random.Random(8), 0
+    for _ in range(40):
+        sample = sample_conversation(rng, max_turns=5, two_images=False, json_fraction=1.0)
+        (scene,) = sample.scenes
+        for user, assistant, qtype in zip(sample.messages[::2], sample.messages[1::2], sample.question_types,
+                                          strict=True):
+            question, answer = user["content"][-1]["text"], assistant["content"][0]["text"]
+            assert question.endswith(" Answer in JSON.") == (qtype in synthetic.JSON_KEYS), question
+            words = question.split()
+            if qtype == "color":
+                (shape,) = [s for s in scene.shapes if s.kind == words[-4].rstrip("?")]
+                assert json.loads(answer) == {"color": shape.color}
+            elif qtype == "shape":
+                (shape,) = [s for s in scene.shapes if s.color == words[-4].rstrip("?")]
+                assert json.loads(answer) == {"shape": shape.kind}
+            elif qtype in ("count", "count_kind"):
+                kinds = SHAPES if words[2] == "shapes" else (words[2].removesuffix("s"),)
+                assert json.loads(answer) == {"count": sum(s.kind in kinds for s in scene.shapes)}
+            else:
+                continue
+            checked += 1
+    assert checked > 40
+    for seed in range(5):
+        assert sample_conversation(random.Random(seed), 5).messages == sample_conversation(
+            random.Random(seed), 5, json_fraction=0.0).messages
+    rng = random.Random(9)
+    forms = []
+    for _ in range(300):
+        sample = sample_conversation(rng, 5, two_images=False, json_fraction=0.25)
+        forms += [m["content"][-1]["text"].endswith("JSON.")
+                  for m, t in zip(sample.messages[::2], sample.question_types, strict=True)
+                  if t in synthetic.JSON_KEYS]
+    assert 0.18 < sum(forms) / len(forms) < 0.32
+
+
+def test_json_items_are_scored_by_their_parsed_value() -> None:
+    plain = make_eval_items(5, 9)
+    items = synthetic.json_items(plain)
+    assert [i.question_type for i in items] == ["color_json", "shape_json", "count_json", "count_kind_json"]
+    assert all(i.question.endswith(" Answer in JSON.") and i.messages[0]["content"][-1]["text"] == i.question
+               and i.images == p.images for i, p in zip(items, plain[:4], strict=True))
+    color = items[0]
+    value = json.loads(color.answer)["color"]
+    for answer, right in (('{"color": "%s"}' % value, True), ('{"color":"%s"}' % value, True),
+                          ('{"color": "%s"' % value, False), (value.capitalize() + ".", False),
+                          ('{"colour": "%s"}' % value, False)):
+        assert score([color], [answer])["all"] == right, answer
+    count = items[2]
+    as_string = count.answer.replace(": ", ': "').replace("}", '"}')  # '{"count": "3"}'
+    assert score([count], [as_string])["all"] == 0
+    assert score(items, [i.answer for i in items]) == {**{t: 1.0 for t in synthetic.JSON_TYPES},
+                                                       "group:json": 1.0, "all": 1.0}
+
+
+def test_json_fraction_reaches_the_batches_and_the_validation(  # type: ignore[no-untyped-def]
+        processor, tmp_path: Path) -> None:
+    """Batch 0 of seed 0 holds single-image conversations (batch 1 holds pairs, which have no JSON form)."""
+    batch = ConversationBatches(processor, 0, 8, 0, 1, 3, json_fraction=1.0)[0]
+    texts = processor.batch_decode(batch["input_ids"])
+    assert any(' Answer in JSON.<end_of_utterance>\nAssistant: {"' in t for t in texts)
+    plain = processor.batch_decode(ConversationBatches(processor, 0, 8, 0, 1, 3)[0]["input_ids"])
+    assert not any("JSON" in t for t in plain)
+    train(_tiny(tmp_path, steps=1, eval_every=1, eval_questions=9, json_fraction=0.5))
+    lines = (tmp_path / "history.jsonl").read_text().splitlines()
+    (record,) = [json.loads(line) for line in lines if '"eval"' in line]
+    assert {"color_json", "count_kind_json", "group:json", "color"} <= set(record["eval"])
+
+
 def test_lr_schedule_warms_up_then_decays() -> None:
     assert lr_factor(0.0, 0, 10, 0.1) == pytest.approx(0.1)
     assert lr_factor(0.5, 50, 10, 0.1) == pytest.approx(0.55)
@@ -307,6 +394,8 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     ({"max_turns": 0}, "--max-turns must be positive"), ({"max_minutes": -1.0}, "--max-minutes must be positive"),
     ({"min_lr_ratio": 1.5}, r"--min-lr-ratio must be in \[0, 1\]"), ({"preset": "huge"}, "--preset must be one of"),
     ({"route_weight": -1.0}, "--route-weight must be 0 or more"),
+    ({"json_fraction": -0.1}, "--json-fraction must be 0 or more"),
+    ({"json_fraction": 1.5}, r"--json-fraction is a probability in \[0, 1\]"),
 ])
 def test_bad_settings_are_refused_when_the_config_is_made(settings: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
