@@ -63,13 +63,18 @@ def fill_weights(model: torch.nn.Module) -> None:
     """Deterministic per-name values, so both sides (different classes, same names) get equal weights."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            g = torch.Generator(device=p.device).manual_seed(zlib.crc32(name.encode()))
-            if name.endswith("bias"):
-                p.zero_()
-            elif p.dim() == 1:  # norm weights
-                p.normal_(1.0, 0.1, generator=g)
-            else:
-                p.normal_(0.0, 0.02, generator=g)
+            fill_parameter(name, p)
+
+
+def fill_parameter(name: str, p: torch.Tensor) -> None:
+    """The value `fill_weights` gives the parameter `name`, drawn in place."""
+    g = torch.Generator(device=p.device).manual_seed(zlib.crc32(name.encode()))
+    if name.endswith("bias"):
+        p.zero_()
+    elif p.dim() == 1:  # norm weights
+        p.normal_(1.0, 0.1, generator=g)
+    else:
+        p.normal_(0.0, 0.02, generator=g)
 
 
 def make_inputs(batch: int, image_token_id: int, latents: int) -> dict[str, torch.Tensor]:
