@@ -4,7 +4,8 @@ The ~166M config (`bench_generate.PRESETS`, random weights filled as there) deco
 with a 32k-token Llama-style tokenizer (the test fixture's, which matches the config's vocabulary);
 the constrained side follows a schema long enough that no row's grammar ends inside the timed
 steps (a list of at least 40 {name, count} objects). Each call is timed per step by a streamer
-that stamps each token (first token excluded); the sides alternate call by call, --rounds times,
+that stamps each token (first token excluded), at a fixed thread count (no thread tuning that
+could differ between the sides); the sides alternate call by call, --rounds times,
 and the best step time of each side is kept, since other processes share the machine. Prints a
 table with the per-step overhead of the constraint, then one JSON line.
 
@@ -58,6 +59,7 @@ def step_ms(
             do_sample=False,
             streamer=stamps,
             vision_cache=True,
+            decode_threads=torch.get_num_threads(),
             **extra,
         )
     sync()
