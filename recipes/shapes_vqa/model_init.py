@@ -3,11 +3,16 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from idefics2.model.connector import PerceiverAttention
 from idefics2.modeling import Idefics2ForConditionalGeneration
+from recipes.shapes_vqa.synthetic import COLORS, JSON_KEYS, MAX_SHAPES, SHAPES
+from recipes.shapes_vqa.tokenizer_training import SPECIAL_TOKENS
 
 
 def sincos_position_table(patches_per_side: int, width: int) -> Tensor:
@@ -57,3 +62,43 @@ def init_weights(model: Idefics2ForConditionalGeneration, std: float = 0.02, *, 
     if position_table_scale > 0:
         with torch.no_grad():
             position_embedding(model).copy_(position_table_scale * model_position_table(model))
+
+def init_json_embeddings(model: Idefics2ForConditionalGeneration, tokenizer: Any,
+                         trained_ids: set[int]) -> list[int]:
+    """Start the tokens of the JSON answers that training never reached from trained ones; returns their ids.
+
+    The answers' value and key pieces without a leading space (`re`+`d`, `blue`, `c`+`ircle`,
+    `co`+`lo`+`r`) and their punctuation (`{`, `"`, `:`, `}`) never occurred in the tokenizer's
+    corpus, so their (tied) embeddings are still random and larger than trained ones. The first
+    untrained piece of each word gets the mean embedding of the word's trained spellings (" red",
+    " Red"): as an output it then scores like the word the model already ties to the image, and as an
+    input it reads as that word. The mean, not a copy, so a plain answer's "ĠRed" still outscores it.
+    Every other untrained token of the answers keeps its direction at the median trained norm.
+    """
+    embedding = model.get_input_embeddings().weight  # (V, D), tied to the output
+    trained = sorted(trained_ids)
+    norm = embedding[trained].norm(dim=-1).median()
+    done: set[int] = set()
+    with torch.no_grad():
+        for word in (*COLORS, *SHAPES, *JSON_KEYS.values()):
+            pieces = [i for i in _ids(tokenizer, word) if i not in trained_ids]
+            spellings = [i for s in (" " + word, " " + word.capitalize()) for i in _ids(tokenizer, s)
+                         if i in trained_ids]
+            if pieces and spellings and pieces[0] not in done:
+                embedding[pieces[0]] = embedding[spellings].mean(dim=0)
+                done.add(pieces[0])
+        answers = [json.dumps({key: value}) for key, values in (("color", tuple(COLORS)), ("shape", SHAPES),
+                                                                  ("count", range(MAX_SHAPES + 1)))
+                   for value in values]
+        rest = {i for a in answers for i in _ids(tokenizer, a)} - trained_ids - done
+        for i in sorted(rest):
+            embedding[i] *= norm / embedding[i].norm()
+    return sorted(done | rest)
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+def corpus_token_ids(tokenizer: Any, texts: list[str]) -> set[int]:
+    """Every token id that occurs in `texts` (the tokenizer's training corpus), special tokens included."""
+    seen = {i for text in texts for i in _ids(tokenizer, text)}
+    return seen | {tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}

@@ -47,10 +47,16 @@ from idefics2.processing.tokenizer import Tokenizer
 from recipes.shapes_vqa.data import ConversationBatches, parse_weights
 from recipes.shapes_vqa.evaluate import answer_items, score
 from recipes.shapes_vqa.grounding import Grounding, pretrain_vision
-from recipes.shapes_vqa.model_init import init_weights, model_position_table, position_embedding
+from recipes.shapes_vqa.model_init import (
+    corpus_token_ids,
+    init_json_embeddings,
+    init_weights,
+    model_position_table,
+    position_embedding,
+)
 from recipes.shapes_vqa.presets import PRESETS, build_processor, model_config_dict
 from recipes.shapes_vqa.synthetic import SINGLE_IMAGE_TYPES, json_items, make_eval_items, question_mix
-from recipes.shapes_vqa.tokenizer_training import train_tokenizer
+from recipes.shapes_vqa.tokenizer_training import conversation_texts, train_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +92,7 @@ class TrainConfig:
     position_table_scale: float = 0.0
     question_weights: str | None = None
     json_fraction: float = 0.0
+    init_json_embeddings: bool = False
     init_from: str | None = None
     eval_every: int = 400
     eval_questions: int = 180
@@ -169,6 +176,11 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     config = Idefics2Config.from_dict(model_config_dict(cfg.preset, len(tokenizer), processor.image_token_id))
     torch.manual_seed(cfg.seed)
     model = _initial_model(cfg, config) if not cfg.resume else Idefics2ForConditionalGeneration(config)
+    if cfg.init_json_embeddings and not cfg.resume:
+        trained = corpus_token_ids(tokenizer, conversation_texts(0, 3000))  # the tokenizer's own corpus
+        started = init_json_embeddings(model, tokenizer, trained)
+        logger.info("JSON answer tokens started from trained ones: %s",
+                    tokenizer.convert_ids_to_tokens(started))
     model.to(device)
     if cfg.vision_minutes > 0 or cfg.freeze_vision:
         model.model.vision_model.requires_grad_(False)  # pretrained first (below) or loaded, then frozen
@@ -303,6 +315,8 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
              "json_fraction": "P > 0: ask each colour, shape and counting question in its JSON form "
                               "(\"... Answer in JSON.\" -> {\"color\": \"red\"}) with probability P, and "
                               "validate on the JSON forms too; 0 = never",
+             "init_json_embeddings": "before fine-tuning, start the JSON answers' untrained tokens from "
+                                     "trained ones (model_init.init_json_embeddings)",
              "init_from": "fine-tune this Hub-layout model folder (same preset) instead of starting from "
                           "scratch; its tokenizer too unless --tokenizer-dir",
              "perceiver_qk_std": "std of the perceiver's q/k projections at init; ~0.5 (with "

@@ -14,17 +14,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from conftest import SHIPPED
-from idefics2.finetune.data import IGNORE_INDEX, assistant_labels
+from conftest import ROOT, SHIPPED
+from idefics2.finetune.data import IGNORE_INDEX, assistant_labels, assistant_prefix_ids, labelled_batch
 from idefics2.finetune.loop import lr_factor, param_groups
 from idefics2.finetune.run_folder import CHECKPOINT_FILE
 from idefics2.processing.processor import END_OF_UTTERANCE_TOKEN
 from idefics2.processing.tokenizer import Tokenizer
 from recipes.shapes_vqa import synthetic
-from recipes.shapes_vqa.data import ConversationBatches, parse_weights
+from recipes.shapes_vqa.data import ConversationBatches, drop_json_answer_space, parse_weights
 from recipes.shapes_vqa.evaluate import normalise, score
-from recipes.shapes_vqa.model_init import init_weights, sincos_position_table
+from recipes.shapes_vqa.model_init import (
+    corpus_token_ids,
+    init_json_embeddings,
+    init_weights,
+    sincos_position_table,
+)
 from recipes.shapes_vqa.presets import build_processor, model_config_dict
 from recipes.shapes_vqa.synthetic import (
     COLORS,
@@ -34,7 +40,7 @@ from recipes.shapes_vqa.synthetic import (
     sample_conversation,
     sample_scene,
 )
-from recipes.shapes_vqa.tokenizer_training import SPECIAL_TOKENS, train_tokenizer
+from recipes.shapes_vqa.tokenizer_training import SPECIAL_TOKENS, conversation_texts, train_tokenizer
 from recipes.shapes_vqa.train import TrainConfig, _initial_model, main, train
 
 
@@ -253,13 +259,68 @@ def test_json_fraction_reaches_the_batches_and_the_validation(  # type: ignore[n
     """Batch 0 of seed 0 holds single-image conversations (batch 1 holds pairs, which have no JSON form)."""
     batch = ConversationBatches(processor, 0, 8, 0, 1, 3, json_fraction=1.0)[0]
     texts = processor.batch_decode(batch["input_ids"])
-    assert any(' Answer in JSON.<end_of_utterance>\nAssistant: {"' in t for t in texts)
+    assert any(' Answer in JSON.<end_of_utterance>\nAssistant:{"' in t for t in texts)
     plain = processor.batch_decode(ConversationBatches(processor, 0, 8, 0, 1, 3)[0]["input_ids"])
     assert not any("JSON" in t for t in plain)
     train(_tiny(tmp_path, steps=1, eval_every=1, eval_questions=9, json_fraction=0.5))
     lines = (tmp_path / "history.jsonl").read_text().splitlines()
     (record,) = [json.loads(line) for line in lines if '"eval"' in line]
     assert {"color_json", "count_kind_json", "group:json", "color"} <= set(record["eval"])
+
+
+def test_json_answers_start_with_the_token_a_json_constraint_emits_first(  # type: ignore[no-untyped-def]
+        processor) -> None:
+    """The template's space before a JSON answer's "{" is dropped (a JSON-schema constraint emits "{"
+    right after "Assistant:"); plain answers keep theirs, and the shortened row is padded on the left."""
+    tokenizer = processor.tokenizer
+    image = synthetic.render(sample_scene(random.Random(0)))
+    answer = {"role": "assistant", "content": [{"type": "text", "text": '{"color": "red"}'}]}
+    json_turn = [_conversation()[0], answer]
+    batch = labelled_batch(processor, [_conversation(), json_turn], [[image], [image]],
+                           assistant_prefix_ids(tokenizer))
+    data = ConversationBatches(processor, 0, 1, 0, 1, 1, json_fraction=0.5)
+    dropped = drop_json_answer_space(batch, data.prefix_ids, data.space_id, data.brace_id,
+                                     tokenizer.pad_token_id)
+    assert torch.equal(dropped["input_ids"][0], batch["input_ids"][0])  # no JSON answer: unchanged
+    eou = END_OF_UTTERANCE_TOKEN
+    supervised = dropped["input_ids"][1][dropped["labels"][1] != IGNORE_INDEX].tolist()
+    assert supervised == tokenizer('{"color": "red"}' + eou, add_special_tokens=False)["input_ids"]
+    assert int(dropped["attention_mask"][1].sum()) == int(batch["attention_mask"][1].sum()) - 1
+    assert dropped["input_ids"].shape == batch["input_ids"].shape
+    assert dropped["attention_mask"][1][0] == 0 and dropped["labels"][1][0] == IGNORE_INDEX
+    assert processor.decode(dropped["input_ids"][1][dropped["attention_mask"][1] == 1]).endswith(
+        f'Assistant:{{"color": "red"}}{eou}\n')
+
+
+def test_json_embeddings_start_from_the_trained_words() -> None:
+    """After `init_json_embeddings` the shipped model, asked the circle's colour in examples/shapes.png
+    (red), ranks "re" (the first piece of "red" without a space) first among the colours' JSON first
+    pieces at the plain answer's position; trained tokens are left alone."""
+    from idefics2 import Idefics2ForConditionalGeneration, Idefics2Processor
+
+    model = Idefics2ForConditionalGeneration.from_pretrained(SHIPPED).eval()
+    processor = Idefics2Processor.from_pretrained(SHIPPED)
+    tokenizer = processor.tokenizer
+    trained = corpus_token_ids(tokenizer, conversation_texts(0, 3000))
+    before = model.get_input_embeddings().weight.detach().clone()
+    started = init_json_embeddings(model, tokenizer, trained)
+    after = model.get_input_embeddings().weight.detach()
+    kept = sorted(set(range(len(tokenizer))) - set(started))
+    assert torch.equal(after[kept], before[kept]) and not set(started) & trained
+    ids = {t: tokenizer.token_to_id(t) for t in ("re", "Ġred", "ĠRed", "{", "ĠCircle", "Ġcircle", "c")}
+    assert torch.allclose(after[ids["re"]], (before[ids["Ġred"]] + before[ids["ĠRed"]]) / 2)
+    assert torch.allclose(after[ids["c"]], (before[ids["Ġcircle"]] + before[ids["ĠCircle"]]) / 2)
+    median = float(before[sorted(trained)].norm(dim=-1).median())
+    assert after[ids["{"]].norm() == pytest.approx(median, rel=1e-5)
+    question = {"type": "text", "text": "What color is the circle?"}
+    messages = [{"role": "user", "content": [{"type": "image"}, question]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    image = Image.open(ROOT / "examples" / "shapes.png")
+    inputs = processor(images=[[image]], text=[text], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, -1]
+    firsts = [tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in COLORS]
+    assert firsts[int(logits[firsts].argmax())] == ids["re"]
 
 
 def test_lr_schedule_warms_up_then_decays() -> None:
