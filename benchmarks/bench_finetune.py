@@ -206,7 +206,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         run = {"checkpointing": checkpointing_worker, "distributed": distributed_worker}.get(args.worker, worker)
-        print(json.dumps(run(args)))
+        os.write(1, (json.dumps(run(args)) + "\n").encode())  # one write: torchrun's processes share the pipe
         return
     if args.compare == "checkpointing":
         compare_checkpointing(args)
