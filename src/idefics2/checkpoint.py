@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import functools
 import json
 import logging
 import os
@@ -259,6 +261,28 @@ def load_state_dict(cls: type[M], config: Idefics2Config, state_dict: dict[str, 
                   read=lambda t: None, report=report)
 
 
+TRIM_EVERY = 2**29  # bytes of float weights quantized between two `release_freed_memory` calls
+
+
+def release_freed_memory() -> None:
+    """Return the free pages inside the C heap to the system (glibc's `malloc_trim`; elsewhere
+    nothing). Quantizing while loading frees a float copy and its temporaries per weight while
+    small tensors that stay (norms, biases) are allocated between them, so the heap cannot shrink
+    from its top: loading idefics2-8b in int8 ended 3 GiB above the 8.5 GiB the model holds,
+    and 0.3 GiB above it with a trim every 512 MiB quantized."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
+
+
 def _build(cls: type[M], config: Idefics2Config, shards: Iterable[Shard], *, dtype: Any, device: Any,
            source: str, read: Callable[[torch.Tensor], None], report: dict[str, list[str]] | None = None,
            quantization: tuple[str, int] | None = None) -> M:
@@ -284,6 +308,7 @@ def _build(cls: type[M], config: Idefics2Config, shards: Iterable[Shard], *, dty
     mis_shaped: list[str] = []
     bad_dtype: list[str] = []  # integer or bool tensors where the model has float weights
     dtypes: set[torch.dtype] = set()
+    quantized_bytes = trimmed_at = 0
     for keys, get_tensor in shards:
         key_map = _checkpoint_key_map(cls, keys)
         for ckpt_key in keys:
@@ -310,6 +335,10 @@ def _build(cls: type[M], config: Idefics2Config, shards: Iterable[Shard], *, dty
                 layer = quantize_weight(tensor, *quantization)
                 quantized[key[:-len(".weight")]] = layer.to(device) if device is not None else layer
                 state[key] = tensor.new_empty(0)  # present; the quantized layer replaces it below
+                quantized_bytes += tensor.nbytes
+                if quantized_bytes - trimmed_at > TRIM_EVERY:
+                    release_freed_memory()
+                    trimmed_at = quantized_bytes
                 continue
             if target_dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(target_dtype)
