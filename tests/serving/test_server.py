@@ -165,7 +165,7 @@ BAD_REQUESTS = [
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop", 400),
     ({"stop": [""]}, "stop", 400),
     ({"tools": [{"type": "function"}]}, "tools", 400),
-    ({"response_format": {"type": "json_object"}}, "response_format", 400),
+    ({"response_format": {"type": "xml"}}, "response_format.type", 400),
     ({"presence_penalty": 0.5}, "presence_penalty", 400),
     ({"logprobs": "yes"}, "logprobs", 400),
     ({"top_logprobs": 3}, "top_logprobs", 400),
