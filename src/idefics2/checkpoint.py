@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
-import functools
 import json
 import logging
 import os
@@ -22,7 +20,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -30,6 +27,14 @@ from tqdm.auto import tqdm
 from idefics2.config import Idefics2Config
 from idefics2.files import inside, resolve_folder, write_folder_atomically
 from idefics2.model.quant import AwqLayers, checkpoint_tensors, quantization_targets, quantize_weight
+from idefics2.shard_files import (
+    TRIM_EVERY,
+    Shard,
+    copied_shard,
+    mapped_shard,
+    release_freed_memory,
+    shard_keys,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -134,10 +139,6 @@ def _checkpoint_key_map(cls: type[nn.Module], keys: list[str]) -> dict[str, str]
     return {k: k for k in keys}
 
 
-# One source of weights: its keys and a function reading one of them (a safetensors shard, a state dict).
-Shard = tuple[list[str], Callable[[str], torch.Tensor]]
-
-
 def load_pretrained(cls: type[M], folder_or_repo_id: str | os.PathLike[str], *, dtype: Any = None,
                     device: Any = None, perceiver_eps_from_text: bool = False,
                     progress: bool | None = None, config: Idefics2Config | None = None,
@@ -155,18 +156,14 @@ def load_pretrained(cls: type[M], folder_or_repo_id: str | os.PathLike[str], *, 
     total = sum(f.stat().st_size for f in files)
     if progress is None:
         progress = total > 1e9
-    check_layer_counts(config, [k for file in files for k in _open(file, lambda f: list(f.keys()))], folder)
+    check_layer_counts(config, [k for file in files for k in shard_keys(file)], folder)
 
-    copies = quantization is not None or "quantization_config" in config.extra  # see `_copied_shard`
+    copies = quantization is not None or "quantization_config" in config.extra  # see `copied_shard`
 
     def shards() -> Iterator[Shard]:
         for file in files:
-            if copies:
-                with _copied_shard(file) as shard:
-                    yield shard
-                continue
-            with _opened(file) as f:
-                yield list(f.keys()), lambda key, f=f, file=file: _read(f, file, key)
+            with (copied_shard if copies else mapped_shard)(file) as shard:
+                yield shard
 
     # disable=None: tqdm shows the bar only on a terminal.
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights",
@@ -174,65 +171,6 @@ def load_pretrained(cls: type[M], folder_or_repo_id: str | os.PathLike[str], *, 
         return _build(cls, config, shards(), dtype=dtype, device=device, source=f"checkpoint {folder}",
                       read=lambda t: bar.update(t.numel() * t.element_size()), report=report,
                       quantization=quantization)
-
-
-@contextlib.contextmanager
-def _opened(file: Path) -> Iterator[Any]:
-    """A safetensors file opened for reading; a file that is not one is a ValueError naming it."""
-    try:
-        handle = safe_open(file, framework="pt", device="cpu")
-    except Exception as err:  # SafetensorError and OSError alike: empty, truncated, garbage
-        raise ValueError(f"{file} is not a readable safetensors file ({' '.join(str(err).split())[:200]})") from None
-    with handle as f:
-        yield f
-
-
-# safetensors' dtype names -> torch's, for the tensors `_copied_shard` reads itself.
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
-
-
-@contextlib.contextmanager
-def _copied_shard(file: Path) -> Iterator[Shard]:
-    """A shard whose tensors are each read into memory of their own (a positioned file read), where
-    `_opened`'s would be views of safetensors' memory map. A load that quantizes reads every weight
-    once and keeps only its quantized form: through the map, every page read would stay resident in
-    the process until the shard is closed (~5 GB per shard of idefics2-8b); a copy is freed as soon
-    as its weight is quantized. The header is the one safetensors has just validated."""
-    keys = _open(file, lambda f: list(f.keys()))
-    with open(file, "rb") as raw:
-        size = int.from_bytes(raw.read(8), "little")
-        header = json.loads(raw.read(size))
-        start = 8 + size
-
-        def get_tensor(key: str) -> torch.Tensor:
-            info = header[key]
-            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise ValueError(f"{file}: tensor {key!r} has dtype {info['dtype']}; expected one of "
-                                 f"{sorted(_SAFETENSORS_DTYPES)}")
-            begin, end = info["data_offsets"]
-            data = bytearray(end - begin)
-            if os.preadv(raw.fileno(), [data], start + begin) != len(data):
-                raise ValueError(f"{file}: tensor {key!r} is cut short (the file is truncated)")
-            if not data:
-                return torch.empty(info["shape"], dtype=dtype)
-            return torch.frombuffer(data, dtype=dtype).reshape(info["shape"])
-
-        yield keys, get_tensor
-
-
-def _open(file: Path, use: Callable[[Any], Any]) -> Any:
-    with _opened(file) as f:
-        return use(f)
-
-
-def _read(f: Any, file: Path, key: str) -> torch.Tensor:
-    try:
-        return f.get_tensor(key)
-    except Exception as err:
-        raise ValueError(f"{file}: cannot read tensor {key!r} ({' '.join(str(err).split())[:200]})") from None
 
 
 _LAYER_KEYS = {"text_config": re.compile(r"text_model\.layers\.(\d+)\."),
@@ -259,28 +197,6 @@ def load_state_dict(cls: type[M], config: Idefics2Config, state_dict: dict[str, 
 
     return _build(cls, config, [(list(state_dict), copy)], dtype=dtype, device=device, source="state_dict",
                   read=lambda t: None, report=report)
-
-
-TRIM_EVERY = 2**29  # bytes of float weights quantized between two `release_freed_memory` calls
-
-
-def release_freed_memory() -> None:
-    """Return the free pages inside the C heap to the system (glibc's `malloc_trim`; elsewhere
-    nothing). Quantizing while loading frees a float copy and its temporaries per weight while
-    small tensors that stay (norms, biases) are allocated between them, so the heap cannot shrink
-    from its top: loading idefics2-8b in int8 ended 3 GiB above the 8.5 GiB the model holds,
-    and 0.3 GiB above it with a trim every 512 MiB quantized."""
-    trim = getattr(_libc(), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _libc() -> Any:
-    try:
-        return ctypes.CDLL(None)
-    except OSError:
-        return None
 
 
 def _build(cls: type[M], config: Idefics2Config, shards: Iterable[Shard], *, dtype: Any, device: Any,
