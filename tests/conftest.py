@@ -63,6 +63,18 @@ def oracle_model(config: dict[str, Any], seed: int = 0, attn: str = "eager") -> 
     return model
 
 
+def random_model(config: dict[str, Any], seed: int = 0) -> Any:
+    """Ours with every parameter random as `oracle_model` draws them, without importing transformers."""
+    from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(config)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5 if p.dim() == 1 else 0.2)
+    return model
+
+
 def make_batch(config: dict[str, Any], seed: int = 1) -> dict[str, torch.Tensor]:
     """Three rows: two images of different sizes; one image + a padding image, left padded; text only.
 

@@ -13,7 +13,7 @@ import pytest
 import test_finetune
 import torch
 
-from conftest import make_batch, oracle_model, tiny_config_dict
+from conftest import make_batch, oracle_model, random_model, tiny_config_dict
 from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration
 from idefics2.finetune.command import FinetuneConfig, main
 from idefics2.lora import LoRAConfig, LoRALinear, add_lora, lora_state_dict, merge_lora, save_adapter
@@ -43,12 +43,7 @@ def _ours(hf: Any) -> Idefics2ForConditionalGeneration:
 
 def _random_model() -> Idefics2ForConditionalGeneration:
     """Ours alone, every parameter random as `oracle_model` draws them (without importing transformers)."""
-    torch.manual_seed(0)
-    model = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(CONFIG)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.5 if p.dim() == 1 else 0.2)
-    return model
+    return random_model(CONFIG)
 
 
 def _peft_model(variant: str, dropout: float = 0.0, seed: int = 5) -> Any:

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import SHIPPED, oracle_model, tiny_config_dict
-from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2Processor
+from conftest import SHIPPED, oracle_model, random_model, tiny_config_dict
+from idefics2 import Idefics2ForConditionalGeneration, Idefics2Processor
 from idefics2.generation.constraints import Constraint, ConstraintProcessor, compiler_for
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -63,12 +63,7 @@ def tokenizer() -> Any:
 @pytest.fixture(scope="module")
 def model() -> Idefics2ForConditionalGeneration:
     """Random weights large enough that sampling at temperature 1 reaches any token."""
-    torch.manual_seed(0)
-    model = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(CONFIG)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.5 if p.dim() == 1 else 0.2)
-    return model
+    return random_model(CONFIG)
 
 
 def prompts(rows: int, seed: int = 0) -> torch.Tensor:

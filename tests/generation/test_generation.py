@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import oracle_model, tiny_config_dict
+from conftest import oracle_model, random_model, tiny_config_dict
 from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration
 from idefics2.generation import GenerationConfig, ThreadTuner, load_generation_config
 from idefics2.generation.sampling import choose_tokens, filter_logits
@@ -53,11 +53,7 @@ def ours(oracle: Any) -> Idefics2ForConditionalGeneration:
 @pytest.fixture(scope="module")
 def plain_model() -> Idefics2ForConditionalGeneration:
     """Ours without transformers, for the tests that need no oracle."""
-    torch.manual_seed(0)
-    model = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(CONFIG)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.5 if p.dim() == 1 else 0.2)
+    model = random_model(CONFIG)
     return sharpen(model)
 
 

@@ -12,8 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import tiny_config_dict
-from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration
+from conftest import random_model, tiny_config_dict
+from idefics2 import Idefics2ForConditionalGeneration
 from idefics2.generation import generate as generate_module
 from idefics2.generation.sampling import apply_temperature, choose_tokens, filter_logits
 
@@ -25,12 +25,7 @@ ALL_BUT_EOS = [[i] for i in range(VOCAB) if i != 2]
 def tiny_model(**text: Any) -> Idefics2ForConditionalGeneration:
     config = tiny_config_dict()
     config["text_config"].update(text)
-    torch.manual_seed(0)
-    model = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(config)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.5 if p.dim() == 1 else 0.2)
-    return model
+    return random_model(config)
 
 
 @pytest.fixture(scope="module")
