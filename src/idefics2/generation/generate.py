@@ -7,7 +7,8 @@ positions (docs/numerics.md §4.8-4.9) -> `sampling` -> ids. Must give the token
 transformers 5.24's `generate` (greedy; same processors and order when sampling). Rows that finish
 leave the batch; the output pads them with `pad_token_id`, like the reference. A dict output with
 hidden states or the cache keeps them instead, fed the pad token as the reference does, so those
-cover every row (`outputs.keeps_every_row`).
+cover every row (`outputs.keeps_every_row`). The call's inputs and options are checked and made
+ready first, in `request`.
 """
 
 from __future__ import annotations
@@ -16,35 +17,24 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from idefics2.generation.beam_search import beam_search, check_beam_options
-from idefics2.generation.checks import (
-    as_id_list,
-    check_cache_memory,
-    check_call_arguments,
-    check_input_tensors,
-    initial_cache_length,
-)
-from idefics2.generation.config import (
-    GenerationConfig,
-    check_inputs,
-    check_unsupported,
-    resolve,
-    validate,
-)
-from idefics2.generation.constraints import (
-    CompiledConstraint,
-    Constraint,
-    ConstraintProcessor,
-    compiler_for,
-    per_row,
-)
+from idefics2.generation.checks import as_id_list, check_call_arguments, initial_cache_length
+from idefics2.generation.config import GenerationConfig, check_unsupported, resolve
+from idefics2.generation.constraints import Constraint, ConstraintProcessor
 from idefics2.generation.outputs import GenerateOutput, StepRecorder, every_row, keeps_every_row
+from idefics2.generation.request import (
+    Plan,
+    Streamer,
+    compiled_constraints,
+    prepared_embeds,
+    prepared_inputs,
+    random_source,
+)
 from idefics2.generation.sampling import LogitsProcessor, TokenRules, choose_tokens, filter_logits
 from idefics2.generation.steps import compile_decode_step, decode_step, prefill
 from idefics2.generation.streaming import Decoder, TextIteratorStreamer
@@ -53,13 +43,6 @@ from idefics2.generation.vision_cache import VisionFeatureCache
 from idefics2.model.kv_cache import KVCache
 
 logger = logging.getLogger(__name__)
-
-
-class Streamer(Protocol):
-    """What `generate` feeds: the prompt ids, then each step's new ids; `end()` once, even on errors."""
-
-    def put(self, value: Tensor) -> None: ...
-    def end(self) -> None: ...
 
 
 def _hits_stop_string(tokenizer: Decoder, ids: list[int], stop_strings: list[str]) -> bool:
@@ -167,11 +150,12 @@ class Generator:
         """
         check_unsupported(unsupported)
         model = self.model
-        extra_eos = check_call_arguments(model, seed, generator, extra_eos_token_ids, logits_processor, streamer,
-                                         use_cache, compile, vision_cache)
+        extra_eos = check_call_arguments(model, seed, generator, extra_eos_token_ids, logits_processor,
+                                         streamer, use_cache, compile, vision_cache)
         cfg = resolve(model, {
             "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "do_sample": do_sample,
-            "temperature": temperature, "top_k": top_k, "top_p": top_p, "repetition_penalty": repetition_penalty,
+            "temperature": temperature, "top_k": top_k, "top_p": top_p,
+            "repetition_penalty": repetition_penalty,
             "eos_token_id": eos_token_id, "pad_token_id": pad_token_id, "bos_token_id": bos_token_id,
             "output_scores": output_scores, "output_logits": output_logits,
             "output_hidden_states": output_hidden_states, "output_attentions": output_attentions,
@@ -182,31 +166,14 @@ class Generator:
             "stop_strings": [stop_strings] if isinstance(stop_strings, str) else stop_strings,
         })
         eos_ids = list(dict.fromkeys(as_id_list(cfg.eos_token_id) + extra_eos))
-        inputs = _prepared_inputs(model, cfg, eos_ids, input_ids, attention_mask, pixel_values,
-                                  pixel_attention_mask, inputs_embeds)
-        embeds = _prepared_embeds(model, inputs[0], inputs_embeds)
-        beams = int(cfg.num_beams)  # type: ignore[arg-type]
-        if beams > 1:
-            check_beam_options(cfg, streamer)
-        if constraint is not None and beams > 1:
-            raise ValueError("constrained beam search (a constraint with num_beams > 1) is not implemented; "
-                             "use greedy or sampled decoding")
-        constraints = _compiled_constraints(model, constraint, tokenizer, inputs[0].shape[0],
-                                            int(cfg.num_return_sequences))  # type: ignore[arg-type]
-        stops = list(cfg.stop_strings or [])
-        if stops and not callable(getattr(tokenizer, "decode", None)):
-            raise ValueError("stop_strings need a tokenizer (with decode) to read new tokens: pass tokenizer=")
-        generator = _random_source(generator, seed, model.device)
-        pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
-        sampling = bool(cfg.do_sample) and cfg.temperature != 0
-        if isinstance(streamer, TextIteratorStreamer):
-            streamer.add_stop_strings(stops)
-        threads = check_decode_threads(decode_threads, model.device, compile)
-        tuner = self.thread_tuner(torch.get_num_threads()) if threads == "auto" and torch.get_num_threads() > 1 else None
-        plan = _Plan(cfg, eos_ids, pad, sampling, stops, generator, tokenizer, streamer,
-                     self.step_function(compile), self.vision_cache_for(vision_cache), threads, tuner,
-                     list(logits_processor or []), use_cache, embeds, constraints)
-        if beams > 1:
+        inputs = prepared_inputs(model, cfg, eos_ids, input_ids, attention_mask, pixel_values,
+                                 pixel_attention_mask, inputs_embeds)
+        embeds = prepared_embeds(model, inputs[0], inputs_embeds)
+        plan = self._plan(cfg, eos_ids, inputs[0], embeds, constraint=constraint, tokenizer=tokenizer,
+                          streamer=streamer, generator=generator, seed=seed,
+                          logits_processor=logits_processor, use_cache=use_cache, compile=compile,
+                          vision_cache=vision_cache, decode_threads=decode_threads)
+        if int(cfg.num_beams) > 1:  # type: ignore[arg-type]
             return _run_beam_search(model, *inputs, plan)
         try:
             if streamer is not None:
@@ -216,84 +183,45 @@ class Generator:
             if streamer is not None:
                 streamer.end()
 
-
-def _compiled_constraints(model: nn.Module, constraint: Any, tokenizer: Any, rows: int,
-                          copies: int) -> list[CompiledConstraint | None] | None:
-    """One compiled constraint (or None) per row of the expanded batch (`copies` rows per prompt),
-    each distinct constraint compiled once; None without a constraint."""
-    if constraint is None:
-        return None
-    per_prompt = per_row(constraint, rows // copies)
-    if tokenizer is None:
-        raise ValueError("a constraint needs the tokenizer to read tokens as text: pass tokenizer=")
-    compiler = compiler_for(tokenizer, model.config.text_config.vocab_size)
-    compiled: dict[int, CompiledConstraint] = {}
-    for c in per_prompt:
-        if c is not None and id(c) not in compiled:
-            compiled[id(c)] = compiler.compile(c)
-    return [None if c is None else compiled[id(c)] for c in per_prompt for _ in range(copies)]
-
-
-def _random_source(generator: torch.Generator | None, seed: int | None,
-                   device: torch.device) -> torch.Generator | None:
-    """The caller's generator, or a new one seeded with `seed`; None: torch's global RNG."""
-    if generator is not None and seed is not None:
-        raise ValueError("pass either generator or seed, not both")
-    return torch.Generator(device=device).manual_seed(seed) if seed is not None else generator
-
-
-def _prepared_inputs(model: nn.Module, cfg: GenerationConfig, eos_ids: list[int], input_ids: Tensor | None,
-                     attention_mask: Tensor | None, pixel_values: Tensor | None,
-                     pixel_attention_mask: Tensor | None,
-                     inputs_embeds: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """The checked inputs on the model's device, each prompt repeated once per beam or returned
-    sequence (together, as transformers expands them); no `input_ids`: (B, 1) BOS tokens."""
-    check_input_tensors(model, input_ids, attention_mask, pixel_values, pixel_attention_mask, inputs_embeds)
-    text_config = model.config.text_config
-    device = model.device
-    if input_ids is None:
-        bos = cfg.bos_token_id if cfg.bos_token_id is not None else text_config.bos_token_id
-        if bos is None:
-            raise ValueError("generate without input_ids starts from bos_token_id, and none is set: "
-                             "pass input_ids or bos_token_id")
-        given = [t for t in (attention_mask, pixel_values, pixel_attention_mask) if t is not None]
-        input_ids = torch.full((given[0].shape[0] if given else 1, 1), bos, dtype=torch.long)
-    input_ids = input_ids.to(device)
-    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
-    check_inputs(input_ids, attention_mask, pixel_values, pixel_attention_mask)
-    validate(cfg, eos_ids, text_config.vocab_size, text_config.max_position_embeddings, input_ids.shape[1])
-    beams = int(cfg.num_beams)  # type: ignore[arg-type]
-    n = beams if beams > 1 else int(cfg.num_return_sequences)  # type: ignore[arg-type]
-    ids, mask, values, pmask = (t.repeat_interleave(n, 0) if t is not None and n > 1 else t
-                                for t in (input_ids, attention_mask.long(), pixel_values, pixel_attention_mask))
-    assert ids is not None and mask is not None
-    check_cache_memory(model, ids.shape[0], ids.shape[1], int(cfg.max_new_tokens))  # type: ignore[arg-type]
-    return ids, mask, values, pmask
-
-
-def _prepared_embeds(model: nn.Module, input_ids: Tensor, inputs_embeds: Tensor | None) -> Tensor | None:
-    """The caller's prompt embeddings (B, T, D) beside `input_ids` (already repeated per beam or
-    returned sequence; the ids still place the images and start the output), repeated alike."""
-    if inputs_embeds is None:
-        return None
-    D = model.config.text_config.hidden_size
-    n = input_ids.shape[0] // max(inputs_embeds.shape[0], 1) if inputs_embeds.dim() == 3 else 0
-    if inputs_embeds.dim() != 3 or inputs_embeds.shape[1:] != (input_ids.shape[1], D) or n < 1 \
-            or inputs_embeds.shape[0] * n != input_ids.shape[0]:
-        raise ValueError(f"inputs_embeds must be (batch, tokens, {D}) matching input_ids (batch, tokens); got "
-                         f"{tuple(inputs_embeds.shape)} for input_ids of {tuple(input_ids.shape)}")
-    embeds = inputs_embeds.to(model.device, model.get_input_embeddings().weight.dtype)
-    return embeds.repeat_interleave(n, 0) if n > 1 else embeds
+    def _plan(self, cfg: GenerationConfig, eos_ids: list[int], input_ids: Tensor,
+              inputs_embeds: Tensor | None, *,
+              constraint: Constraint | Sequence[Constraint | None] | None, tokenizer: Decoder | None,
+              streamer: Streamer | None, generator: torch.Generator | None, seed: int | None,
+              logits_processor: Sequence[LogitsProcessor] | None, use_cache: bool, compile: bool,
+              vision_cache: bool | VisionFeatureCache | None, decode_threads: int | None | str) -> Plan:
+        """The call's decoding options for the prepared `input_ids` (B, T), checked against each other
+        (beam search, constraints, stop strings, threads) and joined with what this generator keeps
+        (the compiled step, the vision cache, the thread tuner), so the loop only reads a `Plan`."""
+        model = self.model
+        if int(cfg.num_beams) > 1:  # type: ignore[arg-type]
+            check_beam_options(cfg, streamer)
+        constraints = compiled_constraints(model, constraint, tokenizer, cfg, input_ids.shape[0])
+        stops = list(cfg.stop_strings or [])
+        if stops and not callable(getattr(tokenizer, "decode", None)):
+            raise ValueError("stop_strings need a tokenizer (with decode) to read new tokens: "
+                             "pass tokenizer=")
+        generator = random_source(generator, seed, model.device)
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+        sampling = bool(cfg.do_sample) and cfg.temperature != 0
+        if isinstance(streamer, TextIteratorStreamer):
+            streamer.add_stop_strings(stops)
+        threads = check_decode_threads(decode_threads, model.device, compile)
+        tuner = None
+        if threads == "auto" and torch.get_num_threads() > 1:
+            tuner = self.thread_tuner(torch.get_num_threads())
+        return Plan(cfg, eos_ids, pad, sampling, stops, generator, tokenizer, streamer,
+                    self.step_function(compile), self.vision_cache_for(vision_cache), threads, tuner,
+                    list(logits_processor or []), use_cache, inputs_embeds, constraints)
 
 
 def _run_beam_search(model: nn.Module, input_ids: Tensor, mask: Tensor, pixel_values: Tensor | None,
-                     pixel_attention_mask: Tensor | None, plan: _Plan) -> Tensor | GenerateOutput:
+                     pixel_attention_mask: Tensor | None, plan: Plan) -> Tensor | GenerateOutput:
     """The validated request, each prompt repeated num_beams times, through `beam_search`."""
     features = None
     if pixel_values is not None:
         features = model.get_image_features(pixel_values, pixel_attention_mask, plan.vision_cache)
-    rules = TokenRules.for_request(plan.cfg, plan.eos_ids, input_ids, mask, model.config.text_config.vocab_size,
-                                   plan.logits_processor)
+    rules = TokenRules.for_request(plan.cfg, plan.eos_ids, input_ids, mask,
+                                   model.config.text_config.vocab_size, plan.logits_processor)
     record = StepRecorder(plan.cfg, plan.use_cache)
     found = beam_search(model, input_ids, mask, features, plan.cfg, plan.eos_ids, rules, record,
                         plan.sampling, plan.generator, plan.inputs_embeds)
@@ -304,30 +232,8 @@ def _run_beam_search(model: nn.Module, input_ids: Tensor, mask: Tensor, pixel_va
     return record.fill(out, found.cache)
 
 
-@dataclass
-class _Plan:
-    """Everything `generate` resolved and validated, handed to `_run`."""
-
-    cfg: GenerationConfig
-    eos_ids: list[int]
-    pad: int
-    sampling: bool
-    stops: list[str]
-    generator: torch.Generator | None
-    tokenizer: Decoder | None
-    streamer: Streamer | None
-    step_fn: Callable[..., Tensor]
-    vision_cache: VisionFeatureCache | None
-    decode_threads: int | None | str
-    thread_tuner: ThreadTuner | None  # with decode_threads "auto" on several CPU threads
-    logits_processor: list[LogitsProcessor]
-    use_cache: bool  # False: the dict output carries no cache, its hidden states the whole sequence
-    inputs_embeds: Tensor | None  # the caller's prompt embeddings, in place of embedding input_ids
-    constraints: list[CompiledConstraint | None] | None  # per row of the expanded batch
-
-
 def _run(model: nn.Module, input_ids: Tensor, mask: Tensor, pixel_values: Tensor | None,
-         pixel_attention_mask: Tensor | None, plan: _Plan) -> Tensor | GenerateOutput:
+         pixel_attention_mask: Tensor | None, plan: Plan) -> Tensor | GenerateOutput:
     """The validated request: encode images, prefill, then decode until every row stops."""
     T = input_ids.shape[1]
     N = plan.cfg.max_new_tokens
@@ -370,7 +276,7 @@ def _warn_incomplete(rows: list[int], max_new_tokens: int) -> None:
 
 
 def _decode(model: nn.Module, input_ids: Tensor, mask: Tensor, next_positions: Tensor,
-            first: tuple[Tensor, list[Tensor] | None], cache: KVCache, plan: _Plan,
+            first: tuple[Tensor, list[Tensor] | None], cache: KVCache, plan: Plan,
             record: StepRecorder) -> Tensor:
     """Choose a token from the prefill's logits (B, V), feed it, repeat; returns (B, T + N_new) ids,
     each step's scores, raw logits and hidden states (`first[1]`, the prefill's) into `record`.
