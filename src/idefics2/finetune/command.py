@@ -76,11 +76,10 @@ from idefics2.finetune.run_folder import (
     check_fresh,
     check_resumable,
     check_same_run,
-    clear_run,
     export,
     load_checkpoint,
     save_checkpoint,
-    start_history,
+    start_run,
     trained_state,
 )
 from idefics2.lora import LoRAConfig, add_lora, merge_lora, save_adapter
@@ -182,6 +181,34 @@ def run_settings(cfg: FinetuneConfig, world: int, examples: int) -> dict[str, An
             "processes (world size)": world, "conversations in --data": examples}
 
 
+def mark_trainable(model: Idefics2ForConditionalGeneration, lora: LoRAConfig | None) -> list[str]:
+    """Every weight trainable (`--full`), or LoRA adapters added as the only trainable tensors; returns the
+    adapted modules' names. Training and `unsharded_copy` both use it, so their trained tensors' names agree."""
+    if lora is None:
+        model.requires_grad_(True)
+        return []
+    return add_lora(model, lora)
+
+
+def prepare_for_training(model: Idefics2ForConditionalGeneration, cfg: FinetuneConfig, lora: LoRAConfig | None,
+                         rank: int, device: torch.device) -> None:
+    """The loaded base made ready to train, before the optimizer sees its parameters: the trainable tensors
+    marked, gradient checkpointing, each process's dropout seed, and with `--fsdp` the weights sharded."""
+    torch.manual_seed(cfg.seed)  # the adapters' initial values, the same in every process
+    names = mark_trainable(model, lora)
+    if rank == 0 and lora is not None:
+        logger.info("LoRA r=%d on %d modules", cfg.lora_r, len(names))
+    if cfg.gradient_checkpointing:  # each decoder and vision layer recomputed in the backward pass
+        model.gradient_checkpointing_enable()
+    torch.manual_seed(cfg.seed + rank)  # dropout masks differ between processes
+    if cfg.fsdp:
+        shard_model(model, device, cfg.fsdp_mixed_precision)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if rank == 0:
+        logger.info("%.2f M trainable parameters of %.2f M", sum(p.numel() for p in trainable) / 1e6,
+                    sum(p.numel() for p in model.parameters()) / 1e6)
+
+
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run the fine-tuning; returns the summary written (by rank 0) to <out_dir>/summary.json."""
     out = Path(cfg.out_dir)
@@ -211,22 +238,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                                                              group_size=cfg.group_size)
     for path, items in ((cfg.data, conversations), (cfg.eval_data, held_out)):
         check_tokenized(items, processor, prefix_ids, model.config.text_config.max_position_embeddings, str(path))
-    if lora is None:
-        model.requires_grad_(True)
-    else:
-        torch.manual_seed(cfg.seed)  # the adapters' initial values, the same in every process
-        names = add_lora(model, lora)
-        if rank == 0:
-            logger.info("LoRA r=%d on %d modules", cfg.lora_r, len(names))
-    if cfg.gradient_checkpointing:  # each decoder and vision layer recomputed in the backward pass
-        model.gradient_checkpointing_enable()
-    torch.manual_seed(cfg.seed + rank)  # dropout masks differ between processes
-    if cfg.fsdp:
-        shard_model(model, device, cfg.fsdp_mixed_precision)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if rank == 0:
-        logger.info("%.2f M trainable parameters of %.2f M", sum(p.numel() for p in trainable) / 1e6,
-                    sum(p.numel() for p in model.parameters()) / 1e6)
+    prepare_for_training(model, cfg, lora, rank, device)
     per_step = cfg.batch_size * world * cfg.grad_accum
     steps = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * len(conversations) / per_step))
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
@@ -242,11 +254,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if world > 1:
         dist.barrier()  # every process has checked the folder before process 0 writes to it
     if rank == 0:
-        if cfg.overwrite:
-            clear_run(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "finetune_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
-        start_history(out, start)
+        start_run(out, asdict(cfg), start, cfg.overwrite)
     precision = training_precision(device, cfg.fsdp_mixed_precision)
     model.train()
     stream = step_indices(len(conversations), per_step, cfg.seed)
@@ -306,10 +314,7 @@ def unsharded_copy(model: Idefics2ForConditionalGeneration, cfg: FinetuneConfig,
     if rank != 0:
         return model
     plain = Idefics2ForConditionalGeneration.from_pretrained(cfg.model, dtype=cfg.dtype)
-    if lora is None:
-        plain.requires_grad_(True)
-    else:
-        add_lora(plain, lora)
+    mark_trainable(plain, lora)
     keys = plain.load_state_dict(trained, strict=False)
     assert not keys.unexpected_keys, keys.unexpected_keys
     return plain

@@ -94,6 +94,16 @@ def clear_run(folder: Path) -> None:
         else:
             path.unlink(missing_ok=True)
 
+def start_run(folder: Path, config: Mapping[str, Any], resumed_step: int, overwrite: bool) -> None:
+    """Process 0 opens the folder once every process has checked it: an overwritten run's files deleted
+    (`check_fresh` let them through), the run's flags recorded in finetune_config.json, and the history
+    started or cut back to the resumed checkpoint (`start_history`)."""
+    if overwrite:
+        clear_run(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "finetune_config.json").write_text(json.dumps(dict(config), indent=2) + "\n", encoding="utf-8")
+    start_history(folder, resumed_step)
+
 def append_history(folder: Path, record: dict[str, Any], name: str = HISTORY_FILE) -> None:
     with open(folder / name, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
