@@ -4,8 +4,8 @@ Modules: `config` (GenerationConfig, its files, argument resolution and checks),
 (logits processors and token choice), `streaming` (text streamers), `vision_cache` (features of
 images seen before), `threads` (CPU thread tuning), `steps` (the prefill and the one-token step),
 `beam_search`, `constraints` (answers that follow a JSON schema, regex, choice list or grammar),
-`outputs` (GenerateOutput and the per-step recording), `generate` (the `Generator`
-and the greedy/sampled decode loop), `slot_cache` and `engine` (continuous batching for the server).
+`outputs` (GenerateOutput and the per-step recording), `request` (a call's inputs and options
+checked and made ready, the `Plan`), `generate` (the `Generator` and the greedy/sampled decode loop), `slot_cache` and `engine` (continuous batching for the server).
 """
 
 from idefics2.generation.config import BUILTIN_DEFAULTS, GenerationConfig, load_generation_config

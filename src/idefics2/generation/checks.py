@@ -70,7 +70,7 @@ def as_id_list(value: int | Sequence[int] | Tensor | None, name: str = "eos_toke
 def check_input_tensors(model: nn.Module, input_ids: Any, attention_mask: Any, pixel_values: Any,
                         pixel_attention_mask: Any, inputs_embeds: Any) -> None:
     """Types, dtypes, sizes and values of the tensors given to `generate` (shapes against each
-    other are checked by `config.check_inputs` and `_prepared_embeds`)."""
+    other are checked by `config.check_inputs` and `request.prepared_embeds`)."""
     vocab = model.config.text_config.vocab_size
     if input_ids is not None:
         ids = _tensor("input_ids", input_ids, "of integer token ids (batch, tokens)")
