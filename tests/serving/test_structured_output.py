@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from test_server import data_uri, shipped  # noqa: F401 - shipped is a fixture
 
 from conftest import EXAMPLES
-from idefics2 import Idefics2ForConditionalGeneration, Idefics2Processor
-from idefics2.cli import SHIPPED_MODEL, shipped_model_path
+from idefics2.cli import SHIPPED_MODEL
 from idefics2.serving.server import create_app
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -46,12 +46,9 @@ SHAPE_SCHEMA = {
 
 
 def user(text: str, image: bool = True) -> list[dict[str, Any]]:
-    import base64
-
     parts: list[dict[str, Any]] = [{"type": "text", "text": text}]
     if image:
-        data = base64.b64encode((EXAMPLES / "shapes.png").read_bytes()).decode()
-        parts.insert(0, {"type": "image_url", "image_url": {"url": "data:image/png;base64," + data}})
+        parts.insert(0, {"type": "image_url", "image_url": {"url": data_uri(EXAMPLES / "shapes.png")}})
     return [{"role": "user", "content": parts}]
 
 
@@ -60,12 +57,6 @@ def json_schema_format(schema: Any, strict: bool | None = True, **extra: Any) ->
     if strict is not None:
         spec["strict"] = strict
     return {"type": "json_schema", "json_schema": spec}
-
-
-@pytest.fixture(scope="module")
-def shipped() -> tuple[Any, Any]:
-    folder = shipped_model_path()
-    return Idefics2ForConditionalGeneration.from_pretrained(folder), Idefics2Processor.from_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
