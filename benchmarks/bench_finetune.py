@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import FAKE, PHOTOS, PRESETS, TEXT_LENGTHS, build, make_inputs, peak_rss_gib
+from bench_generate import PRESETS, build, make_inputs, peak_rss_gib
 
 
 def attach_adapters(model: Any, side: str, rank: int) -> Any:
@@ -66,33 +66,6 @@ def text_labels(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return labels
 
 
-def split_photo_inputs(batch: int, image_token_id: int, latents: int) -> dict[str, torch.Tensor]:
-    """`batch` rows of one 640x480 photo each, split by our image processor into 4 crops + the whole
-    (5 images of `latents` image tokens, each after a fake token), inside ~20 prompt tokens."""
-    import numpy as np
-    import skimage.data
-    from PIL import Image
-
-    from idefics2.processing.image_processor import Idefics2ImageProcessor
-
-    images = [[Image.fromarray(getattr(skimage.data, name)()).convert("RGB").resize((640, 480))]
-              for name, _ in PHOTOS[:batch]]
-    pixels = Idefics2ImageProcessor(do_image_splitting=True)(images)
-    split = ([FAKE] + [image_token_id] * latents) * pixels["pixel_values"].shape[1] + [FAKE]
-    rng = np.random.default_rng(0)
-    rows = []
-    for b in range(batch):
-        text = rng.integers(3, 31999, TEXT_LENGTHS[b]).tolist()
-        rows.append([1] + text[:4] + split + text[4:])
-    T = max(len(r) for r in rows)
-    input_ids = torch.zeros(batch, T, dtype=torch.long)
-    attention_mask = torch.zeros(batch, T, dtype=torch.long)
-    for b, r in enumerate(rows):
-        input_ids[b, T - len(r):] = torch.tensor(r)
-        attention_mask[b, T - len(r):] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, **pixels}
-
-
 def reset_peak_rss() -> None:
     """Start VmHWM again from the current RSS (Linux: clear_refs 5)."""
     with open("/proc/self/clear_refs", "w") as f:
@@ -106,7 +79,7 @@ def checkpointing_worker(args: argparse.Namespace) -> dict[str, Any]:
     model = attach_adapters(build("ours", preset, "cpu", torch.float32), "ours", args.rank).train()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    inputs = split_photo_inputs(args.batch, preset["image_token_id"], 64)
+    inputs = make_inputs(args.batch, preset["image_token_id"], 64, split=True)
     labels = text_labels(inputs)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     setup_gib = peak_rss_gib()

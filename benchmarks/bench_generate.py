@@ -77,8 +77,12 @@ def fill_parameter(name: str, p: torch.Tensor) -> None:
         p.normal_(0.0, 0.02, generator=g)
 
 
-def make_inputs(batch: int, image_token_id: int, latents: int) -> dict[str, torch.Tensor]:
-    """`batch` photos of different sizes (our image processor) and left-padded ~20-token prompts."""
+def make_inputs(batch: int, image_token_id: int, latents: int, *, split: bool = False) -> dict[str, torch.Tensor]:
+    """`batch` photos of different sizes (our image processor) and left-padded ~20-token prompts.
+
+    `split`: every photo at 640x480, split by the image processor into 4 crops + the whole (5 images of
+    `latents` image tokens per row, each after a fake token), as a fine-tune on photos sees them.
+    """
     import numpy as np
     import skimage.data
     from PIL import Image
@@ -88,13 +92,14 @@ def make_inputs(batch: int, image_token_id: int, latents: int) -> dict[str, torc
     images = []
     for name, size in PHOTOS[:batch]:
         photo = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
-        images.append([photo.resize(size, Image.Resampling.BILINEAR)])  # one image per sample
-    pixels = Idefics2ImageProcessor()(images)
+        images.append([photo.resize((640, 480) if split else size, Image.Resampling.BILINEAR)])  # one per sample
+    pixels = Idefics2ImageProcessor(do_image_splitting=split)(images)
+    image_tokens = ([FAKE] + [image_token_id] * latents) * pixels["pixel_values"].shape[1] + [FAKE]
     rng = np.random.default_rng(0)
     rows = []
     for b in range(batch):
         text = rng.integers(3, 31999, TEXT_LENGTHS[b]).tolist()
-        rows.append([1] + text[:4] + [FAKE] + [image_token_id] * latents + [FAKE] + text[4:])
+        rows.append([1] + text[:4] + image_tokens + text[4:])
     T = max(len(r) for r in rows)
     input_ids = torch.zeros(batch, T, dtype=torch.long)
     attention_mask = torch.zeros(batch, T, dtype=torch.long)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import socket
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +20,28 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "src" / "idefics2" / "assets" / "shapes-vqa"
 EXAMPLES = ROOT / "examples"
 HUB_LIKE_TOKENIZER = ROOT / "tests" / "fixtures" / "hub-like-tokenizer"
+
+
+@contextlib.contextmanager
+def served(app: Any) -> Iterator[str]:
+    """`app` under uvicorn on a free 127.0.0.1 port, in a daemon thread: yields the base URL
+    ("http://127.0.0.1:PORT") once the server has started, and stops it afterwards."""
+    uvicorn = pytest.importorskip("uvicorn")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def tiny_config_dict(*, vision_hidden: int = 32, vision_heads: int = 4, patch: int = 4, image_size: int = 32,

@@ -4,7 +4,6 @@ streamed, several images, logprobs, n, stop, and clients that go away mid-answer
 from __future__ import annotations
 
 import base64
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -14,13 +13,12 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, served
 from idefics2 import Idefics2ForConditionalGeneration, Idefics2Processor
 from idefics2.cli import SHIPPED_MODEL, shipped_model_path
 from idefics2.serving.server import create_app
 
 openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
 
 
 def image(path: Path) -> dict[str, Any]:
@@ -36,20 +34,8 @@ def server() -> Iterator[tuple[str, Any]]:
     folder = shipped_model_path()
     model, processor = Idefics2ForConditionalGeneration.from_pretrained(folder), Idefics2Processor.from_pretrained(folder)
     app = create_app(model, processor, SHIPPED_MODEL, max_batch_size=8)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    instance = uvicorn.Server(config)
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not instance.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", app.state.engine
-    instance.should_exit = True
-    thread.join(10)
+    with served(app) as url:
+        yield url, app.state.engine
 
 
 @pytest.fixture(scope="module")

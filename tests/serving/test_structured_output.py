@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from test_server import data_uri, shipped  # noqa: F401 - shipped is a fixture
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, served
 from idefics2.cli import SHIPPED_MODEL
 from idefics2.serving.server import create_app
 
@@ -261,21 +258,9 @@ def test_constraints_that_cannot_be_enforced_are_400s_naming_the_field(
 @pytest.fixture(scope="module")
 def openai_client(shipped: tuple[Any, Any]) -> Iterator[Any]:
     openai = pytest.importorskip("openai")
-    uvicorn = pytest.importorskip("uvicorn")
     app = create_app(*shipped, SHIPPED_MODEL, max_batch_size=4)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
-    server.should_exit = True
-    thread.join(10)
+    with served(app) as url:
+        yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def test_the_openai_client_gets_schema_answers_streamed_and_not(openai_client: Any) -> None:
