@@ -1,7 +1,7 @@
-"""Stage 5: teach a trained shapes model to answer in JSON (`{"color": "red"}`) without unlearning the rest.
+"""A candidate stage 5: teach a trained shapes model to answer in JSON (`{"color": "red"}`) as well.
 
 Fine-tuned on JSON answers by cross-entropy alone, the model learned the layout but not which shape's
-colour to give (docs/experiments/shapes-vqa-log.md, eleventh to thirteenth sessions): the value is
+colour to give (docs/experiments/shapes-vqa-log.md, eleventh and twelfth sessions): the value is
 predicted after `{"color": "`, at a position that has to find the asked shape in the image anew,
 while the trained model does that only right after "Assistant:". So the value position gets a direct
 target: at every decoder layer, its hidden state is pulled towards the one the unchanged model
@@ -9,6 +9,11 @@ computes at the plain answer's position for the same image and question (`layer_
 conversations in every batch keep the model's plain answers through a KL term to the unchanged
 model's. The vision tower and the connector stay frozen; the JSON tokens start from trained ones
 (`model_init.init_json_embeddings`).
+
+From the shipped weights, 1,000 steps (22 minutes on 2 CPU cores) give 94.6% on the JSON forms of the
+500 held-out questions and bind the JSON colour to the asked shape in 95.8% of the binding scenes, but
+the plain answers lose binding (99.2% to 91.7%; colour 96.4% to 92.9% on the 500), so the result is
+not shipped (docs/experiments/shapes-vqa-log.md, thirteenth session).
 
     python -m recipes.shapes_vqa.json_answers --init-from src/idefics2/assets/shapes-vqa --out-dir runs/json
 
@@ -45,7 +50,6 @@ from recipes.shapes_vqa.synthetic import (
     _assistant,
     _user,
     json_form,
-    question_mix,
     render,
     sample_conversation,
     sample_scene,
@@ -56,15 +60,13 @@ from recipes.shapes_vqa.train import shapes_generation_config
 
 logger = logging.getLogger(__name__)
 
-# Colour asked twice as often as the other kinds, in JSON and plain form: it is the answer that needs
-# binding in every scene, and the one the plain rows must keep.
+# Colour asked twice as often as the other kinds: it is the one that needs binding in every scene.
 QUESTION_TYPES = ("color", "color", "shape", "count", "count_kind")
-PLAIN_TYPES = question_mix({"color": 2})
 
 
 @dataclass
 class JsonTuningConfig:
-    """Every knob of a stage-5 run (defaults: the shipped model's, docs/training.md)."""
+    """Every knob of a stage-5 run (defaults: run 5c of docs/experiments/shapes-vqa-log.md, the best so far)."""
 
     init_from: str = "src/idefics2/assets/shapes-vqa"
     out_dir: str = "runs/json"
@@ -75,7 +77,7 @@ class JsonTuningConfig:
     min_lr_ratio: float = 0.05
     warmup_steps: int = 20
     match_weight: float = 3.0
-    plain_weight: float = 10.0
+    plain_weight: float = 2.0
     suffix_fraction: float = 1.0
     threads: int = 1
 
@@ -129,7 +131,7 @@ def paired_batch(processor: Idefics2Processor, rng: random.Random, batch_size: i
         images.append([render(scene)])
         prefixes.append(value_prefix(json_answer))
     for _ in range(batch_size):
-        sample = sample_conversation(rng, 3, types=PLAIN_TYPES)
+        sample = sample_conversation(rng, 3)
         conversations.append(sample.messages)
         images.append(sample.images)
     prefix_ids = assistant_prefix_ids(tokenizer)
