@@ -39,9 +39,8 @@ from torch import Tensor
 
 from idefics2.finetune.data import IGNORE_INDEX, assistant_prefix_ids, labelled_batch
 from idefics2.finetune.flags import add_config_flags, check_flag_ranges
-from idefics2.finetune.loop import lr_factor, param_groups
+from idefics2.finetune.loop import forward_batch, lr_factor, param_groups
 from idefics2.finetune.run_folder import export
-from idefics2.model.text import positions_from_mask
 from idefics2.modeling import Idefics2ForConditionalGeneration
 from idefics2.processing.processor import Idefics2Processor
 from recipes.shapes_vqa.data import drop_json_answer_space, json_space_id
@@ -164,12 +163,6 @@ def layer_match_loss(student_states: Sequence[Tensor], teacher_states: Sequence[
     return torch.stack(losses).mean()
 
 
-def _forward(model: Idefics2ForConditionalGeneration, batch: dict[str, Tensor], **kwargs: Any) -> Any:
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 position_ids=positions_from_mask(batch["attention_mask"]), pixel_values=batch["pixel_values"],
-                 pixel_attention_mask=batch["pixel_attention_mask"], use_cache=False, **kwargs)
-
-
 def tune(cfg: JsonTuningConfig) -> dict[str, Any]:
     """Run stage 5 and export `<out_dir>/model`; returns the summary also written to `summary.json`."""
     torch.set_num_threads(cfg.threads)
@@ -193,9 +186,10 @@ def tune(cfg: JsonTuningConfig) -> dict[str, Any]:
             group["lr"] = lr
         batch = paired_batch(processor, rng, B, cfg.suffix_fraction)
         with torch.no_grad():
-            targets = _forward(teacher, batch.teacher, output_hidden_states=True).hidden_states
-            plain_logits = _forward(teacher, batch.student).logits[B:]  # (B, T, V)
-        output = _forward(model, batch.student, labels=batch.student["labels"], output_hidden_states=True)
+            targets = forward_batch(teacher, batch.teacher, output_hidden_states=True).hidden_states
+            plain_rows = {k: v[B:] for k, v in batch.student.items()}  # the teacher reads no JSON row
+            plain_logits = forward_batch(teacher, plain_rows).logits  # (B, T, V)
+        output = forward_batch(model, batch.student, labels=batch.student["labels"], output_hidden_states=True)
         match = layer_match_loss(output.hidden_states, targets, batch.value_positions)
         answered = batch.student["labels"][B:] != IGNORE_INDEX
         plain = F.kl_div(output.logits[B:][answered].log_softmax(-1), plain_logits[answered].log_softmax(-1),

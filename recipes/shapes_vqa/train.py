@@ -31,7 +31,7 @@ from tqdm import tqdm
 from idefics2.checkpoint import resolve_device
 from idefics2.config import Idefics2Config
 from idefics2.finetune.flags import add_config_flags, check_flag_ranges
-from idefics2.finetune.loop import lr_factor, param_groups
+from idefics2.finetune.loop import forward_batch, lr_factor, param_groups
 from idefics2.finetune.run_folder import (
     append_history,
     check_resumable,
@@ -40,7 +40,6 @@ from idefics2.finetune.run_folder import (
     start_history,
     write_checkpoint,
 )
-from idefics2.model.text import positions_from_mask
 from idefics2.modeling import Idefics2ForConditionalGeneration
 from idefics2.processing.processor import Idefics2Processor
 from idefics2.processing.tokenizer import Tokenizer
@@ -255,11 +254,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
             group["lr"] = lr
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            answer_loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                position_ids=positions_from_mask(batch["attention_mask"]),
-                                pixel_values=batch["pixel_values"],
-                                pixel_attention_mask=batch["pixel_attention_mask"],
-                                labels=batch["labels"], use_cache=False).loss
+            answer_loss = forward_batch(model, batch, labels=batch["labels"]).loss
             loss = answer_loss + grounding.loss(batch) if grounding is not None else answer_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

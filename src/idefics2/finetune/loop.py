@@ -92,12 +92,18 @@ def step_indices(n: int, per_step: int, seed: int) -> Iterator[list[int]]:
         yield pool[:per_step]
         pool = pool[per_step:]
 
+def forward_batch(model: torch.nn.Module, batch: dict[str, Tensor], **kwargs: Any) -> Any:
+    """The model's output on one left-padded training batch (`labelled_batch`): positions counted from
+    the attention mask, so padding does not shift them, and no cache. `kwargs` go to the model
+    (`labels`, `output_hidden_states`)."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 position_ids=positions_from_mask(batch["attention_mask"]), pixel_values=batch.get("pixel_values"),
+                 pixel_attention_mask=batch.get("pixel_attention_mask"), use_cache=False, **kwargs)
+
 def answer_loss(model: torch.nn.Module, batch: dict[str, Tensor], device: torch.device) -> tuple[Tensor, int]:
     """(mean cross-entropy over the answer tokens, their number) of one batch."""
     batch = {k: v.to(device) for k, v in batch.items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=positions_from_mask(batch["attention_mask"]), pixel_values=batch.get("pixel_values"),
-                   pixel_attention_mask=batch.get("pixel_attention_mask"), use_cache=False).logits
+    logits = forward_batch(model, batch).logits
     return causal_lm_loss(logits, batch["labels"]), answer_tokens(batch["labels"])
 
 def evaluate(model: torch.nn.Module, conversations: Sequence[Conversation], processor: Idefics2Processor,
