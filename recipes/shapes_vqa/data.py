@@ -35,6 +35,7 @@ def json_space_id(tokenizer: Any) -> int:
         raise ValueError(f'the tokenizer does not give " {{" as a space token then "{{": {spaced}')
     return spaced[0]
 
+
 def drop_json_answer_space(batch: dict[str, Tensor], prefix_ids: Sequence[int], space_id: int,
                            brace_id: int, pad_id: int) -> dict[str, Tensor]:
     """`batch` with the space token removed wherever an answer starts with "Ġ", "{" right after
@@ -59,6 +60,7 @@ def drop_json_answer_space(batch: dict[str, Tensor], prefix_ids: Sequence[int], 
         out[key] = torch.stack(rows)
     return out
 
+
 def parse_weights(text: str | None) -> dict[str, int]:
     """"position=4,describe=2" -> {"position": 4, "describe": 2} (the `--question-weights` flag)."""
     weights: dict[str, int] = {}
@@ -70,6 +72,7 @@ def parse_weights(text: str | None) -> dict[str, int]:
             raise ValueError(f"--question-weights takes TYPE=INTEGER pairs separated by commas, got {item!r}")
         weights[name.strip()] = int(value)
     return weights
+
 
 class ConversationBatches(Dataset[dict[str, Tensor]]):
     """Batch `index` is a pure function of (seed, index): workers need no shared state, resumes are exact.

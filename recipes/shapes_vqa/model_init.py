@@ -28,13 +28,16 @@ def sincos_position_table(patches_per_side: int, width: int) -> Tensor:
     table[..., 2 * quarter : 4 * quarter] = axis[None, :, :]  # on the column only
     return table.reshape(patches_per_side**2, width).float()
 
+
 def model_position_table(model: Idefics2ForConditionalGeneration) -> Tensor:
     """`sincos_position_table` in the shape of `model`'s vision position embedding."""
     vision = model.config.vision_config
     return sincos_position_table(vision.num_patches_per_side, vision.hidden_size)
 
+
 def position_embedding(model: Idefics2ForConditionalGeneration) -> Tensor:
     return model.model.vision_model.embeddings.position_embedding.weight
+
 
 def init_weights(model: Idefics2ForConditionalGeneration, std: float = 0.02, *, latents_std: float = 1.0,
                  perceiver_qk_std: float = 0.02, position_table_scale: float = 0.0) -> None:
@@ -62,6 +65,7 @@ def init_weights(model: Idefics2ForConditionalGeneration, std: float = 0.02, *, 
     if position_table_scale > 0:
         with torch.no_grad():
             position_embedding(model).copy_(position_table_scale * model_position_table(model))
+
 
 def init_json_embeddings(model: Idefics2ForConditionalGeneration, tokenizer: Any,
                          trained_ids: set[int]) -> list[int]:
@@ -95,8 +99,10 @@ def init_json_embeddings(model: Idefics2ForConditionalGeneration, tokenizer: Any
             embedding[i] *= norm / embedding[i].norm()
     return sorted(done | rest)
 
+
 def _ids(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
 
 def corpus_token_ids(tokenizer: Any, texts: list[str]) -> set[int]:
     """Every token id that occurs in `texts` (the tokenizer's training corpus), special tokens included."""

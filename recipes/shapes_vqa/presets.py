@@ -24,6 +24,7 @@ class Preset(NamedTuple):
     text_layers: int
     text_kv_heads: int = 1  # decoder key/value heads; each is a separate key space to match image tokens in
 
+
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(32, 1, 8, 32, 4, 1, 32, 1),  # tests only
     "cpu": Preset(128, 3, 16, 128, 16, 1, 128, 3),  # sized for a 2-core CPU; 64 patches per image
@@ -63,6 +64,7 @@ def model_config_dict(preset: str, vocab_size: int, image_token_id: int) -> dict
                         "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
                         "tie_word_embeddings": True},
     }
+
 
 def build_processor(preset: str, tokenizer: Tokenizer) -> Idefics2Processor:
     """Every image is resized to the preset's square size (no splitting), one block of latents each."""

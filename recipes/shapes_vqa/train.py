@@ -121,6 +121,7 @@ class TrainConfig:
         if self.json_fraction > 1:
             raise ValueError(f"--json-fraction is a probability in [0, 1], got {self.json_fraction}")
 
+
 def _initial_model(cfg: TrainConfig, config: Idefics2Config) -> Idefics2ForConditionalGeneration:
     """A fresh model (`init_weights`), or the weights of `cfg.init_from` to fine-tune.
 
@@ -141,15 +142,18 @@ def _initial_model(cfg: TrainConfig, config: Idefics2Config) -> Idefics2ForCondi
             position_embedding(model).add_(cfg.position_table_scale * model_position_table(model))
     return model
 
+
 def _load_tokenizer(cfg: TrainConfig) -> Tokenizer:
     if cfg.tokenizer_dir is not None:
         return Tokenizer.from_pretrained(cfg.tokenizer_dir)
     return train_tokenizer(seed=cfg.seed)
 
+
 def shapes_generation_config(model: Idefics2ForConditionalGeneration, processor: Idefics2Processor) -> dict[str, Any]:
     """Greedy, stopping at `</s>` or `<end_of_utterance>`, 32 new tokens: the shipped model's answers are short."""
     return {"eos_token_id": [model.config.text_config.eos_token_id, processor.end_of_utterance_id],
             "pad_token_id": 0, "bos_token_id": 1, "max_new_tokens": 32, "do_sample": False}
+
 
 def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """Run (or resume) training; returns the summary also written to `<out_dir>/summary.json`.
@@ -291,6 +295,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 
+
 def _add_flags(parser: argparse.ArgumentParser) -> None:
     helps = {"out_dir": "run folder: checkpoint, history.jsonl, model/ (the Hub-layout export)",
              "preset": f"model size, one of {sorted(PRESETS)}", "steps": "optimizer steps (the schedule length)",
@@ -328,6 +333,7 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
                                   "embedding, so no question's word finds it (needs one latent per "
                                   "patch); 0 = off"}
     add_config_flags(parser, TrainConfig, helps, choices={"preset": sorted(PRESETS)}, floats=("max_minutes",))
+
 
 def run_from_args(args: argparse.Namespace) -> None:
     """The `train` command: build a TrainConfig from the parsed flags and train."""

@@ -88,7 +88,6 @@ def _read(f: Any, file: Path, key: str) -> torch.Tensor:
         raise ValueError(f"{file}: cannot read tensor {key!r} ({' '.join(str(err).split())[:200]})") from None
 
 
-
 TRIM_EVERY = 2**29  # bytes of float weights quantized between two `release_freed_memory` calls
 
 

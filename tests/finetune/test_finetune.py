@@ -409,7 +409,6 @@ def test_cli_finetune_reports_bad_data_in_one_line_and_generate_applies_an_adapt
     assert answers[1] == expected.strip() and answers[0] != answers[1]
 
 
-
 def test_answers_are_found_with_a_mistral_style_tokenizer() -> None:
     """Mistral's tokenizer writes "Assistant:" alone as "▁Assistant", ":" but in a conversation as "Ass",
     "istant", ":" after "<end_of_utterance>", "▁", "<0x0A>": the labels must come from the latter."""

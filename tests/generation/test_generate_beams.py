@@ -17,8 +17,6 @@ TOL = {"rtol": 0, "atol": 1e-4}
 BAN = [[CONFIG["image_token_id"]]]  # the reference re-reads generated image tokens without a cache
 
 
-
-
 def early_eos(oracle: Any, batch: dict[str, torch.Tensor]) -> list[int]:
     """EOS ids that end some beams after a few tokens: row 0's third greedy token."""
     return [EOS, int(oracle.generate(**batch, max_new_tokens=3, do_sample=False, bad_words_ids=BAN)[0, -1])]

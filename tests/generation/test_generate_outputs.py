@@ -18,8 +18,6 @@ pytestmark = pytest.mark.oracle
 TOL = {"rtol": 0, "atol": 1e-4}
 
 
-
-
 def real_positions(mask: torch.Tensor, width: int) -> torch.Tensor:
     """(B, width) bool: which of the first `width` positions of prompt + new tokens are not padding (the
     reference leaves the hidden states of padding undefined: its eager and SDPA paths disagree there)."""

@@ -39,7 +39,6 @@ def ours_from(reference: Any, config: dict[str, Any]) -> Idefics2ForConditionalG
     return model
 
 
-
 def loss_labels(batch: dict[str, torch.Tensor], image_token_id: int) -> torch.Tensor:
     """Labels that ignore padding, image tokens, and the first real token of each row: its logits
     come from a padding query, whose output the reference itself leaves undefined (eager and sdpa

@@ -162,6 +162,7 @@ def test_a_processor_option_other_than_splitting_is_refused(engine: tuple[Case, 
     with pytest.raises(ValueError, match="do_image_splitting"):
         llm.generate(request, greedy(1, 0), use_tqdm=False)
 
+
 def test_the_second_config_meets_sides_where_vllms_own_position_ids_differ() -> None:
     """What makes the logits test cover the position-id rule: on a 70 x 70 grid, vLLM's own rule
     gives other ids than ours for the full images of the second config (whose sizes the

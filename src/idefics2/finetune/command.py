@@ -305,6 +305,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         dist.destroy_process_group()
     return summary
 
+
 def unsharded_copy(model: Idefics2ForConditionalGeneration, cfg: FinetuneConfig, lora: LoRAConfig | None,
                    rank: int) -> Idefics2ForConditionalGeneration:
     """In process 0, the base reloaded on the CPU with the trained tensors of a sharded model put in, so
@@ -363,6 +364,7 @@ HELP = {
     "threads": "CPU threads (default: torch's)", "grad_clip": "clip the gradient norm to this (0 = no clipping)",
 }
 
+
 def register_finetune_command(subparsers: Any, help: str | None = None) -> argparse.ArgumentParser:
     """Add `finetune` (with the CLI's one-line `help`) to the subparsers; `args.func(args)` runs it."""
     parser = subparsers.add_parser("finetune", help=help, description=__doc__.split("\n\n")[0])
@@ -372,12 +374,14 @@ def register_finetune_command(subparsers: Any, help: str | None = None) -> argpa
     parser.set_defaults(func=run_from_args)
     return parser
 
+
 def run_from_args(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)})
     summary = finetune(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         logger.info("done: %s", json.dumps(summary))
+
 
 def main(argv: Sequence[str] | None = None) -> None:
     run_as_script("python -m idefics2.finetune", "finetune", register_finetune_command, argv)

@@ -57,6 +57,7 @@ def assistant_prefix_ids(tokenizer: Tokenizer) -> list[int]:
         raise ValueError(f"the tokenizer does not keep {END_OF_UTTERANCE_TOKEN} as one token")
     return ids[1:]
 
+
 def assistant_labels(input_ids: Tensor, prefix_ids: Sequence[int], end_id: int) -> Tensor:
     """-100 everywhere except the assistant answers: the tokens after each "Assistant:" up to and
     including the `<end_of_utterance>` that closes the turn. Prompts, images and padding never are."""
@@ -75,6 +76,7 @@ def assistant_labels(input_ids: Tensor, prefix_ids: Sequence[int], end_id: int) 
                 if ids[t - 1] == end_id:
                     break
     return labels
+
 
 def labelled_batch(processor: Idefics2Processor, conversations: Sequence[list[dict[str, Any]]],
                    images: Sequence[list[Any]] | None, prefix_ids: Sequence[int]) -> dict[str, Tensor]:
@@ -132,12 +134,15 @@ class Conversation:
     def place(self, path: str) -> str:
         return _place(path, self.row, self.line)
 
+
 def _place(path: str | Path, row: int | None, line: int) -> str:
     """Where a record is in the data, for error messages: "train.jsonl:3" or "train.parquet row 2"."""
     return f"{path}:{line}" if row is None else f"{path} row {row}"
 
+
 def _count_images(content: Any) -> int:
     return 0 if isinstance(content, str) else sum(part.get("type") == "image" for part in content)
+
 
 def _image_column(record: dict[str, Any]) -> tuple[str, list[Any]] | str:
     """(the column holding the record's images, its images as a list), or what is wrong with them. A
@@ -151,6 +156,7 @@ def _image_column(record: dict[str, Any]) -> tuple[str, list[Any]] | str:
     if not isinstance(value, list):
         return '"images" must be a list'
     return column, value
+
 
 def _as_messages(record: dict[str, Any], n_images: int) -> list[Any] | str:
     """The record's conversation as chat messages (the `messages` shape kept as it is, checked later), or
@@ -178,6 +184,7 @@ def _as_messages(record: dict[str, Any], n_images: int) -> list[Any] | str:
         return messages
     return ('expected "messages", "question" and "answer", or "texts"; the record has '
             f"{sorted(record) if record else 'no fields'}")
+
 
 def _check_messages(messages: Any, n_images: int) -> str | None:
     """What is wrong with a conversation's chat messages and its number of images, or None."""
@@ -208,6 +215,7 @@ def _check_messages(messages: Any, n_images: int) -> str | None:
         return f"{n_parts} image parts in the messages but {n_images} images"
     return None
 
+
 def _image_problem(source: Path | bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
     """Whether PIL recognises the image and its size is within `max_pixels`, from its header only:
     decoding every image up front would cost a pass over the data set; an image that is damaged
@@ -230,6 +238,7 @@ def _image_problem(source: Path | bytes, name: str, max_pixels: int = DEFAULT_MA
                 "allowed")
     return None
 
+
 def _image_source(value: Any, folder: Path, table: Any, row: int, column: str,
                   index: int | None) -> Path | StoredImage | str:
     """Where one image of a record is (a file, or bytes in the table's cell), checked by its header; or
@@ -247,6 +256,7 @@ def _image_source(value: Any, folder: Path, table: Any, row: int, column: str,
                 f"{type(value).__name__}")
     path = folder / value
     return _image_problem(path, str(path)) or path
+
 
 def _conversation(record: Any, folder: Path, table: Any, row: int | None, line: int) -> Conversation | str:
     """One record as a checked Conversation, or what is wrong with it; `table` holds the record's row
@@ -274,12 +284,14 @@ def _conversation(record: Any, folder: Path, table: Any, row: int | None, line: 
     return Conversation([{"role": m["role"], "content": content}
                          for m, content in zip(messages, parts, strict=True)], sources, line, row)
 
+
 def _optional(module: str, what: str) -> Any:
     """An optional dependency, or a ValueError saying how to install it."""
     try:
         return importlib.import_module(module)
     except ImportError:
         raise ValueError(f"{what} needs the datasets extra: {DATASETS_EXTRA}") from None
+
 
 def _saved_dataset(folder: Path) -> Any:
     """A folder of `save_to_disk` as one Arrow table (memory-mapped, nothing copied); a DatasetDict's
@@ -296,12 +308,14 @@ def _saved_dataset(folder: Path) -> Any:
                          f"{folder / splits[0]}")
     return loaded.with_format("arrow")[:]
 
+
 def _parquet(path: Path) -> Any:
     parquet = _optional("pyarrow.parquet", f"--data {path} (a Parquet file)")
     try:
         return parquet.read_table(path)
     except Exception as err:  # pyarrow's ArrowInvalid and OSError, whichever part of the file is broken
         raise ValueError(f"{path}: cannot read it as Parquet ({err})") from None
+
 
 def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, parsed record) of each non-blank line; a line that is not JSON names its number."""
@@ -314,11 +328,13 @@ def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
 
+
 def _json_array(path: Path) -> list[Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+
 
 def _records(path: Path) -> Iterator[tuple[Any, Any, int | None, int]]:
     """(record, the Arrow table holding it or None, its row in a table or array or None, its line in a
@@ -331,6 +347,7 @@ def _records(path: Path) -> Iterator[tuple[Any, Any, int | None, int]]:
         yield from ((record, None, row, 0) for row, record in enumerate(_json_array(path)))
     else:
         yield from ((record, None, None, line) for line, record in _json_lines(path))
+
 
 def load_conversations(path: str | os.PathLike[str]) -> list[Conversation]:
     """Parse and check the whole data (every record, every image's header) before any training; errors
@@ -347,6 +364,7 @@ def load_conversations(path: str | os.PathLike[str]) -> list[Conversation]:
     if not conversations:
         raise ValueError(f"{path} holds no conversations")
     return conversations
+
 
 def check_tokenized(conversations: Sequence[Conversation], processor: Idefics2Processor, prefix_ids: Sequence[int],
                     limit: int, path: str) -> None:
@@ -366,6 +384,7 @@ def check_tokenized(conversations: Sequence[Conversation], processor: Idefics2Pr
                              "a conversation must not start with an assistant turn, and user text must not "
                              "contain '\\nAssistant:'")
 
+
 def make_batch(conversations: Sequence[Conversation], processor: Idefics2Processor, prefix_ids: Sequence[int],
                path: str) -> dict[str, Tensor]:
     """Left-padded model inputs with assistant-only labels; an image that cannot be decoded names its line."""
@@ -378,6 +397,7 @@ def make_batch(conversations: Sequence[Conversation], processor: Idefics2Process
             raise ValueError(f"{c.place(path)}: cannot read an image: {err}") from None
     return labelled_batch(processor, [c.messages for c in conversations], images if any(images) else None,
                           prefix_ids)
+
 
 def answer_tokens(labels: Tensor) -> int:
     """How many labels `causal_lm_loss` scores: every position but the first that is not ignored."""

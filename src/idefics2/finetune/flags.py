@@ -21,6 +21,7 @@ def check_flag_ranges(config: Any, positive: Sequence[str], non_negative: Sequen
     if not 0 <= config.min_lr_ratio <= 1:
         raise ValueError(f"--min-lr-ratio must be in [0, 1], got {config.min_lr_ratio}")
 
+
 def add_config_flags(parser: argparse.ArgumentParser, config_class: type, helps: dict[str, str], *,
                      required: Sequence[str] = (), choices: dict[str, list[str]] | None = None,
                      floats: Sequence[str] = (), ints: Sequence[str] = (),
@@ -43,6 +44,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, helps:
             kind = float if isinstance(default, float) or f.name in floats else (
                 int if isinstance(default, int) or f.name in ints else str)
             parser.add_argument(flag, type=kind, default=default, help=f"{text} (default {default})".strip())
+
 
 def run_as_script(prog: str, command: str, register: Callable[[Any], argparse.ArgumentParser],
                   argv: Sequence[str] | None) -> None:

@@ -64,6 +64,7 @@ def lr_factor(progress: float, step: int, warmup_steps: int, min_ratio: float) -
         return (step + 1) / warmup_steps
     return min_ratio + (1 - min_ratio) * cosine_decay(min(1.0, progress))
 
+
 def param_groups(model: nn.Module, weight_decay: float,
                   decay_positions: bool = True) -> list[dict[str, Any]]:
     """The trainable parameters in two AdamW groups: no weight decay on norms, biases and latents (1-D or
@@ -92,6 +93,7 @@ def step_indices(n: int, per_step: int, seed: int) -> Iterator[list[int]]:
         yield pool[:per_step]
         pool = pool[per_step:]
 
+
 def forward_batch(model: torch.nn.Module, batch: dict[str, Tensor], **kwargs: Any) -> Any:
     """The model's output on one left-padded training batch (`labelled_batch`): positions counted from
     the attention mask, so padding does not shift them, and no cache. `kwargs` go to the model
@@ -100,11 +102,13 @@ def forward_batch(model: torch.nn.Module, batch: dict[str, Tensor], **kwargs: An
                  position_ids=positions_from_mask(batch["attention_mask"]), pixel_values=batch.get("pixel_values"),
                  pixel_attention_mask=batch.get("pixel_attention_mask"), use_cache=False, **kwargs)
 
+
 def answer_loss(model: torch.nn.Module, batch: dict[str, Tensor], device: torch.device) -> tuple[Tensor, int]:
     """(mean cross-entropy over the answer tokens, their number) of one batch."""
     batch = {k: v.to(device) for k, v in batch.items()}
     logits = forward_batch(model, batch).logits
     return causal_lm_loss(logits, batch["labels"]), answer_tokens(batch["labels"])
+
 
 def evaluate(model: torch.nn.Module, conversations: Sequence[Conversation], processor: Idefics2Processor,
              prefix_ids: Sequence[int], path: str, batch_size: int, device: torch.device) -> float:
@@ -129,6 +133,7 @@ def evaluate(model: torch.nn.Module, conversations: Sequence[Conversation], proc
         dist.all_reduce(total)
     return (total[0] / total[1]).item()
 
+
 def start_distributed(device_name: str) -> tuple[int, int, torch.device]:
     """(rank, world size, this process's device). Under torchrun with several processes this starts the
     process group (NCCL for CUDA, gloo for the CPU) and gives each process its own GPU (LOCAL_RANK)."""
@@ -145,6 +150,7 @@ def start_distributed(device_name: str) -> tuple[int, int, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world, device
+
 
 def optimizer_step(model: torch.nn.Module, ddp: torch.nn.parallel.DistributedDataParallel | None,
                    batches: Sequence[dict[str, Tensor]], optimizer: torch.optim.Optimizer, grad_clip: float,

@@ -36,7 +36,6 @@ HISTORY_FILE = "history.jsonl"
 RUN_FILES = (CHECKPOINT_FILE, HISTORY_FILE, "adapter", "model", "summary.json", "finetune_config.json")
 
 
-
 def start_history(folder: Path, resumed_step: int) -> None:
     """A fresh run starts an empty history.jsonl (never mixing in an old run's curve); a resumed one drops
     the records written after its checkpoint (a run killed between two checkpoints)."""
@@ -52,6 +51,7 @@ def start_history(folder: Path, resumed_step: int) -> None:
             except (json.JSONDecodeError, KeyError):  # blank, or cut short by a kill mid-write
                 continue
         write_file_atomically(path, "".join(line + "\n" for line in kept))  # a failure keeps every record
+
 
 def check_resumable(folder: Path) -> None:
     """`--resume` needs the folder's checkpoint; without one it is refused rather than starting over."""
@@ -94,6 +94,7 @@ def clear_run(folder: Path) -> None:
         else:
             path.unlink(missing_ok=True)
 
+
 def start_run(folder: Path, config: Mapping[str, Any], resumed_step: int, overwrite: bool) -> None:
     """Process 0 opens the folder once every process has checked it: an overwritten run's files deleted
     (`check_fresh` let them through), the run's flags recorded in finetune_config.json, and the history
@@ -104,9 +105,11 @@ def start_run(folder: Path, config: Mapping[str, Any], resumed_step: int, overwr
     (folder / "finetune_config.json").write_text(json.dumps(dict(config), indent=2) + "\n", encoding="utf-8")
     start_history(folder, resumed_step)
 
+
 def append_history(folder: Path, record: dict[str, Any], name: str = HISTORY_FILE) -> None:
     with open(folder / name, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
+
 
 def write_checkpoint(folder: Path, state: dict[str, Any]) -> None:
     """checkpoint.pt, written beside and then moved over the previous one (a kill mid-write keeps it)."""
@@ -114,10 +117,12 @@ def write_checkpoint(folder: Path, state: dict[str, Any]) -> None:
     torch.save(state, buffer)
     write_file_atomically(folder / CHECKPOINT_FILE, buffer.getvalue())
 
+
 def read_checkpoint(folder: Path) -> dict[str, Any]:
     # weights_only: torch's restricted unpickler (tensors, numbers, dicts), never arbitrary objects;
     # mmap: the processes of a run share the file's pages instead of each reading a copy
     return torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=True, mmap=True)
+
 
 def export(model: Idefics2ForConditionalGeneration, processor: Idefics2Processor, folder: Path,
            generation: dict[str, Any] | None = None) -> None:

@@ -209,7 +209,6 @@ def quantization_targets(model: nn.Module, quantization: tuple[str, int] | None)
             and any(part in name.split(".") for part in ("text_model", "connector"))}
 
 
-
 # AutoAWQ's GEMM layout: qweight (K, N / 8) int32, qzeros (K / group, N / 8) int32, scales
 # (K / group, N) float16; each int32 holds 8 nibbles, nibble i being column 8c + AWQ_ORDER[i];
 # W^T[k, n] = (q[k, n] - zero[k // group, n]) * scale[k // group, n].

@@ -14,6 +14,7 @@ from idefics2.processing.image_ops import PixelSteps
 _SIZE_KEY_SETS = ({"shortest_edge", "longest_edge"}, {"height", "width"})
 _FLAGS = ("do_convert_rgb", "do_resize", "do_rescale", "do_normalize", "do_pad", "do_image_splitting")
 
+
 @dataclass(frozen=True)
 class Settings:
     """The validated settings of one call: the processor's attributes plus that call's overrides."""
