@@ -13,8 +13,10 @@ from idefics2.finetune.data import IGNORE_INDEX
 from idefics2.processing.processor import Idefics2Processor
 from recipes.shapes_vqa.json_answers import (
     JsonTuningConfig,
+    answer_predicting_positions,
     layer_match_loss,
     paired_batch,
+    plain_states_loss,
     tune,
     value_prefix,
 )
@@ -54,6 +56,28 @@ def test_layer_match_loss_compares_each_decoder_layer_at_the_value_position() ->
     loss = layer_match_loss(student, teacher, torch.tensor([1, 3]))
     assert loss.item() == pytest.approx((1 / 25 + 1 / 4) / 2)
     assert layer_match_loss(teacher, teacher, torch.tensor([2, 2])).item() == 0.0
+
+
+def test_the_plain_terms_read_the_positions_that_predict_answer_tokens() -> None:
+    """The position of "Assistant:"'s last token predicts the answer's first token, so it is read; the
+    answer's last label (`<end_of_utterance>`) predicts nothing that is learned, so its position is not."""
+    I = IGNORE_INDEX
+    labels = torch.tensor([[I, I, I, 7, 8, I],   # prompt, prompt, "Assistant:", answer, <eou>, padding
+                           [I, I, 5, I, 6, 9]])  # two turns: answer 5, then answer 6 and its <eou> 9
+    expected = torch.tensor([[False, False, True, True, False, False],
+                             [False, True, False, True, True, False]])
+    assert torch.equal(answer_predicting_positions(labels), expected)
+
+
+def test_plain_states_loss_compares_the_last_rows_at_the_given_positions() -> None:
+    positions = torch.tensor([[False, True, False], [False, False, True]])  # the 2 plain rows
+    teacher = [torch.zeros(2, 3, 2), torch.zeros(2, 3, 2)]
+    teacher[1][0, 1] = torch.tensor([3.0, 4.0])
+    teacher[1][1, 2] = torch.tensor([0.0, 2.0])
+    student = [torch.full((4, 3, 2), 100.0), torch.full((4, 3, 2), 50.0)]  # rows 0-1: JSON rows, not read
+    student[1][2, 1] = torch.tensor([4.0, 4.0])  # off by (1, 0) from (3, 4): 1 / 25
+    student[1][3, 2] = torch.tensor([0.0, 1.0])  # off by (0, -1) from (0, 2): 1 / 4
+    assert plain_states_loss(student, teacher, positions).item() == pytest.approx((1 / 25 + 1 / 4) / 2)
 
 
 def test_a_short_run_keeps_the_vision_tower_and_connector_and_exports(tmp_path: Path) -> None:
