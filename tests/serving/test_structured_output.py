@@ -304,16 +304,13 @@ def test_the_openai_client_gets_schema_answers_streamed_and_not(openai_client: A
 
 
 def test_the_shipped_model_answers_the_circles_colour_as_json(openai_client: Any) -> None:
-    """The acceptance question; skipped until the shipped model has been trained on JSON answers."""
+    """The acceptance question, asked freely (the shipped model was taught JSON answers) and held to
+    `{"color": enum of the six colours}`."""
     question = user("What color is the circle? Answer in JSON.")
     free = openai_client.chat.completions.create(
         model=SHIPPED_MODEL, messages=question, temperature=0, max_tokens=20
     )
-    if not free.choices[0].message.content.startswith("{"):
-        pytest.skip(
-            f"the shipped model does not answer in JSON yet (it says {free.choices[0].message.content!r}); "
-            "it needs the weights fine-tuned on 'Answer in JSON.' questions"
-        )
+    assert json.loads(free.choices[0].message.content) == {"color": "red"}
     answer = openai_client.chat.completions.create(
         model=SHIPPED_MODEL,
         messages=question,
