@@ -153,17 +153,22 @@ def paired_batch(processor: Idefics2Processor, rng: random.Random, batch_size: i
     return PairedBatch(student, teacher, torch.tensor(positions))
 
 
+def relative_distance(own: Sequence[Tensor], targets: Sequence[Tensor]) -> Tensor:
+    """Mean over layers of the mean squared distance between matching (N, D) states, each relative to
+    its target's squared norm, so that every layer counts alike whatever its scale."""
+    losses = [((o - t) ** 2).sum(-1).div(t.pow(2).sum(-1)).mean() for o, t in zip(own, targets, strict=True)]
+    return torch.stack(losses).mean()
+
+
 def layer_match_loss(student_states: Sequence[Tensor], teacher_states: Sequence[Tensor],
                      positions: Tensor) -> Tensor:
-    """Mean over decoder layers (embeddings excluded) of the squared distance between the student's state
-    at `positions` (rows 0..B-1) and the teacher's at its last position, relative to the teacher's norm.
-    States: (rows, T, D) per layer, the last after the final norm."""
+    """`relative_distance` over the decoder layers (embeddings excluded) between the student's state at
+    `positions` (rows 0..B-1) and the teacher's at its last position. States: (rows, T, D) per layer,
+    the last after the final norm."""
     rows = torch.arange(len(positions))
-    losses = []
-    for student, teacher in zip(student_states[1:], teacher_states[1:]):
-        target = teacher[:, -1]  # (B, D): left padding puts every prompt's "Assistant:" last
-        losses.append(((student[rows, positions] - target) ** 2).sum(-1).div(target.pow(2).sum(-1)).mean())
-    return torch.stack(losses).mean()
+    return relative_distance([student[rows, positions] for student in student_states[1:]],
+                             # (B, D): left padding puts every prompt's "Assistant:" last
+                             [teacher[:, -1] for teacher in teacher_states[1:]])
 
 
 def answer_predicting_positions(labels: Tensor) -> Tensor:
@@ -173,15 +178,10 @@ def answer_predicting_positions(labels: Tensor) -> Tensor:
 
 
 def plain_states_loss(student_states: Sequence[Tensor], teacher_states: Sequence[Tensor], positions: Tensor) -> Tensor:
-    """Mean over decoder layers of the squared distance, relative to the teacher's norm, between the
-    student's plain rows (the last `len(positions)` of the batch) and the unchanged model's states at
-    the (rows, T) bool `positions`."""
-    losses = []
-    for student, teacher in zip(student_states[1:], teacher_states[1:]):
-        target = teacher[positions]  # (N, D)
-        own = student[-len(positions):][positions]
-        losses.append(((own - target) ** 2).sum(-1).div(target.pow(2).sum(-1)).mean())
-    return torch.stack(losses).mean()
+    """`relative_distance` over the decoder layers between the student's plain rows (the last
+    `len(positions)` of the batch) and the unchanged model's states at the (rows, T) bool `positions`."""
+    return relative_distance([student[-len(positions):][positions] for student in student_states[1:]],
+                             [teacher[positions] for teacher in teacher_states[1:]])  # (N, D) each
 
 
 def tune(cfg: JsonTuningConfig) -> dict[str, Any]:
